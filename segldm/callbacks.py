@@ -1,0 +1,77 @@
+"""Lightning callbacks of segldm: sample grids written to the run folder and to MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from einops import rearrange
+from lightning.pytorch.loggers import MLFlowLogger
+
+from segldm.visualize import colorize_labels, save_grid
+
+
+def log_artifact(trainer: L.Trainer, path: Path, artifact_path: str) -> None:
+    """Copy a file into the MLflow run (if the run is tracked by MLflow)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):
+            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=artifact_path)
+
+
+class SampleGridLogger(L.Callback):
+    """Every N steps and at the end of training, draw a fixed set of validation masks.
+
+    LDM runs get rows mask | generated (EMA weights, DDIM) | real; first-stage runs get
+    real | reconstruction. Each sample has its own seed, so grids are comparable across steps.
+    """
+
+    def __init__(self, every_n_steps: int = 5000, num_samples: int = 8, ddim_steps: int = 50,
+                 eta: float = 1.0, seed: int = 0) -> None:
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.ddim_steps = ddim_steps
+        self.eta = eta
+        self.seed = seed
+        self.written: list[Path] = []
+        self._last_step = -1
+
+    def _batch(self, trainer: L.Trainer) -> dict[str, Any]:
+        dataset = trainer.datamodule.val_dataset
+        items = [dataset[i] for i in range(min(self.num_samples, len(dataset)))]
+        return torch.utils.data.default_collate(items)
+
+    @torch.no_grad()
+    def write(self, trainer: L.Trainer, module: L.LightningModule) -> Path | None:
+        step = trainer.global_step
+        if step == self._last_step or trainer.sanity_checking:
+            return None
+        self._last_step = step
+        batch = self._batch(trainer)
+        real = rearrange(batch["image"], "b h w c -> b c h w").to(module.device)
+        was_training = module.training
+        module.eval()
+        try:
+            if hasattr(module, "generate"):
+                seg = rearrange(batch["segmentation"], "b h w c -> b c h w").to(module.device)
+                seeds = [self.seed + i for i in range(real.shape[0])]
+                fake = module.generate(seg, steps=self.ddim_steps, eta=self.eta, seeds=seeds)
+                mask = colorize_labels(batch["label_map"], seg.shape[1]).to(module.device)
+                rows, kind = [mask, fake, real], "samples"
+            else:
+                rows, kind = [real, module.reconstruct(real)], "reconstructions"
+        finally:
+            module.train(was_training)
+        out_dir = Path(trainer.default_root_dir) / kind
+        path = save_grid(rows, out_dir / f"step{step:07d}.png")
+        self.written.append(path)
+        log_artifact(trainer, path, kind)
+        return path
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+            self.write(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.write(trainer, module)

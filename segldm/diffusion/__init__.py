@@ -1,0 +1,1 @@
+"""Pure tensor math of the diffusion process: schedules, forward noising, samplers."""

@@ -1,0 +1,108 @@
+"""Learning-rate multipliers f(step), wrapped in torch's LambdaLR and stepped per optimizer step.
+
+Each scheduler is a small callable so the math can be tested against closed forms and the config
+group `scheduler` only picks one and fills its numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+def _as_list(value: float | int | Sequence[float]) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [value]
+    return list(value)
+
+
+class LambdaLinearScheduler:
+    """CompVis's LambdaLinearScheduler: per cycle, linear warm-up f_start -> f_max, then linear f_max -> f_min.
+
+    A step belongs to the first cycle whose cumulative end it has not passed (`step <= cum[i+1]`).
+    Scalars are accepted where CompVis wants one-element lists, so sweeps can say
+    `scheduler.warm_up_steps=1000`.
+    """
+
+    def __init__(
+        self,
+        warm_up_steps: int | Sequence[int],
+        f_min: float | Sequence[float],
+        f_max: float | Sequence[float],
+        f_start: float | Sequence[float],
+        cycle_lengths: float | Sequence[float],
+        verbosity_interval: int = 0,
+    ) -> None:
+        self.lr_warm_up_steps = [int(w) for w in _as_list(warm_up_steps)]
+        self.f_min = _as_list(f_min)
+        self.f_max = _as_list(f_max)
+        self.f_start = _as_list(f_start)
+        self.cycle_lengths = _as_list(cycle_lengths)
+        lengths = {len(self.lr_warm_up_steps), len(self.f_min), len(self.f_max), len(self.f_start)}
+        if lengths != {len(self.cycle_lengths)}:
+            raise ValueError(
+                "scheduler lists must all have one entry per cycle: "
+                f"warm_up_steps={self.lr_warm_up_steps}, f_min={self.f_min}, f_max={self.f_max}, "
+                f"f_start={self.f_start}, cycle_lengths={self.cycle_lengths}"
+            )
+        if any(w < 0 for w in self.lr_warm_up_steps):
+            raise ValueError(f"scheduler.warm_up_steps must be >= 0, got {self.lr_warm_up_steps}")
+        self.cum_cycles = [0.0]
+        for length in self.cycle_lengths:
+            self.cum_cycles.append(self.cum_cycles[-1] + float(length))
+        self.verbosity_interval = verbosity_interval
+
+    def find_in_interval(self, n: int) -> int:
+        for cycle, end in enumerate(self.cum_cycles[1:]):
+            if n <= end:
+                return cycle
+        return len(self.cycle_lengths) - 1
+
+    def schedule(self, n: int) -> float:
+        cycle = self.find_in_interval(n)
+        n = n - self.cum_cycles[cycle]
+        warm_up = self.lr_warm_up_steps[cycle]
+        if n < warm_up:
+            return self.f_start[cycle] + (self.f_max[cycle] - self.f_start[cycle]) * n / warm_up
+        length = self.cycle_lengths[cycle]
+        return self.f_min[cycle] + (self.f_max[cycle] - self.f_min[cycle]) * (length - n) / length
+
+    def __call__(self, n: int) -> float:
+        return self.schedule(n)
+
+
+class CosineScheduler:
+    """Linear warm-up from f_start to 1 over warm_up_steps, then cosine decay to f_min at max_steps."""
+
+    def __init__(self, warm_up_steps: int, max_steps: int, f_start: float = 0.0, f_min: float = 0.0) -> None:
+        if warm_up_steps < 0 or max_steps <= 0:
+            raise ValueError(
+                f"scheduler.warm_up_steps must be >= 0 and scheduler.max_steps > 0, "
+                f"got warm_up_steps={warm_up_steps}, max_steps={max_steps}"
+            )
+        self.warm_up_steps = warm_up_steps
+        self.max_steps = max_steps
+        self.f_start = f_start
+        self.f_min = f_min
+
+    def __call__(self, n: int) -> float:
+        if n < self.warm_up_steps:
+            return self.f_start + (1.0 - self.f_start) * n / self.warm_up_steps
+        span = max(1, self.max_steps - self.warm_up_steps)
+        progress = min(1.0, (n - self.warm_up_steps) / span)
+        return self.f_min + (1.0 - self.f_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class ConstantScheduler:
+    """Constant multiplier 1, after an optional linear warm-up from f_start."""
+
+    def __init__(self, warm_up_steps: int = 0, f_start: float = 1.0) -> None:
+        if warm_up_steps < 0:
+            raise ValueError(f"scheduler.warm_up_steps must be >= 0, got {warm_up_steps}")
+        self.warm_up_steps = warm_up_steps
+        self.f_start = f_start
+
+    def __call__(self, n: int) -> float:
+        if n < self.warm_up_steps:
+            return self.f_start + (1.0 - self.f_start) * n / self.warm_up_steps
+        return 1.0
