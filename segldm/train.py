@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 import segldm  # noqa: F401  (registers the config resolvers)
@@ -43,6 +44,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     loggers = build_loggers(cfg)
     callbacks = instantiate_callbacks(cfg)
+    if not loggers:  # Lightning refuses a LearningRateMonitor without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []

@@ -38,16 +38,17 @@ def make_beta_schedule(
     if n_timestep <= 0:
         raise ValueError(f"timesteps must be positive, got {n_timestep}")
     if schedule == "linear":
-        return np.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=np.float64) ** 2
+        # torch.linspace, as the reference: numpy's linspace differs in the last bit
+        return (torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64) ** 2).numpy()
     if schedule == "cosine":
         steps = np.arange(n_timestep + 1, dtype=np.float64) / n_timestep + cosine_s
         alphas = np.cos(steps / (1 + cosine_s) * math.pi / 2) ** 2
         alphas = alphas / alphas[0]
         return np.clip(1 - alphas[1:] / alphas[:-1], 0, 0.999)
     if schedule == "sqrt_linear":
-        return np.linspace(linear_start, linear_end, n_timestep, dtype=np.float64)
+        return torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64).numpy()
     if schedule == "sqrt":
-        return np.linspace(linear_start, linear_end, n_timestep, dtype=np.float64) ** 0.5
+        return (torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64) ** 0.5).numpy()
     raise ValueError(
         f"unknown beta_schedule {schedule!r}; expected one of 'linear', 'cosine', 'sqrt_linear', 'sqrt'"
     )

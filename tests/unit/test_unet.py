@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,11 @@ from segldm.models.unet import (
     legacy_qkv_attention,
     timestep_embedding,
 )
-from tests.compvis_fixtures import (
+
+# torch-fidelity installs a top-level ``tests`` package, so import the helper from tests/ by path.
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from compvis_fixtures import (  # noqa: E402
     SKIP_REASON,
     assert_close_rel,
     fixtures_dir,
@@ -122,13 +127,18 @@ def test_fixture_loss_and_gradients_match_reference(folder: Path) -> None:
 @with_fixtures
 def test_fixture_unet_key_set_matches_checkpoint(folder: Path) -> None:
     unet, _ = build_from_fixture(folder)
-    expected = {
-        k.removeprefix("model.diffusion_model."): v
-        for k, v in read_keys_file(folder / "keys.txt").items()
-        if k.startswith("model.diffusion_model.")
-    } if (folder / "keys.txt").is_file() else {
-        k: tuple(v.shape) for k, v in sub_state_dict(load_state_dict(folder), "model.diffusion_model.").items()
-    }
+    expected = (
+        {
+            k.removeprefix("model.diffusion_model."): v
+            for k, v in read_keys_file(folder / "keys.txt").items()
+            if k.startswith("model.diffusion_model.")
+        }
+        if (folder / "keys.txt").is_file()
+        else {
+            k: tuple(v.shape)
+            for k, v in sub_state_dict(load_state_dict(folder), "model.diffusion_model.").items()
+        }
+    )
     assert {k: tuple(v.shape) for k, v in unet.state_dict().items()} == expected
 
 
@@ -212,7 +222,8 @@ def test_whole_unet_sdpa_and_einsum_agree_and_grads_flow() -> None:
 
 def test_fresh_unet_zero_inits_and_outputs_zero() -> None:
     unet = tiny_unet()
-    zeroed = [n for n, p in unet.named_parameters() if p.abs().sum() == 0]
+    layers = {n: m for n, m in unet.named_modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear)}
+    zeroed = [f"{n}.{k}" for n, m in layers.items() for k, p in m.named_parameters() if p.abs().sum() == 0]
     expected = {"out.2.weight", "out.2.bias"}
     for name, module in unet.named_modules():
         if isinstance(module, ResBlock):

@@ -1,0 +1,69 @@
+"""Shared helpers: compose the real config, run the real entry point in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import segldm  # noqa: F401  (resolvers)
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+# A CPU-sized two-stage setup: 32px scenes, the smallest VQ-f4 and UNet GroupNorm32 allows.
+TINY_DATA = [
+    "data.size=32",
+    "data.batch_size=4",
+    "data.train.length=32",
+    "data.validation.length=4",
+]
+TINY_FIRST_STAGE = [
+    "model/first_stage=vq_f4_small",
+    "model.first_stage.ddconfig.ch_mult=[1,1,1]",
+    "model.first_stage.n_embed=32",
+]
+TINY_UNET = [
+    "model.unet.model_channels=32",
+    "model.unet.channel_mult=[1,1]",
+    "model.unet.num_res_blocks=1",
+    "model.unet.attention_resolutions=[2]",
+    "model.unet.num_heads=2",
+]
+TINY_TRAINER = [
+    "trainer=cpu",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+    "callbacks.sample_grid.every_n_steps=0",
+    "callbacks.sample_grid.num_samples=2",
+    "callbacks.sample_grid.ddim_steps=5",
+]
+
+
+def compose_train(overrides: list[str] | None = None) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides or [])
+
+
+def run_train(args: list[str], root: Path, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m segldm.train <args>` with every path under `root`."""
+    env = {**os.environ, "SEGLDM_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "segldm.train", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(f"segldm.train {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc

@@ -1,0 +1,114 @@
+"""Every config group option composes; the seed reference values; start-up checks name both values."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, InstantiationException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from segldm.config_checks import ConfigError, validate_config
+from tests.conftest import CONF, compose_train
+
+GROUPS = {
+    group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    for group in ("data", "model", "model/first_stage", "model/cond_stage", "scheduler", "trainer", "logger",
+                  "callbacks", "paths", "experiment")
+}
+
+
+def test_required_group_options_exist():
+    assert {"ldm_seg", "autoencoder"} <= set(GROUPS["model"])
+    assert {"vq_f4", "vq_f4_small"} <= set(GROUPS["model/first_stage"])
+    assert {"spatial_rescaler"} <= set(GROUPS["model/cond_stage"])
+    assert {"synthetic", "sflckr"} <= set(GROUPS["data"])
+    assert {"lambda_linear", "cosine", "constant"} <= set(GROUPS["scheduler"])
+    assert {"default", "cpu", "gpu", "debug"} <= set(GROUPS["trainer"])
+    assert {"mlflow", "none"} <= set(GROUPS["logger"])
+
+
+@pytest.mark.parametrize(
+    "override", [f"{g}={o}" for g, opts in GROUPS.items() for o in opts], ids=lambda s: s.replace("/", ".")
+)
+def test_every_group_option_composes_and_resolves(override, tmp_path):
+    cfg = compose_train([override, f"paths.output_root={tmp_path}", "paths.output_dir=" + str(tmp_path)])
+    OmegaConf.resolve(cfg)
+    assert cfg.model._target_
+
+
+def test_seed_reference_configuration():
+    cfg = compose_train(["model=ldm_seg", "data=sflckr", "paths.output_dir=/tmp/unused"])
+    m = cfg.model
+    assert (m.timesteps, m.linear_start, m.linear_end, m.loss_type) == (1000, 0.0015, 0.0205, "l1")
+    assert (m.first_stage_key, m.cond_stage_key, m.conditioning_key) == ("image", "segmentation", "concat")
+    assert (m.image_size, m.channels, m.base_learning_rate, m.cond_stage_trainable) == (64, 3, 1e-6, True)
+    assert (m.unet.in_channels, m.unet.out_channels, m.unet.model_channels) == (6, 3, 128)
+    assert list(m.unet.channel_mult) == [1, 4, 8] and list(m.unet.attention_resolutions) == [32, 16, 8]
+    assert (m.unet.num_heads, m.unet.num_res_blocks) == (8, 2)
+    assert (m.first_stage.embed_dim, m.first_stage.n_embed) == (3, 8192)
+    assert list(m.first_stage.ddconfig.ch_mult) == [1, 2, 4] and m.first_stage.ddconfig.ch == 128
+    assert m.first_stage.ckpt_path.endswith("models/first_stage_models/vq-f4/model.ckpt")
+    assert (m.cond_stage.n_stages, m.cond_stage.in_channels, m.cond_stage.out_channels) == (2, 182, 3)
+    assert (cfg.data.batch_size, cfg.data.size, cfg.data.n_labels) == (12, 256, 182)
+    s = cfg.scheduler
+    assert list(s.warm_up_steps) == [10000] and list(s.f_start) == [1e-6] and list(s.f_max) == [1.0]
+
+
+def test_unet_in_channels_is_derived():
+    cfg = compose_train(["model.cond_stage.out_channels=5", "paths.output_dir=/tmp/unused"])
+    assert cfg.model.unet.in_channels == 3 + 5
+
+
+def test_unknown_option_is_hydras_error():
+    with pytest.raises(ConfigCompositionException, match="nope"):
+        compose_train(["model=nope"])
+    with pytest.raises(ConfigCompositionException, match="not_a_key"):
+        compose_train(["model.not_a_key=1"])
+
+
+def _checked(overrides, tmp_path):
+    ckpt = tmp_path / "fs.ckpt"
+    ckpt.write_bytes(b"x")
+    return compose_train([f"paths.output_root={tmp_path}", "paths.output_dir=" + str(tmp_path),
+                          f"model.first_stage.ckpt_path={ckpt}", *overrides])
+
+
+def test_valid_default_passes(tmp_path):
+    validate_config(_checked([], tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (["data.size=66"], ["data.size=66", "downsampling factor 4", "64 or 68"]),
+        (["model.cond_stage.in_channels=5"], ["model.cond_stage.in_channels=5", "data.n_labels=8"]),
+        (["model.unet.in_channels=7"], ["model.unet.in_channels=7", "= 6"]),
+        (["model.cond_stage.n_stages=3"], ["n_stages=3", "latent is 16px"]),
+        (["model.base_learning_rate=0"], ["model.base_learning_rate=0"]),
+        (["data.batch_size=0"], ["data.batch_size=0"]),
+        (["model.first_stage.ckpt_path=/nowhere/vq.ckpt"], ["/nowhere/vq.ckpt", "model=autoencoder"]),
+        (["model.first_stage.ckpt_path=null"], ["ckpt_path is null", "model=autoencoder"]),
+    ],
+)
+def test_mismatches_fail_at_start_naming_both_values(overrides, fragments, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        validate_config(_checked(overrides, tmp_path))
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_sflckr_missing_dataset_names_the_path(tmp_path):
+    cfg = compose_train(["data=sflckr", f"paths.data_dir={tmp_path}/nodata", "paths.output_dir=/tmp/unused"])
+    with pytest.raises(InstantiationException, match=f"SFLCKR dataset not found at {tmp_path}/nodata/sflckr"):
+        instantiate(cfg.data)
+
+
+def test_scheduler_configs_instantiate_to_callables(tmp_path):
+    for option in GROUPS["scheduler"]:
+        cfg = compose_train([f"scheduler={option}", "paths.output_dir=/tmp/unused"])
+        fn = instantiate(cfg.scheduler)
+        assert 0.0 <= fn(0) <= 1.0 and fn(10**7) >= 0.0
+
+
+def test_repo_has_conf_root():
+    assert (Path(CONF) / "train.yaml").is_file()

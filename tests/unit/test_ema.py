@@ -1,0 +1,137 @@
+"""LitEma: CompVis buffer names/dtypes and the exact update arithmetic."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from segldm.models.ema import LitEma, shadow_name
+from segldm.models.unet import UNetModel
+
+# torch-fidelity installs a top-level ``tests`` package, so import the helper from tests/ by path.
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from compvis_fixtures import SKIP_REASON, fixtures_dir, read_keys_file  # noqa: E402
+
+
+class Wrapper(nn.Module):
+    """Stands in for CompVis' DiffusionWrapper (``model.diffusion_model``)."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.diffusion_model = unet
+
+
+class Holder(nn.Module):
+    """Stands in for LatentDiffusion: ``model`` plus ``model_ema``."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.model = Wrapper(unet)
+        self.model_ema = LitEma(self.model)
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 2)))
+    model[0].bias.requires_grad_(False)
+    return model
+
+
+def test_buffers_names_and_dtypes() -> None:
+    model = small_model()
+    ema = LitEma(model)
+    buffers = dict(ema.named_buffers())
+    assert set(buffers) == {"decay", "num_updates", "0weight", "20weight", "20bias"}  # frozen bias skipped
+    assert buffers["decay"].dtype == torch.float32 and buffers["decay"].shape == ()
+    assert buffers["num_updates"].dtype == torch.int32 and buffers["num_updates"].item() == 0
+    assert torch.equal(buffers["20weight"], model[2][0].weight)
+    assert LitEma(model, use_num_upates=False).num_updates.item() == -1
+    assert LitEma(model, use_num_updates=False).num_updates.item() == -1
+    assert shadow_name("model.diffusion_model.input_blocks.1.0.in_layers.2.weight") == (
+        "modeldiffusion_modelinput_blocks10in_layers2weight"
+    )
+    with pytest.raises(ValueError, match="decay"):
+        LitEma(model, decay=1.5)
+
+
+def test_ldm_key_names_match_full_seed_checkpoint() -> None:
+    keys_file = fixtures_dir() / "seed_full_keys.txt"
+    if not keys_file.is_file():
+        pytest.skip(SKIP_REASON)
+    expected = {k: s for k, s in read_keys_file(keys_file).items() if k.startswith("model_ema.")}
+    with torch.device("meta"):
+        holder = Holder(
+            UNetModel(
+                image_size=64,
+                in_channels=6,
+                out_channels=3,
+                model_channels=128,
+                attention_resolutions=[32, 16, 8],
+                num_res_blocks=2,
+                channel_mult=[1, 4, 8],
+                num_heads=8,
+            )
+        )
+    got = {k: tuple(v.shape) for k, v in holder.state_dict().items() if k.startswith("model_ema.")}
+    assert got == expected
+    assert "model_ema.diffusion_modelinput_blocks10in_layers2weight" in got
+
+
+def test_update_matches_closed_form() -> None:
+    model = small_model()
+    ema = LitEma(model, decay=0.9)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    expected = {n: p.detach().clone() for n, p in trainable}
+    gen = torch.Generator().manual_seed(1)
+    for step in range(1, 8):
+        with torch.no_grad():
+            for _, p in model.named_parameters():
+                p.add_(torch.randn(p.shape, generator=gen))
+        ema(model)
+        # float32 arithmetic as the reference: d = min(decay, (1+n)/(10+n)).
+        n = torch.tensor(step, dtype=torch.int32)
+        d = torch.minimum(torch.tensor(0.9), (1 + n) / (10 + n))
+        for name, p in trainable:
+            expected[name] = expected[name] - (1.0 - d) * (expected[name] - p.detach())
+    assert ema.num_updates.item() == 7 and ema.num_updates.dtype == torch.int32
+    buffers = dict(ema.named_buffers())
+    for name, _ in trainable:
+        torch.testing.assert_close(buffers[shadow_name(name)], expected[name], rtol=0, atol=0)
+    # (1+n)/(10+n) caps the decay early on: 0.9 only from n = 80.
+    assert (1 + 7) / (10 + 7) < 0.9
+
+
+def test_constant_decay_without_num_updates() -> None:
+    model = small_model()
+    ema = LitEma(model, decay=0.5, use_num_upates=False)
+    start = model[2][0].weight.detach().clone()
+    with torch.no_grad():
+        model[2][0].weight.add_(2.0)
+    ema(model)
+    assert ema.num_updates.item() == -1
+    torch.testing.assert_close(ema.get_buffer("20weight"), start + 1.0)
+
+
+def test_copy_to_store_restore_and_state_dict_round_trip() -> None:
+    model = small_model()
+    ema = LitEma(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema(model)
+    raw = [p.detach().clone() for p in model.parameters()]
+    ema.store(model.parameters())
+    ema.copy_to(model)
+    assert torch.equal(model[0].weight, ema.get_buffer("0weight"))
+    assert torch.equal(model[0].bias, raw[1])  # frozen parameters are untouched
+    ema.restore(model.parameters())
+    assert all(torch.equal(p, r) for p, r in zip(model.parameters(), raw, strict=True))
+    other = LitEma(small_model())
+    other.load_state_dict(ema.state_dict())
+    assert other.num_updates.item() == 1
+    assert torch.equal(other.get_buffer("20bias"), ema.get_buffer("20bias"))
