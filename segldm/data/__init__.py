@@ -1,0 +1,1 @@
+"""Datasets yielding the SFLCKR sample format, and the LightningDataModule that serves them."""

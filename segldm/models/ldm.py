@@ -1,0 +1,393 @@
+"""LatentDiffusion: the LightningModule that wires first stage, cond stage, UNet and diffusion math.
+
+Attribute and method names follow CompVis's `ldm.models.diffusion.ddpm.LatentDiffusion` so that
+their state_dict keys (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`,
+`model_ema.*`, the schedule buffers) and their call sites (`get_learned_conditioning`,
+`apply_model`, `encode_first_stage`, `decode_first_stage`, `q_sample`, `ema_scope`) carry over.
+The math itself lives in `segldm.diffusion`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from segldm.diffusion.ddim import ddim_parameters, ddim_sample, make_ddim_timesteps, per_sample_randn
+from segldm.diffusion.schedule import (
+    SCHEDULE_BUFFER_NAMES,
+    extract,
+    lvlb_weights,
+    make_beta_schedule,
+    q_sample,
+    schedule_buffers,
+)
+from segldm.models.ema import LitEma
+
+CONDITIONING_KEYS = ("concat",)
+LOSS_TYPES = ("l1", "l2")
+PARAMETERIZATIONS = ("eps", "x0")
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as `diffusion_model` (the CompVis key prefix) and applies the conditioning."""
+
+    def __init__(self, diffusion_model: nn.Module, conditioning_key: str = "concat") -> None:
+        super().__init__()
+        if conditioning_key not in CONDITIONING_KEYS:
+            raise ValueError(
+                f"model.conditioning_key={conditioning_key!r} is not supported; expected one of {CONDITIONING_KEYS}"
+            )
+        self.diffusion_model = diffusion_model
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.diffusion_model(torch.cat([x, *c_concat], dim=1), t)
+
+
+def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    """Replacement for `.train()` that keeps a frozen module in eval mode for good."""
+    return self
+
+
+class LatentDiffusion(L.LightningModule):
+    """Mask-conditioned LDM: frozen VQ first stage, trainable SpatialRescaler, UNet on cat[z_t, c]."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        first_stage: nn.Module,
+        cond_stage: nn.Module,
+        *,
+        timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        linear_start: float = 1e-4,
+        linear_end: float = 2e-2,
+        cosine_s: float = 8e-3,
+        v_posterior: float = 0.0,
+        loss_type: str = "l2",
+        parameterization: str = "eps",
+        l_simple_weight: float = 1.0,
+        original_elbo_weight: float = 0.0,
+        first_stage_key: str = "image",
+        cond_stage_key: str = "segmentation",
+        image_size: int = 64,
+        channels: int = 3,
+        conditioning_key: str = "concat",
+        cond_stage_trainable: bool = True,
+        scale_factor: float = 1.0,
+        scale_by_std: bool = False,
+        use_ema: bool = True,
+        ema_decay: float = 0.9999,
+        base_learning_rate: float = 1e-6,
+        scale_lr: bool = True,
+        weight_decay: float = 0.01,
+        adam_betas: Sequence[float] = (0.9, 0.999),
+        scheduler: Callable[[int], float] | None = None,
+        require_pretrained_first_stage: bool = True,
+        sampler: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"model.loss_type={loss_type!r} is not supported; expected one of {LOSS_TYPES}")
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(
+                f"model.parameterization={parameterization!r} is not supported; expected one of {PARAMETERIZATIONS}"
+            )
+        if require_pretrained_first_stage and getattr(first_stage, "loaded_from", None) is None:
+            raise ValueError(
+                "model.first_stage.ckpt_path is not set: the LDM trains on a frozen, pretrained first stage. "
+                "Train one with `python -m segldm.train model=autoencoder` (or `make train`, which does both "
+                "stages) or use CompVis's vq-f4 checkpoint, then pass model.first_stage.ckpt_path=<file>. "
+                "Set model.require_pretrained_first_stage=false only for smoke tests."
+            )
+        self.num_timesteps = int(timesteps)
+        self.loss_type = loss_type
+        self.parameterization = parameterization
+        self.l_simple_weight = l_simple_weight
+        self.original_elbo_weight = original_elbo_weight
+        self.first_stage_key = first_stage_key
+        self.cond_stage_key = cond_stage_key
+        self.image_size = image_size
+        self.channels = channels
+        self.cond_stage_trainable = cond_stage_trainable
+        self.base_learning_rate = base_learning_rate
+        self.learning_rate = base_learning_rate
+        self.scale_lr = scale_lr
+        self.weight_decay = weight_decay
+        self.adam_betas = tuple(adam_betas)
+        self.lr_lambda = scheduler
+        self.sampler_defaults = {"steps": 200, "eta": 1.0, **(sampler or {})}
+        self.segldm_config: dict[str, Any] | None = None  # resolved run config, saved in checkpoints
+
+        self.model = DiffusionWrapper(unet, conditioning_key)
+        self.use_ema = use_ema
+        if use_ema:
+            self.model_ema = LitEma(self.model, decay=ema_decay)
+
+        betas = make_beta_schedule(beta_schedule, self.num_timesteps, linear_start, linear_end, cosine_s)
+        buffers = schedule_buffers(betas, v_posterior)
+        for name in SCHEDULE_BUFFER_NAMES:
+            self.register_buffer(name, buffers[name])
+        self.register_buffer("lvlb_weights", lvlb_weights(buffers, parameterization), persistent=False)
+        self.register_buffer("logvar", torch.zeros(self.num_timesteps), persistent=False)
+
+        self.scale_by_std = scale_by_std
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        else:
+            self.scale_factor = float(scale_factor)
+
+        self.first_stage_model = first_stage.eval()
+        self.first_stage_model.train = disabled_train.__get__(self.first_stage_model)
+        for param in self.first_stage_model.parameters():
+            param.requires_grad = False
+        self.cond_stage_model = cond_stage
+        if not cond_stage_trainable:
+            self.cond_stage_model.eval()
+            self.cond_stage_model.train = disabled_train.__get__(self.cond_stage_model)
+            for param in self.cond_stage_model.parameters():
+                param.requires_grad = False
+        self.colorize: torch.Tensor | None = None
+        self._restarted_from_ckpt = False
+
+    # ------------------------------------------------------------------ CompVis-named interface
+    @contextmanager
+    def ema_scope(self, context: str | None = None) -> Iterator[None]:
+        """Temporarily swap the UNet weights for their EMA shadows (no-op without EMA)."""
+        if self.use_ema:
+            self.model_ema.store(self.model.parameters())
+            self.model_ema.copy_to(self.model)
+        try:
+            yield
+        finally:
+            if self.use_ema:
+                self.model_ema.restore(self.model.parameters())
+
+    def get_input(self, batch: dict[str, Any], key: str) -> torch.Tensor:
+        """batch[key] (B, H, W, C) -> (B, C, H, W) float, as DDPM.get_input."""
+        x = batch[key]
+        if x.ndim == 3:
+            x = x[..., None]
+        return rearrange(x, "b h w c -> b c h w").contiguous().float()
+
+    def get_learned_conditioning(self, c: torch.Tensor) -> torch.Tensor:
+        """One-hot masks (B, n_labels, H, W) -> conditioning maps at latent resolution."""
+        return self.cond_stage_model.encode(c)
+
+    @torch.no_grad()
+    def encode_first_stage(self, x: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] -> pre-quantisation latent h (VQModelInterface.encode)."""
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, h: torch.Tensor) -> torch.Tensor:
+        return self.scale_factor * h
+
+    @torch.no_grad()
+    def decode_first_stage(
+        self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False
+    ) -> torch.Tensor:
+        """Diffusion latent -> image: unscale, quantise (unless told not to), decode."""
+        return self.first_stage_model.decode(
+            z / self.scale_factor, force_not_quantize=predict_cids or force_not_quantize
+        )
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | Sequence[torch.Tensor]):
+        c_concat = list(cond) if isinstance(cond, (list, tuple)) else [cond]
+        return self.model(x_noisy, t, c_concat=c_concat)
+
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        noise = torch.randn_like(x_start) if noise is None else noise
+        return q_sample(x_start, t, noise, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod)
+
+    def get_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Elementwise loss (no reduction)."""
+        if self.loss_type == "l1":
+            return (target - pred).abs()
+        return F.mse_loss(target, pred, reduction="none")
+
+    def p_losses(
+        self, x_start: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training loss at timesteps t, with CompVis's logged terms."""
+        noise = torch.randn_like(x_start) if noise is None else noise
+        x_noisy = self.q_sample(x_start, t, noise)
+        model_output = self.apply_model(x_noisy, t, cond)
+        target = noise if self.parameterization == "eps" else x_start
+        prefix = "train" if self.training else "val"
+        loss_simple = self.get_loss(model_output, target).mean(dim=[1, 2, 3])
+        logvar_t = self.logvar.to(t.device)[t]
+        loss = self.l_simple_weight * (loss_simple / torch.exp(logvar_t) + logvar_t).mean()
+        loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
+        loss = loss + self.original_elbo_weight * loss_vlb
+        logs = {
+            f"{prefix}/loss_simple": loss_simple.mean(),
+            f"{prefix}/loss_vlb": loss_vlb,
+            f"{prefix}/loss": loss,
+        }
+        return loss, logs
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Draw t first, then encode c, then the noise (the reference's RNG order)."""
+        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
+        if self.cond_stage_trainable:
+            c = self.get_learned_conditioning(c)
+        return self.p_losses(x, c, t)
+
+    def get_batch_latents(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, c): scaled latent of the image and the (raw or encoded) condition."""
+        x = self.get_input(batch, self.first_stage_key)
+        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        c = self.get_input(batch, self.cond_stage_key)
+        if not self.cond_stage_trainable:
+            with torch.no_grad():
+                c = self.get_learned_conditioning(c)
+        return z, c
+
+    def shared_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z, c = self.get_batch_latents(batch)
+        return self(z, c)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: torch.Tensor,
+        steps: int | None = None,
+        eta: float | None = None,
+        x_T: torch.Tensor | None = None,
+        generators: Sequence[torch.Generator] | None = None,
+        use_ema: bool = True,
+        progress: bool = False,
+        return_intermediates: bool = False,
+    ):
+        """DDIM ('uniform' CompVis schedule) from encoded conditioning; returns latents.
+
+        With `generators` (one per sample), the initial noise and every step's noise of sample i
+        come from generator i only, so an image does not depend on its batch.
+        """
+        steps = int(self.sampler_defaults["steps"] if steps is None else steps)
+        eta = float(self.sampler_defaults["eta"] if eta is None else eta)
+        shape = (cond.shape[0], self.channels, cond.shape[2], cond.shape[3])
+        if x_T is None:
+            x_T = per_sample_randn(shape, generators, cond.device, cond.dtype)
+        params = ddim_parameters(self.alphas_cumprod, make_ddim_timesteps("uniform", steps, self.num_timesteps), eta)
+        scope = self.ema_scope() if use_ema else _null_scope()
+        with scope:
+            samples, intermediates = ddim_sample(
+                lambda x, t: self.apply_model(x, t, cond), x_T, params, generators, progress
+            )
+        return (samples, intermediates) if return_intermediates else samples
+
+    @torch.no_grad()
+    def generate(
+        self,
+        segmentation: torch.Tensor,
+        steps: int | None = None,
+        eta: float | None = None,
+        seeds: Sequence[int] | None = None,
+        use_ema: bool = True,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """One-hot masks (B, n_labels, H, W) -> images (B, 3, H, W) in [-1, 1]."""
+        cond = self.get_learned_conditioning(segmentation.to(self.device, torch.float32))
+        generators = None
+        if seeds is not None:
+            generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+        latents = self.sample(cond, steps, eta, generators=generators, use_ema=use_ema, progress=progress)
+        return self.decode_first_stage(latents).clamp(-1, 1)
+
+    @torch.no_grad()
+    def to_rgb(self, x: torch.Tensor) -> torch.Tensor:
+        """CompVis's mask visualisation: a random 3 x C projection, min-max scaled over the batch."""
+        x = x.float()
+        if self.colorize is None or self.colorize.shape[1] != x.shape[1]:
+            self.colorize = torch.randn(3, x.shape[1], 1, 1).to(x)
+        x = F.conv2d(x, weight=self.colorize.to(x))
+        return 2.0 * (x - x.min()) / (x.max() - x.min()) - 1.0
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self._restarted_from_ckpt:
+            x = self.get_input(batch, self.first_stage_key).to(self.device)
+            z = self.encode_first_stage(x).detach()
+            self.scale_factor.fill_(1.0 / z.flatten().std())
+            self.print(f"scale_by_std: scale_factor set to {self.scale_factor.item():.6f}")
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, logs = self.shared_step(batch)
+        check_finite(loss, self.global_step, batch_idx)
+        self.log("train/loss", logs.pop("train/loss"), prog_bar=True, on_step=True, on_epoch=False)
+        self.log_dict(logs, on_step=True, on_epoch=False)
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Step, then update the EMA, so a checkpoint written at this step holds both.
+
+        (CompVis updates in on_train_batch_end, which runs after the checkpoint callbacks here;
+        with gradient accumulation it would also update once per micro-batch.)
+        """
+        super().optimizer_step(*args, **kwargs)
+        if self.use_ema:
+            self.model_ema(self.model)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        batch_size = batch[self.first_stage_key].shape[0]
+        _, logs = self.shared_step(batch)
+        with self.ema_scope():
+            _, logs_ema = self.shared_step(batch)
+        logs_ema = {f"{k}_ema": v for k, v in logs_ema.items()}
+        self.log_dict({**logs, **logs_ema}, on_step=False, on_epoch=True, batch_size=batch_size)
+
+    def effective_learning_rate(self) -> float:
+        """base lr x batch size x accumulation x devices when scale_lr (CompVis main.py)."""
+        if not self.scale_lr or self._trainer is None:
+            return self.base_learning_rate
+        datamodule = getattr(self.trainer, "datamodule", None)
+        batch_size = getattr(datamodule, "batch_size", 1)
+        return (
+            self.base_learning_rate
+            * batch_size
+            * self.trainer.accumulate_grad_batches
+            * max(1, self.trainer.num_devices)
+        )
+
+    def configure_optimizers(self):
+        self.learning_rate = self.effective_learning_rate()
+        params = list(self.model.parameters())
+        if self.cond_stage_trainable:
+            params += list(self.cond_stage_model.parameters())
+        optimizer = torch.optim.AdamW(
+            params, lr=self.learning_rate, betas=self.adam_betas, weight_decay=self.weight_decay
+        )
+        if self.lr_lambda is None:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=self.lr_lambda)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["segldm"] = {"kind": "ldm", "config": self.segldm_config}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restarted_from_ckpt = True
+
+
+def check_finite(loss: torch.Tensor, step: int, batch_idx: int) -> None:
+    """Stop training on a NaN/inf loss before it reaches the weights (and the next checkpoint)."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite training loss ({loss.item()}) at global step {step}, batch {batch_idx}; "
+            "training stopped, the last checkpoint written before this step is intact. "
+            "Lower the learning rate or run with trainer.detect_anomaly=true to find the source."
+        )
+
+
+@contextmanager
+def _null_scope() -> Iterator[None]:
+    yield
