@@ -27,8 +27,14 @@ class SampleGridLogger(L.Callback):
     real | reconstruction. Each sample has its own seed, so grids are comparable across steps.
     """
 
-    def __init__(self, every_n_steps: int = 5000, num_samples: int = 8, ddim_steps: int = 50,
-                 eta: float = 1.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        every_n_steps: int = 5000,
+        num_samples: int = 8,
+        ddim_steps: int = 50,
+        eta: float = 1.0,
+        seed: int = 0,
+    ) -> None:
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.ddim_steps = ddim_steps

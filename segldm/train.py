@@ -57,7 +57,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     last = getattr(checkpoint, "last_model_path", None) or None
     best = getattr(checkpoint, "best_model_path", None) or None
     log_checkpoints(loggers, last, best)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    metrics = {
+        k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
+    }
     result: dict[str, Any] = {"metrics": metrics, "output_dir": str(output_dir), "last_checkpoint": last}
     runs = mlflow_loggers(loggers)
     if runs:

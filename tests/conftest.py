@@ -53,7 +53,9 @@ def compose_train(overrides: list[str] | None = None) -> DictConfig:
         return compose(config_name="train", overrides=overrides or [])
 
 
-def run_train(args: list[str], root: Path, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+def run_train(
+    args: list[str], root: Path, timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
     """`python -m segldm.train <args>` with every path under `root`."""
     env = {**os.environ, "SEGLDM_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
@@ -65,5 +67,7 @@ def run_train(args: list[str], root: Path, timeout: int = 300, check: bool = Tru
         timeout=timeout,
     )
     if check and proc.returncode != 0:
-        pytest.fail(f"segldm.train {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        pytest.fail(
+            f"segldm.train {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc

@@ -42,7 +42,9 @@ class SegmentationBase(Dataset):
         self.data_csv = _require(Path(data_csv), "file list")
         self.data_root = _require(Path(data_root), "images root")
         self.segmentation_root = _require(Path(segmentation_root), "segmentations root")
-        self.relative_paths = [line.strip() for line in self.data_csv.read_text().splitlines() if line.strip()]
+        self.relative_paths = [
+            line.strip() for line in self.data_csv.read_text().splitlines() if line.strip()
+        ]
         if not self.relative_paths:
             raise ValueError(f"the SFLCKR file list {self.data_csv} is empty")
         self.size = size if size and size > 0 else None
@@ -54,7 +56,9 @@ class SegmentationBase(Dataset):
 
     def _paths(self, i: int) -> tuple[Path, Path]:
         rel = self.relative_paths[i]
-        return self.data_root / rel, self.segmentation_root / (rel[: -len(".jpg")] + ".png" if rel.endswith(".jpg") else rel)
+        return self.data_root / rel, self.segmentation_root / (
+            rel[: -len(".jpg")] + ".png" if rel.endswith(".jpg") else rel
+        )
 
     def __getitem__(self, i: int) -> dict[str, object]:
         image_path, seg_path = self._paths(i)
@@ -90,18 +94,30 @@ class SegmentationBase(Dataset):
 class FlickrSegTrain(SegmentationBase):
     """The seed config's `ldm.data.flickr.FlickrSegTrain`: random crops of the training list."""
 
-    def __init__(self, size: int = 256, root: str = "data/sflckr", file_list: str = "sflckr_train.txt") -> None:
+    def __init__(
+        self, size: int = 256, root: str = "data/sflckr", file_list: str = "sflckr_train.txt"
+    ) -> None:
         root_path = _require(Path(root), "dataset root")
         super().__init__(
-            str(root_path / file_list), str(root_path / "images"), str(root_path / "segmentations"), size, True
+            str(root_path / file_list),
+            str(root_path / "images"),
+            str(root_path / "segmentations"),
+            size,
+            True,
         )
 
 
 class FlickrSegEval(SegmentationBase):
     """The seed config's `ldm.data.flickr.FlickrSegEval`: centre crops of the validation list."""
 
-    def __init__(self, size: int = 256, root: str = "data/sflckr", file_list: str = "sflckr_eval.txt") -> None:
+    def __init__(
+        self, size: int = 256, root: str = "data/sflckr", file_list: str = "sflckr_eval.txt"
+    ) -> None:
         root_path = _require(Path(root), "dataset root")
         super().__init__(
-            str(root_path / file_list), str(root_path / "images"), str(root_path / "segmentations"), size, False
+            str(root_path / file_list),
+            str(root_path / "images"),
+            str(root_path / "segmentations"),
+            size,
+            False,
         )

@@ -50,11 +50,15 @@ def make_scene(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
         amp = rng.uniform(0.1, 0.25)
         f1, f2 = rng.uniform(1.0, 3.0), rng.uniform(3.0, 7.0)
         p1, p2 = rng.uniform(0, 2 * np.pi, size=2)
-        ridge = horizon - amp * (0.6 + 0.25 * np.sin(2 * np.pi * f1 * xs + p1) + 0.15 * np.sin(2 * np.pi * f2 * xs + p2))
+        ridge = horizon - amp * (
+            0.6 + 0.25 * np.sin(2 * np.pi * f1 * xs + p1) + 0.15 * np.sin(2 * np.pi * f2 * xs + p2)
+        )
         labels[(ys >= ridge) & (ys < horizon)] = MOUNTAIN
 
     near, far = rng.choice([GRASS, WATER, SAND], size=2, replace=False)
-    boundary = rng.uniform(horizon + 0.1, 0.9) + 0.05 * np.sin(2 * np.pi * rng.uniform(0.5, 2) * xs + rng.uniform(0, 6))
+    boundary = rng.uniform(horizon + 0.1, 0.9) + 0.05 * np.sin(
+        2 * np.pi * rng.uniform(0.5, 2) * xs + rng.uniform(0, 6)
+    )
     ground = ys >= horizon
     labels[ground] = far
     labels[ground & (ys >= boundary)] = near
@@ -67,7 +71,9 @@ def make_scene(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
     return image, labels
 
 
-def _paint(labels: np.ndarray, xs: np.ndarray, ys: np.ndarray, horizon: float, rng: np.random.Generator) -> np.ndarray:
+def _paint(
+    labels: np.ndarray, xs: np.ndarray, ys: np.ndarray, horizon: float, rng: np.random.Generator
+) -> np.ndarray:
     """Colour each class with its base colour times a class-specific texture."""
     size = labels.shape[0]
     image = CLASS_COLORS[labels].copy()
@@ -103,7 +109,9 @@ class SyntheticScenes(Dataset):
 
     def __init__(self, size: int = 64, length: int = 1000, seed: int = 0) -> None:
         if size <= 0 or length <= 0:
-            raise ValueError(f"synthetic data needs size > 0 and length > 0, got size={size}, length={length}")
+            raise ValueError(
+                f"synthetic data needs size > 0 and length > 0, got size={size}, length={length}"
+            )
         self.size = size
         self.length = length
         self.seed = seed

@@ -98,16 +98,17 @@ def ddim_step(
 
 
 def per_sample_randn(
-    shape: Sequence[int], generators: Sequence[torch.Generator] | None, device: torch.device, dtype: torch.dtype
+    shape: Sequence[int],
+    generators: Sequence[torch.Generator] | None,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """Standard normal noise; with one generator per sample, row i depends only on generator i."""
     if generators is None:
         return torch.randn(*shape, device=device, dtype=dtype)
     if len(generators) != shape[0]:
         raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]}")
-    rows = [
-        torch.randn(*shape[1:], generator=g, device=g.device, dtype=dtype).to(device) for g in generators
-    ]
+    rows = [torch.randn(*shape[1:], generator=g, device=g.device, dtype=dtype).to(device) for g in generators]
     return torch.stack(rows)
 
 

@@ -39,7 +39,9 @@ def make_beta_schedule(
         raise ValueError(f"timesteps must be positive, got {n_timestep}")
     if schedule == "linear":
         # torch.linspace, as the reference: numpy's linspace differs in the last bit
-        return (torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64) ** 2).numpy()
+        return (
+            torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64) ** 2
+        ).numpy()
     if schedule == "cosine":
         steps = np.arange(n_timestep + 1, dtype=np.float64) / n_timestep + cosine_s
         alphas = np.cos(steps / (1 + cosine_s) * math.pi / 2) ** 2
@@ -85,9 +87,7 @@ def lvlb_weights(buffers: dict[str, torch.Tensor], parameterization: str = "eps"
     betas = buffers["betas"]
     alphas_cumprod = buffers["alphas_cumprod"]
     if parameterization == "eps":
-        weights = betas**2 / (
-            2 * buffers["posterior_variance"] * (1.0 - betas) * (1 - alphas_cumprod)
-        )
+        weights = betas**2 / (2 * buffers["posterior_variance"] * (1.0 - betas) * (1 - alphas_cumprod))
     elif parameterization == "x0":
         weights = 0.5 * torch.sqrt(alphas_cumprod) / (2.0 * 1 - alphas_cumprod)
     else:

@@ -96,7 +96,10 @@ class VQAutoencoderModule(L.LightningModule):
         if self.lr_lambda is None:
             return optimizer
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=self.lr_lambda)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["segldm"] = {"kind": "autoencoder", "config": self.segldm_config}

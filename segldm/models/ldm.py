@@ -22,7 +22,6 @@ from torch import nn
 from segldm.diffusion.ddim import ddim_parameters, ddim_sample, make_ddim_timesteps, per_sample_randn
 from segldm.diffusion.schedule import (
     SCHEDULE_BUFFER_NAMES,
-    extract,
     lvlb_weights,
     make_beta_schedule,
     q_sample,
@@ -198,11 +197,15 @@ class LatentDiffusion(L.LightningModule):
             z / self.scale_factor, force_not_quantize=predict_cids or force_not_quantize
         )
 
-    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | Sequence[torch.Tensor]):
+    def apply_model(
+        self, x_noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | Sequence[torch.Tensor]
+    ):
         c_concat = list(cond) if isinstance(cond, (list, tuple)) else [cond]
         return self.model(x_noisy, t, c_concat=c_concat)
 
-    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def q_sample(
+        self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         noise = torch.randn_like(x_start) if noise is None else noise
         return q_sample(x_start, t, noise, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod)
 
@@ -277,7 +280,9 @@ class LatentDiffusion(L.LightningModule):
         shape = (cond.shape[0], self.channels, cond.shape[2], cond.shape[3])
         if x_T is None:
             x_T = per_sample_randn(shape, generators, cond.device, cond.dtype)
-        params = ddim_parameters(self.alphas_cumprod, make_ddim_timesteps("uniform", steps, self.num_timesteps), eta)
+        params = ddim_parameters(
+            self.alphas_cumprod, make_ddim_timesteps("uniform", steps, self.num_timesteps), eta
+        )
         scope = self.ema_scope() if use_ema else _null_scope()
         with scope:
             samples, intermediates = ddim_sample(
@@ -369,7 +374,10 @@ class LatentDiffusion(L.LightningModule):
         if self.lr_lambda is None:
             return optimizer
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=self.lr_lambda)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["segldm"] = {"kind": "ldm", "config": self.segldm_config}

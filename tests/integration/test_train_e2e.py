@@ -10,15 +10,32 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import TINY_DATA, TINY_FIRST_STAGE, TINY_TRAINER, TINY_UNET, run_train
 
-AUTOENCODER = ["model=autoencoder", *TINY_FIRST_STAGE, *TINY_DATA, *TINY_TRAINER, "model.base_learning_rate=1e-3",
-               "model.scale_lr=false", "scheduler=constant", "hydra.run.dir=${paths.output_root}/ae"]
+AUTOENCODER = [
+    "model=autoencoder",
+    *TINY_FIRST_STAGE,
+    *TINY_DATA,
+    *TINY_TRAINER,
+    "model.base_learning_rate=1e-3",
+    "model.scale_lr=false",
+    "scheduler=constant",
+    "hydra.run.dir=${paths.output_root}/ae",
+]
 
 
 def ldm_args(first_stage_ckpt: Path) -> list[str]:
-    return ["model=ldm_seg", *TINY_FIRST_STAGE, *TINY_UNET, *TINY_DATA, *TINY_TRAINER,
-            f"model.first_stage.ckpt_path={first_stage_ckpt}", "model.base_learning_rate=1e-4",
-            "scheduler.warm_up_steps=[2]", "callbacks.sample_grid.every_n_steps=2",
-            "hydra.run.dir=${paths.output_root}/ldm", "run_name=e2e-ldm"]
+    return [
+        "model=ldm_seg",
+        *TINY_FIRST_STAGE,
+        *TINY_UNET,
+        *TINY_DATA,
+        *TINY_TRAINER,
+        f"model.first_stage.ckpt_path={first_stage_ckpt}",
+        "model.base_learning_rate=1e-4",
+        "scheduler.warm_up_steps=[2]",
+        "callbacks.sample_grid.every_n_steps=2",
+        "hydra.run.dir=${paths.output_root}/ldm",
+        "run_name=e2e-ldm",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +105,18 @@ def test_mlflow_run_read_back_from_another_process(two_stage_run):
 def test_resume_with_ckpt_path_continues_the_step_count(two_stage_run):
     root, _, _ = two_stage_run
     last = root / "outputs/ldm/checkpoints/last.ckpt"
-    args = [a for a in ldm_args(root / "outputs/ae/checkpoints/last.ckpt") if not a.startswith(("trainer.max_steps", "hydra.run.dir", "run_name"))]
-    run_train([*args, "trainer.max_steps=6", f"ckpt_path={last}", "hydra.run.dir=${paths.output_root}/resumed"], root)
-    resumed = torch.load(root / "outputs/resumed/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    args = [
+        a
+        for a in ldm_args(root / "outputs/ae/checkpoints/last.ckpt")
+        if not a.startswith(("trainer.max_steps", "hydra.run.dir", "run_name"))
+    ]
+    run_train(
+        [*args, "trainer.max_steps=6", f"ckpt_path={last}", "hydra.run.dir=${paths.output_root}/resumed"],
+        root,
+    )
+    resumed = torch.load(
+        root / "outputs/resumed/checkpoints/last.ckpt", map_location="cpu", weights_only=False
+    )
     assert resumed["global_step"] == 6
     assert int(resumed["state_dict"]["model_ema.num_updates"]) == 6
 
@@ -98,8 +124,16 @@ def test_resume_with_ckpt_path_continues_the_step_count(two_stage_run):
 def test_fast_dev_run_of_both_stages(tmp_path):
     run_train([*AUTOENCODER, "trainer=debug", "logger=none"], tmp_path)
     # fast_dev_run writes no checkpoint: the LDM smoke run uses an untrained first stage on purpose
-    run_train([*ldm_args(Path("unused")), "trainer=debug", "logger=none", "model.first_stage.ckpt_path=null",
-               "model.require_pretrained_first_stage=false"], tmp_path)
+    run_train(
+        [
+            *ldm_args(Path("unused")),
+            "trainer=debug",
+            "logger=none",
+            "model.first_stage.ckpt_path=null",
+            "model.require_pretrained_first_stage=false",
+        ],
+        tmp_path,
+    )
 
 
 def test_missing_first_stage_checkpoint_names_path_and_remedy(tmp_path):

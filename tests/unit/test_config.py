@@ -12,8 +12,18 @@ from tests.conftest import CONF, compose_train
 
 GROUPS = {
     group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-    for group in ("data", "model", "model/first_stage", "model/cond_stage", "scheduler", "trainer", "logger",
-                  "callbacks", "paths", "experiment")
+    for group in (
+        "data",
+        "model",
+        "model/first_stage",
+        "model/cond_stage",
+        "scheduler",
+        "trainer",
+        "logger",
+        "callbacks",
+        "paths",
+        "experiment",
+    )
 }
 
 
@@ -69,8 +79,14 @@ def test_unknown_option_is_hydras_error():
 def _checked(overrides, tmp_path):
     ckpt = tmp_path / "fs.ckpt"
     ckpt.write_bytes(b"x")
-    return compose_train([f"paths.output_root={tmp_path}", "paths.output_dir=" + str(tmp_path),
-                          f"model.first_stage.ckpt_path={ckpt}", *overrides])
+    return compose_train(
+        [
+            f"paths.output_root={tmp_path}",
+            "paths.output_dir=" + str(tmp_path),
+            f"model.first_stage.ckpt_path={ckpt}",
+            *overrides,
+        ]
+    )
 
 
 def test_valid_default_passes(tmp_path):

@@ -21,7 +21,9 @@ def test_lambda_linear_accepts_scalars_for_sweeps():
 
 
 def test_lambda_linear_decay_after_warmup_and_list_length_check():
-    f = LambdaLinearScheduler(warm_up_steps=[10], cycle_lengths=[110], f_start=[0.0], f_max=[1.0], f_min=[0.0])
+    f = LambdaLinearScheduler(
+        warm_up_steps=[10], cycle_lengths=[110], f_start=[0.0], f_max=[1.0], f_min=[0.0]
+    )
     assert f(60) == pytest.approx((110 - 60) / 110)
     with pytest.raises(ValueError, match="one entry per cycle"):
         LambdaLinearScheduler(warm_up_steps=[1, 2], cycle_lengths=[10], f_start=[0], f_max=[1], f_min=[1])

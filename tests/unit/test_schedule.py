@@ -33,8 +33,11 @@ def test_buffers_closed_forms():
     assert torch.allclose(buf["alphas_cumprod"], torch.tensor(ac, dtype=torch.float32))
     assert torch.all(buf["alphas_cumprod"][1:] < buf["alphas_cumprod"][:-1])  # strictly decreasing
     assert buf["alphas_cumprod_prev"][0] == 1.0
-    assert torch.allclose(buf["sqrt_alphas_cumprod"] ** 2 + buf["sqrt_one_minus_alphas_cumprod"] ** 2,
-                          torch.ones(1000), atol=1e-6)
+    assert torch.allclose(
+        buf["sqrt_alphas_cumprod"] ** 2 + buf["sqrt_one_minus_alphas_cumprod"] ** 2,
+        torch.ones(1000),
+        atol=1e-6,
+    )
     assert buf["posterior_variance"][0] == 0.0
     assert all(b.dtype == torch.float32 for b in buf.values())
 
@@ -49,7 +52,9 @@ def test_q_sample_moments_and_inverse():
     a = buf["alphas_cumprod"][500].item()
     assert xt.mean().item() == pytest.approx(0.7 * a**0.5, abs=0.02)
     assert xt.var().item() == pytest.approx(1 - a, rel=0.05)
-    back = predict_start_from_noise(xt, t, noise, buf["sqrt_recip_alphas_cumprod"], buf["sqrt_recipm1_alphas_cumprod"])
+    back = predict_start_from_noise(
+        xt, t, noise, buf["sqrt_recip_alphas_cumprod"], buf["sqrt_recipm1_alphas_cumprod"]
+    )
     assert torch.allclose(back, x0, atol=1e-4)
 
 
@@ -68,5 +73,7 @@ def test_matches_reference_buffers(folder):
     for name in SCHEDULE_BUFFER_NAMES:
         assert torch.equal(buf[name], state[name]), name
     assert torch.allclose(lvlb_weights(buf), io["lvlb_weights"], rtol=1e-6)
-    xn = q_sample(io["z"], io["t"], io["noise"], buf["sqrt_alphas_cumprod"], buf["sqrt_one_minus_alphas_cumprod"])
+    xn = q_sample(
+        io["z"], io["t"], io["noise"], buf["sqrt_alphas_cumprod"], buf["sqrt_one_minus_alphas_cumprod"]
+    )
     assert torch.allclose(xn, io["x_noisy"], atol=1e-6)

@@ -9,7 +9,7 @@ from segldm.data.synthetic import CLASS_COLORS, N_CLASSES, SyntheticScenes
 def test_sample_format_matches_sflckr_layout():
     sample = SyntheticScenes(size=32, length=4)[1]
     assert sample["image"].shape == (32, 32, 3) and sample["image"].dtype == torch.float32
-    assert -1.0 <= sample["image"].min() and sample["image"].max() <= 1.0
+    assert sample["image"].min() >= -1.0 and sample["image"].max() <= 1.0
     assert sample["segmentation"].shape == (32, 32, N_CLASSES)
     assert torch.equal(sample["segmentation"].sum(-1), torch.ones(32, 32))
     assert torch.equal(sample["segmentation"].argmax(-1), sample["label_map"])
