@@ -7,7 +7,10 @@ group `scheduler` only picks one and fills its numbers.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
 
 
 def _as_list(value: float | int | Sequence[float]) -> list[float]:
@@ -106,3 +109,24 @@ class ConstantScheduler:
         if n < self.warm_up_steps:
             return self.f_start + (1.0 - self.f_start) * n / self.warm_up_steps
         return 1.0
+
+
+def effective_learning_rate(base_learning_rate: float, trainer: Any, scale_lr: bool) -> float:
+    """base lr x batch size x accumulation x devices when scale_lr (CompVis main.py's --scale_lr)."""
+    if not scale_lr or trainer is None:
+        return base_learning_rate
+    batch_size = getattr(getattr(trainer, "datamodule", None), "batch_size", 1)
+    return base_learning_rate * batch_size * trainer.accumulate_grad_batches * max(1, trainer.num_devices)
+
+
+def optimizer_config(
+    optimizer: torch.optim.Optimizer, lr_lambda: Callable[[int], float] | None
+) -> torch.optim.Optimizer | dict[str, Any]:
+    """Lightning's optimizer config with the multiplier wrapped in LambdaLR, stepped per optimizer step."""
+    if lr_lambda is None:
+        return optimizer
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_lambda)
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+    }

@@ -13,8 +13,9 @@ import lightning as L
 import torch
 from einops import rearrange
 
+from segldm.lr_schedulers import effective_learning_rate, optimizer_config
 from segldm.models.autoencoder import VQModel
-from segldm.models.ldm import check_finite
+from segldm.models.ldm import check_finite, report_learning_rate
 
 
 class VQAutoencoderModule(L.LightningModule):
@@ -87,19 +88,10 @@ class VQAutoencoderModule(L.LightningModule):
         return self.vq(x)[0].clamp(-1, 1)
 
     def configure_optimizers(self):
-        lr = self.base_learning_rate
-        if self.scale_lr:
-            batch_size = getattr(getattr(self.trainer, "datamodule", None), "batch_size", 1)
-            lr *= batch_size * self.trainer.accumulate_grad_batches * max(1, self.trainer.num_devices)
-        self.learning_rate = lr
-        optimizer = torch.optim.Adam(self.vq.parameters(), lr=lr, betas=self.adam_betas)
-        if self.lr_lambda is None:
-            return optimizer
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=self.lr_lambda)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-        }
+        self.learning_rate = effective_learning_rate(self.base_learning_rate, self._trainer, self.scale_lr)
+        report_learning_rate(self, self.learning_rate)
+        optimizer = torch.optim.Adam(self.vq.parameters(), lr=self.learning_rate, betas=self.adam_betas)
+        return optimizer_config(optimizer, self.lr_lambda)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["segldm"] = {"kind": "autoencoder", "config": self.segldm_config}
