@@ -10,6 +10,7 @@ import torch
 from einops import rearrange
 from lightning.pytorch.loggers import MLFlowLogger
 
+from segldm.data.transforms import collate_samples
 from segldm.visualize import colorize_labels, save_grid
 
 
@@ -46,7 +47,9 @@ class SampleGridLogger(L.Callback):
     def _batch(self, trainer: L.Trainer) -> dict[str, Any]:
         dataset = trainer.datamodule.val_dataset
         items = [dataset[i] for i in range(min(self.num_samples, len(dataset)))]
-        return torch.utils.data.default_collate(items)
+        batch = collate_samples(items)
+        batch.pop("skipped_", None)  # samples a skipping dataset could not load are left out
+        return batch
 
     @torch.no_grad()
     def write(self, trainer: L.Trainer, module: L.LightningModule) -> Path | None:
@@ -55,15 +58,19 @@ class SampleGridLogger(L.Callback):
             return None
         self._last_step = step
         batch = self._batch(trainer)
+        if "image" not in batch:
+            return None
         real = rearrange(batch["image"], "b h w c -> b c h w").to(module.device)
         was_training = module.training
         module.eval()
         try:
             if hasattr(module, "generate"):
-                seg = rearrange(batch["segmentation"], "b h w c -> b c h w").to(module.device)
+                # one-hot from the batch, or expanded from its label_map (the training default)
+                seg = module.get_input(batch, module.cond_stage_key).to(module.device)
                 seeds = [self.seed + i for i in range(real.shape[0])]
                 fake = module.generate(seg, steps=self.ddim_steps, eta=self.eta, seeds=seeds)
-                mask = colorize_labels(batch["label_map"], seg.shape[1]).to(module.device)
+                mask = colorize_labels(seg.argmax(1), seg.shape[1])
+                mask = mask.masked_fill(seg.sum(1, keepdim=True) == 0, -1.0)  # ignore pixels: black
                 rows, kind = [mask, fake, real], "samples"
             else:
                 rows, kind = [real, module.reconstruct(real)], "reconstructions"

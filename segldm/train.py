@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 import segldm  # noqa: F401  (registers the config resolvers)
+from segldm.checkpoints import apply_init_from
 from segldm.config_checks import validate_config
 from segldm.tracking import build_loggers, log_checkpoints, log_run_metadata, mlflow_loggers
 
@@ -41,6 +42,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = instantiate(cfg.model, scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None)
     model.segldm_config = OmegaConf.to_container(cfg, resolve=True)
     model.segldm_config.pop("hydra", None)
+    apply_init_from(model, cfg)  # init_from=<ckpt>: start from its weights (fresh optimizer), strictly
 
     loggers = build_loggers(cfg)
     callbacks = instantiate_callbacks(cfg)

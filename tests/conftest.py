@@ -8,10 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 import segldm  # noqa: F401  (resolvers)
+
+# The test models are tiny: one thread is as fast and does not collapse when the two cores are shared.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
+
+from segldm.data.transforms import SKIPPED_KEY, check_on_error, collate_samples
+
+log = logging.getLogger(__name__)
 
 
 class SegmentationDataModule(L.LightningDataModule):
     """Train/validation loaders for segmentation-conditioned image datasets.
 
     `size` and `n_labels` are the numbers the rest of the config reads (first-stage and
-    cond-stage checks); they are checked against the datasets here.
+    cond-stage checks); they are checked against the datasets here. Batches are collated with
+    `collate_samples`: samples a dataset skipped (`on_error=skip`) are dropped from their batch and
+    counted in `skipped_samples`. Other keys of the data config (file lists, folders, flip, ...) are
+    read by the dataset configs through interpolation and kept in `dataset_keys`.
     """
 
     def __init__(
@@ -27,6 +37,10 @@ class SegmentationDataModule(L.LightningDataModule):
         shuffle: bool = True,
         class_names: list[str] | None = None,
         root: str | None = None,
+        ignore_label: int | None = None,
+        one_hot_in_loader: bool = False,
+        on_error: str = "raise",
+        **dataset_keys: Any,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -51,6 +65,12 @@ class SegmentationDataModule(L.LightningDataModule):
         self.shuffle = shuffle
         self.class_names = class_names
         self.root = root
+        self.ignore_label = ignore_label
+        self.one_hot_in_loader = one_hot_in_loader
+        self.on_error = check_on_error(on_error)
+        self.dataset_keys = dataset_keys
+        self.skipped_samples: list[str] = []  # every skip seen by the loaders, in order
+        self._reported: set[str] = set()
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
@@ -60,6 +80,7 @@ class SegmentationDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            collate_fn=collate_samples,
             drop_last=True,
         )
 
@@ -71,4 +92,22 @@ class SegmentationDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            collate_fn=collate_samples,
         )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count and log the samples the dataset skipped; an all-skipped batch becomes None."""
+        if not isinstance(batch, dict) or SKIPPED_KEY not in batch:
+            return batch
+        skipped = batch.pop(SKIPPED_KEY)
+        self.skipped_samples.extend(skipped)
+        for message in skipped:
+            if message not in self._reported:  # each bad file once, not once per epoch
+                self._reported.add(message)
+                log.warning(
+                    "skipped a sample (data.on_error=skip; %d skips so far, %d distinct): %s",
+                    len(self.skipped_samples),
+                    len(self._reported),
+                    message,
+                )
+        return batch or None

@@ -1,34 +1,42 @@
-"""S-FLCKR (taming-transformers layout): a file list, an images root and a segmentations root.
+"""S-FLCKR in the taming-transformers layout: a file list, an images root, a segmentations root.
 
-`segmentation_root/<rel>.png` holds the mode-"L" label map of `data_root/<rel>.jpg`. The image is
-scaled so its smaller side is `size` and cropped (random for train, centre for eval), the mask
-with nearest neighbour; sample keys match the reference loader.
+`segmentation_root/<rel with .jpg -> .png>` holds the label map (182 COCO-Stuff ids) of
+`data_root/<rel>`. Loading reproduces taming's `SegmentationBase` (OpenCV bicubic
+`SmallestMaxSize`, nearest for the mask, centre or random crop, image in [-1, 1]) through the shared
+`PairedSegmentation`, so it gets the same file, size and label checks as `data=folder`.
+`FlickrSegTrain` / `FlickrSegEval` are the names the seed config (`ldm.data.flickr.*`) uses and the
+public CompVis code never shipped.
 """
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import Dataset
+
+from segldm.data.folder import Pair, PairedSegmentation, read_file_list
+from segldm.data.transforms import LabelRemap
 
 SFLCKR_N_LABELS = 182
+TRAIN_LIST = "sflckr_train.txt"
+EVAL_LIST = "sflckr_eval.txt"
+IMAGES_DIR = "images"
+SEGMENTATIONS_DIR = "segmentations"
 
 
-def _require(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(
-            f"SFLCKR dataset not found at {path} ({what} missing). Lay out the taming-transformers "
-            "S-FLCKR files there (a file list, images/ and segmentations/) or point data.root=<dir> at them."
-        )
-    return path
+def _not_found(path: Path, what: str, key: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"SFLCKR dataset not found at {path} ({what} missing). Lay out the taming-transformers S-FLCKR files "
+        f"there (a file list, an images folder and a segmentations folder) or set {key}=<path>."
+    )
 
 
-class SegmentationBase(Dataset):
-    """taming's `SegmentationBase`: relative paths from `data_csv`, images and label maps by root."""
+class SegmentationBase(PairedSegmentation):
+    """taming's `SegmentationBase(data_csv, data_root, segmentation_root, size, random_crop, ...)`.
+
+    `shift_segmentation` adds 1 to every id in uint8 (255 wraps to 0), as the reference option.
+    Beyond the reference: `ignore_label`, `one_hot` (the reference always one-hots) and `on_error`.
+    """
 
     def __init__(
         self,
@@ -37,87 +45,149 @@ class SegmentationBase(Dataset):
         segmentation_root: str,
         size: int | None = None,
         random_crop: bool = False,
+        interpolation: str = "bicubic",
         n_labels: int = SFLCKR_N_LABELS,
+        shift_segmentation: bool = False,
+        *,
+        ignore_label: int | None = None,
+        one_hot: bool = True,
+        on_error: str = "raise",
+        name: str = "data=sflckr",
     ) -> None:
-        self.data_csv = _require(Path(data_csv), "file list")
-        self.data_root = _require(Path(data_root), "images root")
-        self.segmentation_root = _require(Path(segmentation_root), "segmentations root")
-        self.relative_paths = [
-            line.strip() for line in self.data_csv.read_text().splitlines() if line.strip()
+        self.data_csv = Path(data_csv)
+        self.data_root = Path(data_root)
+        self.segmentation_root = Path(segmentation_root)
+        for path, what, key in (
+            (self.data_root, "images folder", "data.images_dir"),
+            (self.segmentation_root, "segmentations folder", "data.segmentations_dir"),
+            (self.data_csv, "file list", "data.train_list / data.eval_list"),
+        ):
+            if not path.exists():
+                raise _not_found(path, what, key)
+        relative_paths = read_file_list(self.data_csv, name)
+        pairs = [
+            Pair(rel, self.data_root / rel, self.segmentation_root / rel.replace(".jpg", ".png"))
+            for rel in relative_paths
         ]
-        if not self.relative_paths:
-            raise ValueError(f"the SFLCKR file list {self.data_csv} is empty")
-        self.size = size if size and size > 0 else None
-        self.random_crop = random_crop
-        self.n_labels = n_labels
-
-    def __len__(self) -> int:
-        return len(self.relative_paths)
-
-    def _paths(self, i: int) -> tuple[Path, Path]:
-        rel = self.relative_paths[i]
-        return self.data_root / rel, self.segmentation_root / (
-            rel[: -len(".jpg")] + ".png" if rel.endswith(".jpg") else rel
+        remap = None
+        if shift_segmentation:  # uint8 + 1: 255 -> 0, as the reference
+            remap = LabelRemap(list((np.arange(256) + 1) % 256), 256, None)
+        super().__init__(
+            pairs,
+            n_labels=n_labels,
+            size=size,
+            random_crop=random_crop,
+            flip=False,
+            ignore_label=ignore_label,
+            label_remap=remap,
+            interpolation=interpolation,
+            one_hot=one_hot,
+            on_error=on_error,
+            name=name,
         )
 
-    def __getitem__(self, i: int) -> dict[str, object]:
-        image_path, seg_path = self._paths(i)
-        image = Image.open(image_path).convert("RGB")
-        seg = Image.open(seg_path)
-        if seg.mode != "L":
-            raise ValueError(f"{seg_path}: segmentation must be a mode 'L' label map, got mode {seg.mode!r}")
-        if self.size is not None:
-            scale = self.size / min(image.size)
-            new = (round(image.width * scale), round(image.height * scale))
-            if scale != 1:
-                image = image.resize(new, Image.BICUBIC)
-                seg = seg.resize(new, Image.NEAREST)
-        image_np, labels = np.asarray(image), np.asarray(seg).astype(np.int64)
-        if labels.max(initial=0) >= self.n_labels:
-            raise ValueError(f"{seg_path}: label {labels.max()} is outside [0, {self.n_labels})")
-        if self.size is not None:
-            h, w = labels.shape
-            if self.random_crop:
-                y, x = int((h - self.size) * random.random()), int((w - self.size) * random.random())
-            else:
-                y, x = (h - self.size) // 2, (w - self.size) // 2
-            image_np = image_np[y : y + self.size, x : x + self.size]
-            labels = labels[y : y + self.size, x : x + self.size]
-        return {
-            "image": torch.from_numpy(image_np.astype(np.float32) / 127.5 - 1.0),
-            "segmentation": torch.from_numpy(np.eye(self.n_labels, dtype=np.float32)[labels]),
-            "label_map": torch.from_numpy(labels),
-            "relative_file_path_": self.relative_paths[i],
-        }
+    @property
+    def relative_paths(self) -> list[str]:
+        return [pair.relative for pair in self.pairs]
 
 
-class FlickrSegTrain(SegmentationBase):
+class _FlickrSeg(SegmentationBase):
+    """S-FLCKR under one root: `<root>/<list>`, `<root>/<images_dir>`, `<root>/<segmentations_dir>`."""
+
+    def __init__(
+        self,
+        size: int,
+        root: str,
+        file_list: str,
+        images_dir: str,
+        segmentations_dir: str,
+        random_crop: bool,
+        interpolation: str,
+        n_labels: int,
+        ignore_label: int | None,
+        one_hot: bool,
+        on_error: str,
+        name: str,
+    ) -> None:
+        root_path = Path(root)
+        if not root_path.is_dir():
+            raise _not_found(root_path, "dataset root", "data.root")
+        super().__init__(
+            str(root_path / file_list),
+            str(root_path / images_dir),
+            str(root_path / segmentations_dir),
+            size=size,
+            random_crop=random_crop,
+            interpolation=interpolation,
+            n_labels=n_labels,
+            ignore_label=ignore_label,
+            one_hot=one_hot,
+            on_error=on_error,
+            name=name,
+        )
+
+
+class FlickrSegTrain(_FlickrSeg):
     """The seed config's `ldm.data.flickr.FlickrSegTrain`: random crops of the training list."""
 
     def __init__(
-        self, size: int = 256, root: str = "data/sflckr", file_list: str = "sflckr_train.txt"
+        self,
+        size: int = 256,
+        root: str = "data/sflckr",
+        file_list: str = TRAIN_LIST,
+        images_dir: str = IMAGES_DIR,
+        segmentations_dir: str = SEGMENTATIONS_DIR,
+        random_crop: bool = True,
+        interpolation: str = "bicubic",
+        n_labels: int = SFLCKR_N_LABELS,
+        ignore_label: int | None = None,
+        one_hot: bool = True,
+        on_error: str = "raise",
     ) -> None:
-        root_path = _require(Path(root), "dataset root")
         super().__init__(
-            str(root_path / file_list),
-            str(root_path / "images"),
-            str(root_path / "segmentations"),
             size,
-            True,
+            root,
+            file_list,
+            images_dir,
+            segmentations_dir,
+            random_crop,
+            interpolation,
+            n_labels,
+            ignore_label,
+            one_hot,
+            on_error,
+            "data=sflckr (train)",
         )
 
 
-class FlickrSegEval(SegmentationBase):
-    """The seed config's `ldm.data.flickr.FlickrSegEval`: centre crops of the validation list."""
+class FlickrSegEval(_FlickrSeg):
+    """The seed config's `ldm.data.flickr.FlickrSegEval`: centre crops of the evaluation list."""
 
     def __init__(
-        self, size: int = 256, root: str = "data/sflckr", file_list: str = "sflckr_eval.txt"
+        self,
+        size: int = 256,
+        root: str = "data/sflckr",
+        file_list: str = EVAL_LIST,
+        images_dir: str = IMAGES_DIR,
+        segmentations_dir: str = SEGMENTATIONS_DIR,
+        random_crop: bool = False,
+        interpolation: str = "bicubic",
+        n_labels: int = SFLCKR_N_LABELS,
+        ignore_label: int | None = None,
+        one_hot: bool = True,
+        on_error: str = "raise",
     ) -> None:
-        root_path = _require(Path(root), "dataset root")
         super().__init__(
-            str(root_path / file_list),
-            str(root_path / "images"),
-            str(root_path / "segmentations"),
             size,
-            False,
+            root,
+            file_list,
+            images_dir,
+            segmentations_dir,
+            random_crop,
+            interpolation,
+            n_labels,
+            ignore_label,
+            one_hot,
+            on_error,
+            "data=sflckr (validation)",
         )

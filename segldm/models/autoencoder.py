@@ -7,7 +7,6 @@ section 3) so its checkpoint, or the ``first_stage_model.*`` part of an LDM chec
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from segldm.checkpoints import CheckpointError, read_checkpoint, state_dict_of
+from segldm.checkpoints import list_keys as _list_keys
 
 ATTENTION_IMPLS: tuple[str, ...] = ("sdpa", "einsum")
 
@@ -455,50 +457,16 @@ class VQModel(nn.Module):
         return self.decode(z_q, force_not_quantize=True), qloss, indices
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is unreadable or does not fit the module (names the file and the keys)."""
-
-
-def _list_keys(keys: Iterable[str], limit: int = 10) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return f"{shown}, ... ({len(keys) - limit} more)" if len(keys) > limit else shown
-
-
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """``state_dict`` of a checkpoint file (Lightning/CompVis ``{"state_dict": ...}`` or a bare one).
 
-    Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` (a ``ValueError``)
-    naming the file when it is not a readable tensor checkpoint.
+    Read safely by :func:`segldm.checkpoints.read_checkpoint` (weights_only). Raises
+    ``FileNotFoundError`` for a missing file and :class:`CheckpointError` (a ``ValueError``) naming the
+    file when it is not a readable tensor checkpoint.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"first-stage checkpoint not found: {path}. {FIRST_STAGE_HELP}")
-    if not path.is_file():
-        raise CheckpointError(f"first-stage checkpoint {path} is not a file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower() or "weights_only" in str(err):
-            raise CheckpointError(
-                f"{path} holds pickled Python objects besides tensors, which weights_only loading refuses. "
-                "If you trust the file, re-save only its weights: torch.save({'state_dict': "
-                "torch.load(path, weights_only=False)['state_dict']}, new_path)"
-            ) from err
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({err})") from err
-    except Exception as err:  # the unpickler raises anything (IndexError, EOFError, ...) on garbage
-        raise CheckpointError(
-            f"{path} is not a readable torch checkpoint (truncated or corrupt?): {err}"
-        ) from err
-    if isinstance(obj, Mapping) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    if (
-        not isinstance(obj, Mapping)
-        or not obj
-        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-    ):
-        raise CheckpointError(f"{path} does not contain a state_dict (a mapping of names to tensors)")
-    return dict(obj)
+    what = "first-stage checkpoint"
+    checkpoint = read_checkpoint(path, what=what, missing_help=FIRST_STAGE_HELP)
+    return state_dict_of(checkpoint, path, what)
 
 
 def select_first_stage_keys(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:

@@ -72,14 +72,18 @@ class VQAutoencoderModule(L.LightningModule):
         }
         return loss, logs
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
+        if batch is None:  # every sample was skipped (data.on_error=skip): Lightning skips the step
+            return None
         loss, logs = self.losses(batch, "train")
         check_finite(loss, self.global_step, batch_idx)
         self.log("train/loss", logs.pop("train/loss"), on_step=True, on_epoch=False, prog_bar=True)
         self.log_dict(logs, on_step=True, on_epoch=False)
         return loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
+        if batch is None:  # every sample of the batch was skipped (data.on_error=skip)
+            return
         _, logs = self.losses(batch, "val")
         self.log_dict(logs, on_step=False, on_epoch=True, batch_size=batch[self.image_key].shape[0])
 

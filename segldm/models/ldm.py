@@ -27,6 +27,7 @@ from segldm.diffusion.schedule import (
     q_sample,
     schedule_buffers,
 )
+from segldm.lr_schedulers import effective_learning_rate, optimizer_config
 from segldm.models.ema import LitEma
 
 CONDITIONING_KEYS = ("concat",)
@@ -91,6 +92,7 @@ class LatentDiffusion(L.LightningModule):
         scheduler: Callable[[int], float] | None = None,
         require_pretrained_first_stage: bool = True,
         sampler: dict[str, Any] | None = None,
+        ignore_label: int | None = None,
     ) -> None:
         super().__init__()
         if loss_type not in LOSS_TYPES:
@@ -113,6 +115,7 @@ class LatentDiffusion(L.LightningModule):
         self.original_elbo_weight = original_elbo_weight
         self.first_stage_key = first_stage_key
         self.cond_stage_key = cond_stage_key
+        self.ignore_label = ignore_label  # label_map id that becomes an all-zero one-hot vector
         self.image_size = image_size
         self.channels = channels
         self.cond_stage_trainable = cond_stage_trainable
@@ -170,11 +173,25 @@ class LatentDiffusion(L.LightningModule):
                 self.model_ema.restore(self.model.parameters())
 
     def get_input(self, batch: dict[str, Any], key: str) -> torch.Tensor:
-        """batch[key] (B, H, W, C) -> (B, C, H, W) float, as DDPM.get_input."""
+        """batch[key] (B, H, W, C) -> (B, C, H, W) float, as DDPM.get_input.
+
+        A batch without the one-hot cond key but with an integer `label_map` (B, H, W) (what the
+        data loaders ship by default: ~180x less to move than a one-hot) gets it expanded here,
+        on the batch's device.
+        """
+        if key not in batch and key == self.cond_stage_key and "label_map" in batch:
+            return self.label_map_to_one_hot(batch["label_map"])
         x = batch[key]
         if x.ndim == 3:
             x = x[..., None]
         return rearrange(x, "b h w c -> b c h w").contiguous().float()
+
+    def label_map_to_one_hot(self, label_map: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) integer ids -> (B, n_labels, H, W) float one-hot, n_labels = cond-stage in_channels."""
+        n_labels = getattr(self.cond_stage_model, "in_channels", None)
+        if n_labels is None:
+            raise ValueError("label_map conditioning needs the cond stage's in_channels (number of labels)")
+        return one_hot_from_label_map(label_map, n_labels, self.ignore_label)
 
     def get_learned_conditioning(self, c: torch.Tensor) -> torch.Tensor:
         """One-hot masks (B, n_labels, H, W) -> conditioning maps at latent resolution."""
@@ -318,14 +335,16 @@ class LatentDiffusion(L.LightningModule):
         return 2.0 * (x - x.min()) / (x.max() - x.min()) - 1.0
 
     # ------------------------------------------------------------------ Lightning hooks
-    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self._restarted_from_ckpt:
+    def on_train_batch_start(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
+        if batch is not None and self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self._restarted_from_ckpt:
             x = self.get_input(batch, self.first_stage_key).to(self.device)
             z = self.encode_first_stage(x).detach()
             self.scale_factor.fill_(1.0 / z.flatten().std())
             self.print(f"scale_by_std: scale_factor set to {self.scale_factor.item():.6f}")
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
+        if batch is None:  # every sample was skipped (data.on_error=skip): Lightning skips the step
+            return None
         loss, logs = self.shared_step(batch)
         check_finite(loss, self.global_step, batch_idx)
         self.log("train/loss", logs.pop("train/loss"), prog_bar=True, on_step=True, on_epoch=False)
@@ -342,7 +361,9 @@ class LatentDiffusion(L.LightningModule):
         if self.use_ema:
             self.model_ema(self.model)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
+        if batch is None:  # every sample of this batch was skipped (data.on_error=skip)
+            return
         batch_size = batch[self.first_stage_key].shape[0]
         _, logs = self.shared_step(batch)
         with self.ema_scope():
@@ -350,40 +371,55 @@ class LatentDiffusion(L.LightningModule):
         logs_ema = {f"{k}_ema": v for k, v in logs_ema.items()}
         self.log_dict({**logs, **logs_ema}, on_step=False, on_epoch=True, batch_size=batch_size)
 
-    def effective_learning_rate(self) -> float:
-        """base lr x batch size x accumulation x devices when scale_lr (CompVis main.py)."""
-        if not self.scale_lr or self._trainer is None:
-            return self.base_learning_rate
-        datamodule = getattr(self.trainer, "datamodule", None)
-        batch_size = getattr(datamodule, "batch_size", 1)
-        return (
-            self.base_learning_rate
-            * batch_size
-            * self.trainer.accumulate_grad_batches
-            * max(1, self.trainer.num_devices)
-        )
-
     def configure_optimizers(self):
-        self.learning_rate = self.effective_learning_rate()
+        self.learning_rate = effective_learning_rate(self.base_learning_rate, self._trainer, self.scale_lr)
+        report_learning_rate(self, self.learning_rate)
         params = list(self.model.parameters())
         if self.cond_stage_trainable:
             params += list(self.cond_stage_model.parameters())
         optimizer = torch.optim.AdamW(
             params, lr=self.learning_rate, betas=self.adam_betas, weight_decay=self.weight_decay
         )
-        if self.lr_lambda is None:
-            return optimizer
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=self.lr_lambda)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-        }
+        return optimizer_config(optimizer, self.lr_lambda)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["segldm"] = {"kind": "ldm", "config": self.segldm_config}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restarted_from_ckpt = True
+
+
+def report_learning_rate(module: L.LightningModule, lr: float) -> None:
+    """Print the effective lr and record it with the run (it depends on batch size and devices)."""
+    module.print(
+        f"effective learning rate {lr:.4g} (base {module.base_learning_rate:.4g}, scale_lr={module.scale_lr})"
+    )
+    if module._trainer is not None:
+        for logger in module.trainer.loggers:
+            logger.log_hyperparams({"effective_learning_rate": lr})
+
+
+def one_hot_from_label_map(
+    label_map: torch.Tensor, n_labels: int, ignore_label: int | None = None
+) -> torch.Tensor:
+    """(B, H, W) integer ids -> (B, n_labels, H, W) float32 one-hot, built where `label_map` lives.
+
+    Equal to F.one_hot(ids, n_labels).permute(0, 3, 1, 2).float(), but scattered straight into the
+    float layout (no int64 one-hot in between: 8x less memory). Pixels equal to `ignore_label` get
+    an all-zero vector; any other id outside [0, n_labels) raises (never a silently wrong condition).
+    """
+    ids = label_map.long()
+    ignored = torch.zeros_like(ids, dtype=torch.bool) if ignore_label is None else ids == ignore_label
+    bad = ((ids < 0) | (ids >= n_labels)) & ~ignored
+    if bad.any():
+        values = torch.unique(ids[bad]).tolist()[:10]
+        raise ValueError(
+            f"label_map holds ids {values} outside [0, {n_labels}) (model.cond_stage.in_channels) and not "
+            f"model.ignore_label={ignore_label}; set data.n_labels / data.ignore_label to match the data"
+        )
+    out = torch.zeros((ids.shape[0], n_labels, *ids.shape[1:]), dtype=torch.float32, device=ids.device)
+    index = ids.masked_fill(ignored, 0).unsqueeze(1)
+    return out.scatter_(1, index, (~ignored).unsqueeze(1).to(torch.float32))
 
 
 def check_finite(loss: torch.Tensor, step: int, batch_idx: int) -> None:
