@@ -92,102 +92,54 @@ class SegmentationBase(PairedSegmentation):
 
 
 class _FlickrSeg(SegmentationBase):
-    """S-FLCKR under one root: `<root>/<list>`, `<root>/<images_dir>`, `<root>/<segmentations_dir>`."""
+    """S-FLCKR under one root: `<root>/<list>`, `<root>/<images_dir>`, `<root>/<segmentations_dir>`.
+
+    Subclasses only choose the split: its default file list, whether crops are random, its name.
+    """
+
+    default_list: str
+    default_random_crop: bool
+    split: str
 
     def __init__(
         self,
-        size: int,
-        root: str,
-        file_list: str,
-        images_dir: str,
-        segmentations_dir: str,
-        random_crop: bool,
-        interpolation: str,
-        n_labels: int,
-        ignore_label: int | None,
-        one_hot: bool,
-        on_error: str,
-        name: str,
+        size: int = 256,
+        root: str = "data/sflckr",
+        file_list: str | None = None,
+        images_dir: str = IMAGES_DIR,
+        segmentations_dir: str = SEGMENTATIONS_DIR,
+        random_crop: bool | None = None,
+        interpolation: str = "bicubic",
+        n_labels: int = SFLCKR_N_LABELS,
+        ignore_label: int | None = None,
+        one_hot: bool = True,
+        on_error: str = "raise",
     ) -> None:
         root_path = Path(root)
         if not root_path.is_dir():
             raise _not_found(root_path, "dataset root", "data.root")
         super().__init__(
-            str(root_path / file_list),
+            str(root_path / (file_list or self.default_list)),
             str(root_path / images_dir),
             str(root_path / segmentations_dir),
-            size=size,
-            random_crop=random_crop,
-            interpolation=interpolation,
-            n_labels=n_labels,
+            size,
+            self.default_random_crop if random_crop is None else random_crop,
+            interpolation,
+            n_labels,
             ignore_label=ignore_label,
             one_hot=one_hot,
             on_error=on_error,
-            name=name,
+            name=f"data=sflckr ({self.split})",
         )
 
 
 class FlickrSegTrain(_FlickrSeg):
     """The seed config's `ldm.data.flickr.FlickrSegTrain`: random crops of the training list."""
 
-    def __init__(
-        self,
-        size: int = 256,
-        root: str = "data/sflckr",
-        file_list: str = TRAIN_LIST,
-        images_dir: str = IMAGES_DIR,
-        segmentations_dir: str = SEGMENTATIONS_DIR,
-        random_crop: bool = True,
-        interpolation: str = "bicubic",
-        n_labels: int = SFLCKR_N_LABELS,
-        ignore_label: int | None = None,
-        one_hot: bool = True,
-        on_error: str = "raise",
-    ) -> None:
-        super().__init__(
-            size,
-            root,
-            file_list,
-            images_dir,
-            segmentations_dir,
-            random_crop,
-            interpolation,
-            n_labels,
-            ignore_label,
-            one_hot,
-            on_error,
-            "data=sflckr (train)",
-        )
+    default_list, default_random_crop, split = TRAIN_LIST, True, "train"
 
 
 class FlickrSegEval(_FlickrSeg):
     """The seed config's `ldm.data.flickr.FlickrSegEval`: centre crops of the evaluation list."""
 
-    def __init__(
-        self,
-        size: int = 256,
-        root: str = "data/sflckr",
-        file_list: str = EVAL_LIST,
-        images_dir: str = IMAGES_DIR,
-        segmentations_dir: str = SEGMENTATIONS_DIR,
-        random_crop: bool = False,
-        interpolation: str = "bicubic",
-        n_labels: int = SFLCKR_N_LABELS,
-        ignore_label: int | None = None,
-        one_hot: bool = True,
-        on_error: str = "raise",
-    ) -> None:
-        super().__init__(
-            size,
-            root,
-            file_list,
-            images_dir,
-            segmentations_dir,
-            random_crop,
-            interpolation,
-            n_labels,
-            ignore_label,
-            one_hot,
-            on_error,
-            "data=sflckr (validation)",
-        )
+    default_list, default_random_crop, split = EVAL_LIST, False, "validation"

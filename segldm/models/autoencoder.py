@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from segldm.checkpoints import CheckpointError, read_checkpoint, state_dict_of
-from segldm.checkpoints import list_keys as _list_keys
+from segldm.checkpoints import CheckpointError, read_checkpoint, state_dict_of, state_dict_problems
 
 ATTENTION_IMPLS: tuple[str, ...] = ("sdpa", "einsum")
 
@@ -495,21 +494,7 @@ def load_first_stage_weights(
     state_dict, layout = select_first_stage_keys(read_state_dict(path))
     prefixes = ("loss.", *ignore_keys)
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
-    own = module.state_dict()
-    missing = own.keys() - state_dict.keys()
-    unexpected = state_dict.keys() - own.keys()
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_list_keys(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_list_keys(unexpected)}")
-    shape_errors = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in sorted(state_dict.items())
-        if k in own and v.shape != own[k].shape
-    ]
-    if shape_errors:
-        problems.append(f"{len(shape_errors)} shape mismatch(es): " + "; ".join(shape_errors[:10]))
+    problems = state_dict_problems(module.state_dict(), state_dict)
     if problems:
         raise CheckpointError(
             f"first-stage checkpoint {path} (layout {layout!r}) does not match the autoencoder "

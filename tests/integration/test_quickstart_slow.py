@@ -14,7 +14,12 @@ from tests.conftest import run_train
 
 @pytest.mark.slow
 def test_quickstart_generates_images_whose_regions_follow_the_masks(tmp_path):
-    run_train(["experiment=quickstart_autoencoder", "trainer.max_steps=400", "scheduler.max_steps=400"], tmp_path, 1200, threads=2)
+    run_train(
+        ["experiment=quickstart_autoencoder", "trainer.max_steps=400", "scheduler.max_steps=400"],
+        tmp_path,
+        1200,
+        threads=2,
+    )
     run_train(["experiment=quickstart", "trainer.max_steps=800"], tmp_path, 1200, threads=2)
     model = load_ldm(tmp_path / "outputs/quickstart/ldm/checkpoints/last.ckpt").eval()
     val = SyntheticScenes(size=64, length=16, seed=1)
@@ -24,7 +29,9 @@ def test_quickstart_generates_images_whose_regions_follow_the_masks(tmp_path):
     generated = ((images.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
     real = ((batch["image"].numpy() + 1) * 127.5).round().astype(np.uint8)
     labels = batch["label_map"].numpy()
-    acc_generated = np.mean([(nearest_color_labels(g) == lab).mean() for g, lab in zip(generated, labels, strict=True)])
+    acc_generated = np.mean(
+        [(nearest_color_labels(g) == lab).mean() for g, lab in zip(generated, labels, strict=True)]
+    )
     acc_real = np.mean([(nearest_color_labels(r) == lab).mean() for r, lab in zip(real, labels, strict=True)])
     # an untrained model scores ~1/8; the real images are the upper bound
     assert acc_generated > 0.75 * acc_real, (acc_generated, acc_real)

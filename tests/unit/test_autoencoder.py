@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,11 +19,7 @@ from segldm.models.autoencoder import (
     VQModel,
     load_first_stage_weights,
 )
-
-# torch-fidelity installs a top-level ``tests`` package, so import the helper from tests/ by path.
-if str(Path(__file__).resolve().parents[1]) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from compvis_fixtures import (  # noqa: E402
+from tests.compvis_fixtures import (
     SKIP_REASON,
     assert_close_rel,
     fixtures_dir,

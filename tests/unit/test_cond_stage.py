@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,11 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from segldm.models.cond_stage import SpatialRescaler
-
-# torch-fidelity installs a top-level ``tests`` package, so import the helper from tests/ by path.
-if str(Path(__file__).resolve().parents[1]) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from compvis_fixtures import (  # noqa: E402
+from tests.compvis_fixtures import (
     SKIP_REASON,
     assert_close_rel,
     load_config,

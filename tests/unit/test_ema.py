@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
 from segldm.models.ema import LitEma, shadow_name
 from segldm.models.unet import UNetModel
-
-# torch-fidelity installs a top-level ``tests`` package, so import the helper from tests/ by path.
-if str(Path(__file__).resolve().parents[1]) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from compvis_fixtures import SKIP_REASON, fixtures_dir, read_keys_file  # noqa: E402
+from tests.compvis_fixtures import SKIP_REASON, fixtures_dir, read_keys_file  # noqa: E402
 
 
 class Wrapper(nn.Module):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,11 +18,7 @@ from segldm.models.unet import (
     legacy_qkv_attention,
     timestep_embedding,
 )
-
-# torch-fidelity installs a top-level ``tests`` package, so import the helper from tests/ by path.
-if str(Path(__file__).resolve().parents[1]) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from compvis_fixtures import (  # noqa: E402
+from tests.compvis_fixtures import (
     SKIP_REASON,
     assert_close_rel,
     fixtures_dir,
