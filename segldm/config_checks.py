@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from segldm.config import downsample_factor
-from segldm.diffusion.ddim import DDIM_DISCRETIZATIONS  # noqa: F401  (sampler names live there)
+from segldm.diffusion import SAMPLER_NAMES
 
 
 class ConfigError(ValueError):
@@ -83,9 +83,13 @@ def validate_config(cfg: DictConfig) -> None:
                 f"downsampling factors of this UNet (it has {sorted(reachable)}; CompVis compares the list with "
                 "the factor, not with the pixel size)"
             )
-        steps = model.get("sampler", {}).get("steps", 1)
-        if steps <= 0:
-            problems.append(f"model.sampler.steps={steps} must be positive")
+        sampler = model.get("sampler", {})
+        if sampler.get("steps", 1) <= 0:
+            problems.append(f"model.sampler.steps={sampler.get('steps')} must be positive")
+        if sampler.get("name", "ddim") not in SAMPLER_NAMES:
+            problems.append(
+                f"model.sampler.name={sampler.get('name')!r} is not a sampler; use one of {list(SAMPLER_NAMES)}"
+            )
         ckpt = first.get("ckpt_path")
         if ckpt is not None and not Path(ckpt).is_file():
             problems.append(

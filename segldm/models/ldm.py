@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from segldm.diffusion import SAMPLER_NAMES
 from segldm.diffusion.ddim import ddim_parameters, ddim_sample, make_ddim_timesteps, per_sample_randn
+from segldm.diffusion.dpm_solver import dpm_solver_pp_2m, dpm_solver_timesteps
 from segldm.diffusion.schedule import (
     SCHEDULE_BUFFER_NAMES,
     lvlb_weights,
@@ -286,25 +288,37 @@ class LatentDiffusion(L.LightningModule):
         use_ema: bool = True,
         progress: bool = False,
         return_intermediates: bool = False,
+        sampler: str | None = None,
     ):
-        """DDIM ('uniform' CompVis schedule) from encoded conditioning; returns latents.
+        """Sample latents from encoded conditioning; DDIM (CompVis 'uniform' schedule) by default.
 
-        With `generators` (one per sample), the initial noise and every step's noise of sample i
-        come from generator i only, so an image does not depend on its batch.
+        `sampler="dpm_solver++"` runs DPM-Solver++(2M) (deterministic; eta is not used). With
+        `generators` (one per sample), the initial noise and every step's noise of sample i come
+        from generator i only, so an image does not depend on its batch.
         """
         steps = int(self.sampler_defaults["steps"] if steps is None else steps)
         eta = float(self.sampler_defaults["eta"] if eta is None else eta)
+        sampler = str(self.sampler_defaults.get("name", "ddim") if sampler is None else sampler)
+        if sampler not in SAMPLER_NAMES:
+            raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLER_NAMES}")
         shape = (cond.shape[0], self.channels, cond.shape[2], cond.shape[3])
         if x_T is None:
             x_T = per_sample_randn(shape, generators, cond.device, cond.dtype)
-        params = ddim_parameters(
-            self.alphas_cumprod, make_ddim_timesteps("uniform", steps, self.num_timesteps), eta
-        )
-        scope = self.ema_scope() if use_ema else _null_scope()
-        with scope:
-            samples, intermediates = ddim_sample(
-                lambda x, t: self.apply_model(x, t, cond), x_T, params, generators, progress
-            )
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.apply_model(x, t, cond)
+
+        with self.ema_scope() if use_ema else _null_scope():
+            if sampler == "ddim":
+                timesteps = make_ddim_timesteps("uniform", steps, self.num_timesteps)
+                params = ddim_parameters(self.alphas_cumprod, timesteps, eta)
+                samples, intermediates = ddim_sample(model_fn, x_T, params, generators, progress)
+            else:
+                spacing = self.sampler_defaults.get("spacing", "logsnr")
+                timesteps = dpm_solver_timesteps(steps, self.alphas_cumprod, spacing)
+                samples, intermediates = dpm_solver_pp_2m(
+                    model_fn, x_T, self.alphas_cumprod, timesteps, progress
+                )
         return (samples, intermediates) if return_intermediates else samples
 
     @torch.no_grad()
@@ -316,13 +330,16 @@ class LatentDiffusion(L.LightningModule):
         seeds: Sequence[int] | None = None,
         use_ema: bool = True,
         progress: bool = False,
+        sampler: str | None = None,
     ) -> torch.Tensor:
         """One-hot masks (B, n_labels, H, W) -> images (B, 3, H, W) in [-1, 1]."""
         cond = self.get_learned_conditioning(segmentation.to(self.device, torch.float32))
         generators = None
         if seeds is not None:
             generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
-        latents = self.sample(cond, steps, eta, generators=generators, use_ema=use_ema, progress=progress)
+        latents = self.sample(
+            cond, steps, eta, generators=generators, use_ema=use_ema, progress=progress, sampler=sampler
+        )
         return self.decode_first_stage(latents).clamp(-1, 1)
 
     @torch.no_grad()
@@ -336,7 +353,13 @@ class LatentDiffusion(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_batch_start(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
-        if batch is not None and self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self._restarted_from_ckpt:
+        if (
+            batch is not None
+            and self.scale_by_std
+            and self.global_step == 0
+            and batch_idx == 0
+            and not self._restarted_from_ckpt
+        ):
             x = self.get_input(batch, self.first_stage_key).to(self.device)
             z = self.encode_first_stage(x).detach()
             self.scale_factor.fill_(1.0 / z.flatten().std())

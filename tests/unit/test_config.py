@@ -102,6 +102,7 @@ def test_valid_default_passes(tmp_path):
         (["model.cond_stage.n_stages=3"], ["n_stages=3", "latent is 16px"]),
         (["model.base_learning_rate=0"], ["model.base_learning_rate=0"]),
         (["data.batch_size=0"], ["data.batch_size=0"]),
+        (["model.sampler.name=plms"], ["model.sampler.name='plms'", "dpm_solver++"]),
         (["model.first_stage.ckpt_path=/nowhere/vq.ckpt"], ["/nowhere/vq.ckpt", "model=autoencoder"]),
         (["model.first_stage.ckpt_path=null"], ["ckpt_path is null", "model=autoencoder"]),
     ],

@@ -46,6 +46,10 @@ def test_shapes_through_the_compvis_named_api():
     assert model.decode_first_stage(z).shape == x.shape
     images = model.generate(seg, steps=4, eta=0.0, seeds=[0, 1])
     assert images.shape == x.shape and images.abs().max() <= 1
+    fast = model.generate(seg, steps=4, seeds=[0, 1], sampler="dpm_solver++")
+    assert fast.shape == x.shape and torch.isfinite(fast).all()
+    with pytest.raises(ValueError, match="'plms'"):
+        model.generate(seg, steps=4, sampler="plms")
 
 
 def test_requires_a_pretrained_first_stage_by_default():
