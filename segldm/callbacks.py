@@ -54,8 +54,8 @@ class SampleGridLogger(L.Callback):
     @torch.no_grad()
     def write(self, trainer: L.Trainer, module: L.LightningModule) -> Path | None:
         step = trainer.global_step
-        if step == self._last_step or trainer.sanity_checking:
-            return None
+        if step == self._last_step or trainer.sanity_checking or not trainer.is_global_zero:
+            return None  # with DDP, rank 0 draws and writes the grid; the others would repeat it
         self._last_step = step
         batch = self._batch(trainer)
         if "image" not in batch:

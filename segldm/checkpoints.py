@@ -10,9 +10,7 @@ rebuilds the model from that config and loads the weights strictly.
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from segldm.checkpoint_io import atomic_save
 from segldm.models.ldm import LatentDiffusion
 
 EMA_PREFIX = "model_ema."
@@ -33,6 +32,7 @@ TRUST_HELP = (
 KIND_DESCRIPTIONS: dict[str, str] = {
     "segldm-ldm": "a segldm LDM checkpoint (segldm.kind = 'ldm')",
     "segldm-autoencoder": "a segldm first-stage (VQ autoencoder) checkpoint",
+    "segldm-segmenter": "a segldm segmenter checkpoint (segldm.train_segmenter, used by segldm.eval for mIoU)",
     "compvis-ldm": "a CompVis LatentDiffusion checkpoint (model.diffusion_model.* keys, no segldm config inside)",
     "vq-autoencoder": "a CompVis/taming VQ autoencoder (first-stage) checkpoint (encoder.*, decoder.*, quantize.* keys)",
     "unknown": "a state_dict segldm does not recognise (no model.diffusion_model.* and no encoder.* keys)",
@@ -298,18 +298,11 @@ def load_ldm(
 
 
 def save_checkpoint(checkpoint: Mapping[str, Any], path: str | Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename: no half-written checkpoints."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(dict(checkpoint), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename: no half-written checkpoints.
+
+    The same writer as training's (segldm.checkpoint_io.atomic_save); failures name the file and cause.
+    """
+    return atomic_save(dict(checkpoint), path)
 
 
 def ldm_checkpoint(

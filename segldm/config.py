@@ -14,6 +14,29 @@ def downsample_factor(ch_mult: Sequence[int]) -> int:
     return 2 ** (len(ch_mult) - 1)
 
 
+def num_devices(devices: object) -> int:
+    """`trainer.devices` as a count, for launchers that must reserve resources (hydra/launcher=slurm)."""
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
+        return devices
+    if (isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices)) and len(devices) > 0:
+        return len(devices)
+    raise ValueError(
+        f"trainer.devices={devices!r} is not a number of devices; the SLURM launcher reserves one task and "
+        "one GPU per device, so set it, e.g. trainer=ddp trainer.devices=4"
+    )
+
+
+def run_dir(
+    task_dir: str, timestamp: str, resume: object = None, ckpt_path: object = None, run_name: object = None
+) -> str:
+    """`hydra.run.dir`: timestamped, or the same command's folder with resume=auto (segldm.resume.run_dir)."""
+    if resume != "auto" and ckpt_path != "last":
+        return f"{task_dir}/{timestamp}"
+    from segldm.resume import run_dir as resolve
+
+    return resolve(task_dir, timestamp, resume, ckpt_path, run_name)  # type: ignore[arg-type]
+
+
 def register_resolvers() -> None:
     resolvers = {
         "segldm.add": lambda *xs: sum(xs),
@@ -21,6 +44,8 @@ def register_resolvers() -> None:
         "segldm.floordiv": lambda a, b: a // b,
         "segldm.downsample": downsample_factor,
         "segldm.cwd": os.getcwd,
+        "segldm.num_devices": num_devices,
+        "segldm.run_dir": run_dir,
     }
     for name, fn in resolvers.items():
         OmegaConf.register_new_resolver(name, fn, replace=True)

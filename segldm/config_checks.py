@@ -7,9 +7,11 @@ an override, and each message names both keys, both values and what would be con
 from __future__ import annotations
 
 import os
+import shutil
+import warnings
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from segldm.config import downsample_factor
 from segldm.diffusion import SAMPLER_NAMES
@@ -17,6 +19,87 @@ from segldm.diffusion import SAMPLER_NAMES
 
 class ConfigError(ValueError):
     """A composed config that cannot train; the message says which keys disagree and how."""
+
+
+class ConfigWarning(UserWarning):
+    """A config that trains but risks failing later (e.g. little free disk space)."""
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its closest existing ancestor (what decides whether ``path`` can be created)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def unwritable(path: Path) -> str | None:
+    """Why files cannot be created at ``path`` (None: they can), checked without writing anything."""
+    probe = nearest_existing(path)
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user"
+    try:
+        if os.statvfs(probe).f_flag & os.ST_RDONLY:
+            return f"{probe} is on a read-only file system"
+    except OSError:
+        pass
+    return None
+
+
+def _output_problems(cfg: DictConfig, problems: list[str]) -> None:
+    """Output root, run folder and checkpoint folder writable; free space warning (reliability.min_free_gb)."""
+    folders = {"paths.output_root": cfg.paths.output_root}
+    output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None, throw_on_resolution_failure=False)
+    if output_dir:
+        folders["paths.output_dir"] = output_dir
+    ckpt_dir = OmegaConf.select(
+        cfg, "callbacks.model_checkpoint.dirpath", default=None, throw_on_resolution_failure=False
+    )
+    if ckpt_dir:
+        folders["callbacks.model_checkpoint.dirpath"] = ckpt_dir
+    for key, folder in folders.items():
+        reason = unwritable(Path(folder))
+        if reason:
+            problems.append(
+                f"{key}={folder} cannot be written ({reason}); choose a writable folder, e.g. paths.output_root=<dir>"
+            )
+            return
+    min_free_gb = OmegaConf.select(cfg, "reliability.min_free_gb", default=None)
+    if min_free_gb:
+        probe = nearest_existing(Path(folders.get("paths.output_dir", cfg.paths.output_root)))
+        free_gb = shutil.disk_usage(probe).free / 2**30
+        if free_gb < float(min_free_gb):
+            warnings.warn(
+                f"only {free_gb:.1f} GiB free on the disk of {probe} (reliability.min_free_gb={min_free_gb}): "
+                "checkpoints may fail to save later (the previous one is kept); free space or move paths.output_root",
+                ConfigWarning,
+                stacklevel=3,
+            )
+
+
+def _reliability_problems(cfg: DictConfig, problems: list[str]) -> None:
+    """resume / ckpt_path / checkpoint_signals / logger on_unavailable values."""
+    from segldm.preemption import parse_signals
+
+    resume, ckpt_path = cfg.get("resume"), cfg.get("ckpt_path")
+    if resume not in (None, "auto"):
+        problems.append(f"resume={resume!r} is not a resume mode; use resume=auto (or leave it null)")
+    elif resume == "auto" and ckpt_path not in (None, "last"):
+        problems.append(
+            f"resume=auto and ckpt_path={ckpt_path} are both set: resume=auto picks the newest checkpoint of this "
+            "run's folder, ckpt_path names one; set only one"
+        )
+    signals = OmegaConf.select(cfg, "reliability.checkpoint_signals", default=None)
+    try:
+        parse_signals(signals)
+    except ValueError as err:
+        problems.append(str(err))
+    for name, logger_cfg in (cfg.get("logger") or {}).items():
+        on_unavailable = logger_cfg.get("on_unavailable") if isinstance(logger_cfg, DictConfig) else None
+        if on_unavailable is not None and on_unavailable not in ("fail", "local"):
+            problems.append(f"logger.{name}.on_unavailable={on_unavailable!r}; use fail or local")
 
 
 def _is_ldm(cfg: DictConfig) -> bool:
@@ -37,6 +120,10 @@ def validate_config(cfg: DictConfig) -> None:
         )
     if data.batch_size <= 0:
         problems.append(f"data.batch_size={data.batch_size} must be positive")
+    if data.get("val_batch_size") is not None and data.val_batch_size <= 0:
+        problems.append(
+            f"data.val_batch_size={data.val_batch_size} must be positive (or null: data.batch_size)"
+        )
     if model.base_learning_rate <= 0:
         problems.append(f"model.base_learning_rate={model.base_learning_rate} must be positive")
 
@@ -76,7 +163,14 @@ def validate_config(cfg: DictConfig) -> None:
             )
         n_levels = len(model.unet.channel_mult)
         reachable = {2**level for level in range(n_levels)}
-        unused = sorted(set(model.unet.attention_resolutions) - reachable)
+        never = sorted(r for r in model.unet.attention_resolutions if r <= 0 or r & (r - 1))
+        if never:
+            problems.append(
+                f"model.unet.attention_resolutions={list(model.unet.attention_resolutions)}: {never} can never "
+                "match a UNet level (CompVis compares each entry with the downsampling factor 1, 2, 4, ...; this "
+                f"UNet with channel_mult={list(model.unet.channel_mult)} has {sorted(reachable)}); use powers of two"
+            )
+        unused = sorted(r for r in set(model.unet.attention_resolutions) - reachable if r not in never)
         if unused and set(model.unet.attention_resolutions) & reachable:
             problems.append(
                 f"model.unet.attention_resolutions={list(model.unet.attention_resolutions)}: {unused} are not "
@@ -104,10 +198,8 @@ def validate_config(cfg: DictConfig) -> None:
                 "for smoke tests"
             )
 
-    output_root = Path(cfg.paths.output_root)
-    probe = output_root if output_root.exists() else output_root.parent
-    if probe.exists() and not os.access(probe, os.W_OK):
-        problems.append(f"paths.output_root={output_root} is not writable")
+    _output_problems(cfg, problems)
+    _reliability_problems(cfg, problems)
 
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

@@ -111,12 +111,25 @@ class ConstantScheduler:
         return 1.0
 
 
+def learning_rate_factors(trainer: Any) -> dict[str, int]:
+    """What the global batch is made of: per-device batch size, accumulation, devices per node, nodes."""
+    return {
+        "batch": int(getattr(getattr(trainer, "datamodule", None), "batch_size", 1)),
+        "accumulation": int(trainer.accumulate_grad_batches),
+        "devices": max(1, int(trainer.num_devices)),
+        "nodes": max(1, int(getattr(trainer, "num_nodes", 1))),
+    }
+
+
 def effective_learning_rate(base_learning_rate: float, trainer: Any, scale_lr: bool) -> float:
-    """base lr x batch size x accumulation x devices when scale_lr (CompVis main.py's --scale_lr)."""
+    """base lr x batch size x accumulation x devices x nodes when scale_lr (CompVis main.py's --scale_lr).
+
+    CompVis multiplies by the GPUs of one node (it trained on one); the global batch also grows
+    with the nodes, so the linear scaling rule multiplies by them too (1 on one machine).
+    """
     if not scale_lr or trainer is None:
         return base_learning_rate
-    batch_size = getattr(getattr(trainer, "datamodule", None), "batch_size", 1)
-    return base_learning_rate * batch_size * trainer.accumulate_grad_batches * max(1, trainer.num_devices)
+    return base_learning_rate * math.prod(learning_rate_factors(trainer).values())
 
 
 def optimizer_config(

@@ -7,16 +7,21 @@ and sample grids (artifacts, from the SampleGridLogger callback).
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+ON_UNAVAILABLE = ("fail", "local")
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -37,21 +42,67 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
         except (urllib.error.URLError, OSError) as err:
             raise TrackingUnavailableError(
                 f"MLflow tracking server {uri} is unreachable ({err}); start it (`mlflow server --host "
-                "127.0.0.1 --port 5000`) or use the local store (drop logger.mlflow.tracking_uri)"
+                "127.0.0.1 --port 5000`), use the local store (drop logger.mlflow.tracking_uri), or set "
+                "logger.mlflow.on_unavailable=local to train with the local store whenever the server is down"
             ) from err
 
 
-def build_loggers(cfg: DictConfig) -> list[Logger]:
+def local_store(cfg: DictConfig) -> dict[str, str]:
+    """The default local MLflow store (conf/logger/mlflow.yaml) of this config's output root."""
+    root = Path(cfg.paths.output_root)
+    return {"tracking_uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "mlartifacts")}
+
+
+def existing_run(tracking_uri: str, run_id: str) -> bool:
+    """Whether ``run_id`` is a run of this tracking store (a resumed checkpoint names its run)."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri).get_run(run_id)
+    except Exception as err:  # noqa: BLE001 (not found, or another store)
+        log.warning("MLflow run %s is not in %s (%s): starting a new run", run_id, tracking_uri, err)
+        return False
+    return True
+
+
+def build_loggers(cfg: DictConfig, run_id: str | None = None) -> list[Logger]:
+    """Instantiate ``cfg.logger``; MLflow stores are checked first (fail fast, or local fallback).
+
+    ``logger.<name>.on_unavailable``: ``fail`` (default) raises TrackingUnavailableError naming the
+    URI; ``local`` warns and logs to the local SQLite store instead. It is not passed to the logger.
+    ``run_id`` (a resumed run's) is continued when the store holds it, else a new run starts.
+    """
     loggers: list[Logger] = []
     for name, logger_cfg in (cfg.get("logger") or {}).items():
         if not isinstance(logger_cfg, DictConfig) or "_target_" not in logger_cfg:
             continue
+        kwargs: dict[str, Any] = {}
         if "MLFlowLogger" in logger_cfg._target_:
-            check_tracking_uri(logger_cfg.tracking_uri)
+            logger_cfg = OmegaConf.create(OmegaConf.to_container(logger_cfg, resolve=True))
+            on_unavailable = logger_cfg.pop("on_unavailable", "fail")
+            if on_unavailable not in ON_UNAVAILABLE:
+                raise ValueError(
+                    f"logger.{name}.on_unavailable={on_unavailable!r}; use one of {list(ON_UNAVAILABLE)}"
+                )
+            try:
+                check_tracking_uri(logger_cfg.tracking_uri)
+            except TrackingUnavailableError as err:
+                if on_unavailable != "local":
+                    raise
+                local = local_store(cfg)
+                message = (
+                    f"{err}. logger.{name}.on_unavailable=local: tracking to {local['tracking_uri']} instead"
+                )
+                log.warning(message)
+                warnings.warn(message, UserWarning, stacklevel=2)
+                logger_cfg = OmegaConf.merge(logger_cfg, local)
+                check_tracking_uri(logger_cfg.tracking_uri)
             if str(logger_cfg.tracking_uri).startswith("http"):
                 logger_cfg = OmegaConf.merge(logger_cfg, {"artifact_location": None})
+            if run_id and existing_run(str(logger_cfg.tracking_uri), run_id):
+                kwargs["run_id"] = run_id
         try:
-            loggers.append(instantiate(logger_cfg))
+            loggers.append(instantiate(logger_cfg, **kwargs))
         except Exception as err:  # the message of a bad logger config should say which one
             raise RuntimeError(f"could not create logger.{name}: {err}") from err
     return loggers

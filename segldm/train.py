@@ -7,6 +7,7 @@ The model group decides the stage: `model=ldm_seg` trains the LDM on a frozen fi
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 import segldm  # noqa: F401  (registers the config resolvers)
 from segldm.checkpoints import apply_init_from
 from segldm.config_checks import validate_config
+from segldm.resume import plan_resume, reliability_callbacks, write_run_record
+from segldm.sweeps import SweepJob, find_finished, record_finished, reuse_finished, tag_runs
 from segldm.tracking import build_loggers, log_checkpoints, log_run_metadata, mlflow_loggers
 
 log = logging.getLogger(__name__)
@@ -31,9 +34,16 @@ def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return [instantiate(c) for c in callbacks_cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, sweep_job: SweepJob | None = None) -> dict[str, Any]:
     """Fit the configured model; returns the final metrics (and where things were written)."""
+    started = time.monotonic()
     validate_config(cfg)
+    plan = plan_resume(
+        cfg
+    )  # resume=auto / ckpt_path: a checked checkpoint (and MLflow run), before anything is built
+    if plan.reason != "new run":
+        log.info("%s", plan.reason)
+    loggers = build_loggers(cfg, run_id=plan.mlflow_run_id)  # an unreachable tracking server fails here
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -42,18 +52,34 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = instantiate(cfg.model, scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None)
     model.segldm_config = OmegaConf.to_container(cfg, resolve=True)
     model.segldm_config.pop("hydra", None)
-    apply_init_from(model, cfg)  # init_from=<ckpt>: start from its weights (fresh optimizer), strictly
+    auto = cfg.get("resume") == "auto" or cfg.get("ckpt_path") == "last"
+    init_cfg = {  # a resumed run takes its weights from the checkpoint; init_from only starts a run
+        "init_from": None if auto and plan.ckpt_path else cfg.get("init_from"),
+        "ckpt_path": None if auto else cfg.get("ckpt_path"),
+        "trust_checkpoint": cfg.get("trust_checkpoint", False),
+    }
+    apply_init_from(model, init_cfg)  # init_from=<ckpt>: start from its weights (fresh optimizer), strictly
 
-    loggers = build_loggers(cfg)
-    callbacks = instantiate_callbacks(cfg)
+    callbacks = instantiate_callbacks(cfg) + reliability_callbacks(cfg)
     if not loggers:  # Lightning refuses a LearningRateMonitor without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     log_run_metadata(loggers, cfg, overrides, str(output_dir))
+    runs = mlflow_loggers(loggers)
+    if (
+        runs and trainer.is_global_zero
+    ):  # resume=auto continues this MLflow run, even before a checkpoint exists
+        write_run_record(output_dir, str(runs[0].run_id), str(runs[0]._tracking_uri))
+        if plan.ckpt_path:
+            runs[0].experiment.set_tag(
+                runs[0].run_id, "segldm.resumed_from", f"{plan.ckpt_path} (step {plan.global_step})"
+            )
+    if sweep_job is not None:
+        tag_runs(loggers, sweep_job)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=plan.ckpt_path)
 
     checkpoint = trainer.checkpoint_callback
     last = getattr(checkpoint, "last_model_path", None) or None
@@ -63,10 +89,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
     }
     result: dict[str, Any] = {"metrics": metrics, "output_dir": str(output_dir), "last_checkpoint": last}
-    runs = mlflow_loggers(loggers)
+    if plan.ckpt_path:
+        result["resumed_from"] = plan.ckpt_path
     if runs:
         result["mlflow_run_id"] = runs[0].run_id
         result["tracking_uri"] = runs[0]._tracking_uri
+    if sweep_job is not None and trainer.is_global_zero:
+        record_finished(sweep_job, result, time.monotonic() - started)
     report(result)
     return result
 
@@ -74,6 +103,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def report(result: dict[str, Any]) -> None:
     """Tell the user where to look."""
     lines = [f"outputs:         {result['output_dir']}"]
+    if result.get("resumed_from"):
+        lines.append(f"resumed from:    {result['resumed_from']}")
     if result.get("last_checkpoint"):
         lines.append(f"last checkpoint: {result['last_checkpoint']}")
     if result.get("mlflow_run_id"):
@@ -85,8 +116,27 @@ def report(result: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    result = train(cfg)
-    return result["metrics"].get("val/loss")
+    """Train; return the sweep objective (`sweep.objective`, default val/loss) to Hydra's sweepers.
+
+    In a multirun, a job whose overrides already finished in the same sweep is not trained again
+    (segldm.sweeps): it returns the recorded objective.
+    """
+    sweep_job = SweepJob.from_hydra(cfg)
+    if sweep_job is not None and (cfg.get("sweep") or {}).get("skip_finished", True):
+        record = find_finished(sweep_job, cfg)
+        if record is not None:
+            return reuse_finished(sweep_job, record)
+    result = train(cfg, sweep_job)
+    objective = (cfg.get("sweep") or {}).get("objective") or "val/loss"
+    value = result["metrics"].get(objective)
+    if value is None and sweep_job is not None:
+        log.warning(
+            "sweep.objective=%s was not logged by this job (it logged %s); the sweeper gets None. Validate "
+            "before the end (trainer.val_check_interval <= trainer.max_steps) or choose another sweep.objective",
+            objective,
+            sorted(result["metrics"]),
+        )
+    return value
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ import logging
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
+from segldm.data.resumable import ResumableDataLoader
 from segldm.data.transforms import SKIPPED_KEY, check_on_error, collate_samples
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ class SegmentationDataModule(L.LightningDataModule):
         ignore_label: int | None = None,
         one_hot_in_loader: bool = False,
         on_error: str = "raise",
+        seed: int | None = None,
         **dataset_keys: Any,
     ) -> None:
         super().__init__()
@@ -63,6 +66,8 @@ class SegmentationDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.shuffle = shuffle
+        # the training order of epoch e is seeded by (seed, e); None: the process seed (train.py's `seed`)
+        self.seed = torch.initial_seed() if seed is None else int(seed)
         self.class_names = class_names
         self.root = root
         self.ignore_label = ignore_label
@@ -73,10 +78,12 @@ class SegmentationDataModule(L.LightningDataModule):
         self._reported: set[str] = set()
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        # resumable: its position is saved in checkpoints, so a resumed run sees the same batches
+        return ResumableDataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
             shuffle=self.shuffle,
+            seed=self.seed,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
@@ -89,6 +96,7 @@ class SegmentationDataModule(L.LightningDataModule):
             self.val_dataset,
             batch_size=self.val_batch_size,
             shuffle=False,
+            generator=torch.Generator().manual_seed(self.seed % 2**62),  # iter() leaves the global RNG alone
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,

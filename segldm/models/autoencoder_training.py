@@ -85,7 +85,9 @@ class VQAutoencoderModule(L.LightningModule):
         if batch is None:  # every sample of the batch was skipped (data.on_error=skip)
             return
         _, logs = self.losses(batch, "val")
-        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=batch[self.image_key].shape[0])
+        self.log_dict(
+            logs, on_step=False, on_epoch=True, batch_size=batch[self.image_key].shape[0], sync_dist=True
+        )  # with DDP: the mean over every rank's validation shard
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

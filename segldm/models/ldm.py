@@ -29,8 +29,16 @@ from segldm.diffusion.schedule import (
     q_sample,
     schedule_buffers,
 )
-from segldm.lr_schedulers import effective_learning_rate, optimizer_config
+from segldm.lr_schedulers import effective_learning_rate, learning_rate_factors, optimizer_config
 from segldm.models.ema import LitEma
+from segldm.models.performance import (
+    LatentCache,
+    batch_sample_keys,
+    compile_module,
+    has_fixed_samples,
+    label_map_conditioning,
+    to_channels_last,
+)
 
 CONDITIONING_KEYS = ("concat",)
 LOSS_TYPES = ("l1", "l2")
@@ -95,6 +103,11 @@ class LatentDiffusion(L.LightningModule):
         require_pretrained_first_stage: bool = True,
         sampler: dict[str, Any] | None = None,
         ignore_label: int | None = None,
+        first_stage_inference_mode: bool = True,
+        fused_label_conditioning: bool = True,
+        channels_last: bool = False,
+        compile: bool | dict[str, Any] = False,
+        cache_latents: bool = False,
     ) -> None:
         super().__init__()
         if loss_type not in LOSS_TYPES:
@@ -160,6 +173,14 @@ class LatentDiffusion(L.LightningModule):
                 param.requires_grad = False
         self.colorize: torch.Tensor | None = None
         self._restarted_from_ckpt = False
+        # speed/memory paths (segldm/models/performance.py; README "Performance")
+        self.first_stage_inference_mode = first_stage_inference_mode
+        self.fused_label_conditioning = fused_label_conditioning
+        self.channels_last = channels_last
+        self.compile_options: dict[str, Any] | None = (
+            (dict(compile) if isinstance(compile, dict) else {}) if compile else None
+        )
+        self.latent_cache: LatentCache | None = LatentCache() if cache_latents else None
 
     # ------------------------------------------------------------------ CompVis-named interface
     @contextmanager
@@ -196,13 +217,33 @@ class LatentDiffusion(L.LightningModule):
         return one_hot_from_label_map(label_map, n_labels, self.ignore_label)
 
     def get_learned_conditioning(self, c: torch.Tensor) -> torch.Tensor:
-        """One-hot masks (B, n_labels, H, W) -> conditioning maps at latent resolution."""
+        """One-hot masks (B, n_labels, H, W) -> conditioning maps at latent resolution.
+
+        An integer label map (B, H, W) gives the same maps without building its one-hot
+        (`label_map_conditioning`: exact for the bilinear x0.5 SpatialRescaler).
+        """
+        if not torch.is_floating_point(c):
+            n_labels = getattr(self.cond_stage_model, "in_channels", None)
+            if n_labels is None:
+                raise ValueError(
+                    "label_map conditioning needs the cond stage's in_channels (number of labels)"
+                )
+            return label_map_conditioning(self.cond_stage_model, c, n_labels, self.ignore_label)
         return self.cond_stage_model.encode(c)
 
-    @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> torch.Tensor:
-        """Image in [-1, 1] -> pre-quantisation latent h (VQModelInterface.encode)."""
-        return self.first_stage_model.encode(x)
+        """Image in [-1, 1] -> pre-quantisation latent h (VQModelInterface.encode).
+
+        The frozen first stage runs under inference_mode (no autograd bookkeeping at all;
+        `first_stage_inference_mode: false`: no_grad, as the reference); the result is a normal
+        tensor, usable in autograd and in place.
+        """
+        if not self.first_stage_inference_mode:
+            with torch.no_grad():
+                return self.first_stage_model.encode(x)
+        with torch.inference_mode():
+            h = self.first_stage_model.encode(x)
+        return h.clone()
 
     def get_first_stage_encoding(self, h: torch.Tensor) -> torch.Tensor:
         return self.scale_factor * h
@@ -263,10 +304,28 @@ class LatentDiffusion(L.LightningModule):
         return self.p_losses(x, c, t)
 
     def get_batch_latents(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z, c): scaled latent of the image and the (raw or encoded) condition."""
+        """(z, c): scaled latent of the image and the (raw or encoded) condition.
+
+        The raw condition is the batch's label map itself when it has no one-hot
+        (`fused_label_conditioning`); training batches read their latents from the latent cache
+        when `cache_latents` is on.
+        """
         x = self.get_input(batch, self.first_stage_key)
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
-        c = self.get_input(batch, self.cond_stage_key)
+        keys = batch_sample_keys(batch) if self.latent_cache is not None and self.training else None
+        if self.latent_cache is not None and self.training and keys is None:
+            raise ValueError(
+                "model.cache_latents=true needs batches that name their samples ('index' or "
+                "'relative_file_path_'); this dataset yields neither: set model.cache_latents=false"
+            )
+        if keys is not None:
+            h = self.latent_cache.lookup(keys, x, self.encode_first_stage)
+        else:
+            h = self.encode_first_stage(x)
+        z = self.get_first_stage_encoding(h).detach()
+        if self.fused_label_conditioning and self.cond_stage_key not in batch and "label_map" in batch:
+            c = batch["label_map"]
+        else:
+            c = self.get_input(batch, self.cond_stage_key)
         if not self.cond_stage_trainable:
             with torch.no_grad():
                 c = self.get_learned_conditioning(c)
@@ -352,6 +411,30 @@ class LatentDiffusion(L.LightningModule):
         return 2.0 * (x - x.min()) / (x.max() - x.min()) - 1.0
 
     # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str) -> None:
+        """Memory format and torch.compile of the UNet (model.channels_last, model.compile)."""
+        self.apply_performance_settings()
+
+    def apply_performance_settings(self) -> None:
+        """channels_last for the UNet and first stage; torch.compile of the UNet (keys unchanged)."""
+        if self.channels_last:
+            to_channels_last(self.model)
+            to_channels_last(self.first_stage_model)
+        if self.compile_options is not None and not getattr(self, "_compiled", False):
+            compile_module(self.model.diffusion_model, self.compile_options)
+            self._compiled = True
+
+    def on_fit_start(self) -> None:
+        """model.cache_latents only for data whose samples never change (no random crops or flips)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        dataset = getattr(datamodule, "train_dataset", None)
+        if self.latent_cache is not None and dataset is not None and not has_fixed_samples(dataset):
+            raise ValueError(
+                f"model.cache_latents=true, but the training data ({type(dataset).__name__}) changes its "
+                "samples between epochs (random crops or flips): cached latents would be wrong. Set "
+                "model.cache_latents=false, or turn off data.random_crop / data.flip"
+            )
+
     def on_train_batch_start(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
         if (
             batch is not None
@@ -362,7 +445,13 @@ class LatentDiffusion(L.LightningModule):
         ):
             x = self.get_input(batch, self.first_stage_key).to(self.device)
             z = self.encode_first_stage(x).detach()
-            self.scale_factor.fill_(1.0 / z.flatten().std())
+            trainer = self._trainer
+            if trainer is not None and trainer.world_size > 1:
+                # every rank must use one factor: the std of the whole first global batch (DDP
+                # runs with broadcast_buffers=False, so nothing else would make them agree)
+                self.scale_factor.fill_(1.0 / global_std(z, trainer.strategy))
+            else:
+                self.scale_factor.fill_(1.0 / z.flatten().std())
             self.print(f"scale_by_std: scale_factor set to {self.scale_factor.item():.6f}")
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
@@ -392,7 +481,9 @@ class LatentDiffusion(L.LightningModule):
         with self.ema_scope():
             _, logs_ema = self.shared_step(batch)
         logs_ema = {f"{k}_ema": v for k, v in logs_ema.items()}
-        self.log_dict({**logs, **logs_ema}, on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log_dict(
+            {**logs, **logs_ema}, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True
+        )  # sync_dist: with DDP, the mean over every rank's validation shard, not rank 0's alone
 
     def configure_optimizers(self):
         self.learning_rate = effective_learning_rate(self.base_learning_rate, self._trainer, self.scale_lr)
@@ -414,12 +505,26 @@ class LatentDiffusion(L.LightningModule):
 
 def report_learning_rate(module: L.LightningModule, lr: float) -> None:
     """Print the effective lr and record it with the run (it depends on batch size and devices)."""
+    factors = (
+        learning_rate_factors(module._trainer) if module.scale_lr and module._trainer is not None else {}
+    )
+    product = " x ".join(f"{name} {value}" for name, value in factors.items())
     module.print(
-        f"effective learning rate {lr:.4g} (base {module.base_learning_rate:.4g}, scale_lr={module.scale_lr})"
+        f"effective learning rate {lr:.4g} (base {module.base_learning_rate:.4g}, scale_lr={module.scale_lr}"
+        + (f": base x {product})" if product else ")")
     )
     if module._trainer is not None:
         for logger in module.trainer.loggers:
             logger.log_hyperparams({"effective_learning_rate": lr})
+
+
+def global_std(z: torch.Tensor, strategy: Any) -> torch.Tensor:
+    """Unbiased std of z over all ranks' tensors together (two passes, as torch.std over their concatenation)."""
+    z = z.flatten().double()
+    stats = strategy.reduce(torch.stack([z.sum(), z.new_tensor(z.numel())]), reduce_op="sum")
+    mean = stats[0] / stats[1]
+    squares = strategy.reduce(((z - mean) ** 2).sum(), reduce_op="sum")
+    return torch.sqrt(squares / (stats[1] - 1)).float()
 
 
 def one_hot_from_label_map(

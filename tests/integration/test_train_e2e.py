@@ -85,7 +85,9 @@ def test_mlflow_run_read_back_from_another_process(two_stage_run):
     assert run.info.status == "FINISHED"
     assert run.data.params["model/unet/model_channels"] == "32"
     assert run.data.params["model/timesteps"] == "1000"
-    assert float(run.data.params["effective_learning_rate"]) == pytest.approx(1e-4 * 4)  # base x batch (scale_lr)
+    assert float(run.data.params["effective_learning_rate"]) == pytest.approx(
+        1e-4 * 4
+    )  # base x batch (scale_lr)
     assert "model.first_stage.ckpt_path=" in run.data.tags["segldm.overrides"]
     assert len(run.data.tags["mlflow.source.git.commit"]) >= 7
     assert run.data.tags["segldm.last_checkpoint"].endswith("ldm/checkpoints/last.ckpt")

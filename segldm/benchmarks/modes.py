@@ -1,0 +1,225 @@
+"""The ways one training step can be computed: the reference's, segldm's, and one switch at a time.
+
+A :class:`PerfMode` is applied to a built :class:`~segldm.models.ldm.LatentDiffusion` in place, so
+every mode runs the same weights; :meth:`PerfMode.config_overrides` names the config keys that select
+the same choices for `python -m segldm.train`. The baseline is the CompVis code's way:
+
+* attention as a materialised einsum softmax, and the UNet's attention blocks recomputed in backward
+  (openaimodel's AttentionBlock always goes through its CheckpointFunction);
+* fp32 everywhere;
+* the data loader builds the (H, W, n_labels) float one-hot; the model permutes it to channels-first
+  and interpolates it at full resolution;
+* the frozen first stage under no_grad (autograd still tracks versions and views).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from segldm.models.autoencoder import AttnBlock
+from segldm.models.ldm import LatentDiffusion
+from segldm.models.performance import LatentCache
+from segldm.models.unet import AttentionBlock
+
+MASK_PATHS = ("loader_one_hot", "device_one_hot", "label_map")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class PerfMode:
+    """One way to compute a training step; each field is one choice the suite can time alone."""
+
+    attention: str = "sdpa"  # sdpa (fused kernels) | einsum (reference, recomputed in backward)
+    precision: str = "bf16"  # fp32 | bf16 (autocast; the VQ distances stay fp32)
+    channels_last: bool = False
+    first_stage_inference_mode: bool = True  # False: no_grad, as the reference
+    masks: str = "label_map"  # loader_one_hot (reference) | device_one_hot | label_map (fused)
+    cached_latents: bool = False
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("sdpa", "einsum"):
+            raise ValueError(f"attention must be 'sdpa' or 'einsum', got {self.attention!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.masks not in MASK_PATHS:
+            raise ValueError(f"masks must be one of {MASK_PATHS}, got {self.masks!r}")
+
+    def replace(self, **changes: Any) -> PerfMode:
+        return dataclasses.replace(self, **changes)
+
+    def config_overrides(self, device: str = "cpu") -> list[str]:
+        """The `python -m segldm.train` overrides that give this mode (relative to the defaults)."""
+        out = []
+        if self.attention == "einsum":
+            out += ["model.unet.attention_impl=einsum", "+model.first_stage.ddconfig.attention_impl=einsum"]
+        if self.precision == "bf16":
+            out.append("trainer=gpu" if device == "cuda" else "trainer=cpu_fast")
+        if self.channels_last:
+            out.append("model.channels_last=true")
+        if not self.first_stage_inference_mode:
+            out.append("model.first_stage_inference_mode=false")
+        if self.masks == "loader_one_hot":
+            out.append("data.one_hot_in_loader=true")
+        elif self.masks == "device_one_hot":
+            out.append("model.fused_label_conditioning=false")
+        if self.cached_latents:
+            out.append("model.cache_latents=true")
+        if self.compile:
+            out.append("model.compile=true")
+        return out
+
+
+BASELINE = PerfMode(
+    attention="einsum",
+    precision="fp32",
+    channels_last=False,
+    first_stage_inference_mode=False,
+    masks="loader_one_hot",
+)
+OPTIMISED = PerfMode()
+
+
+def variant_modes(device: torch.device, bf16: bool, channels_last: bool) -> dict[str, PerfMode]:
+    """Every named variant: the baseline, the baseline with one choice switched, the optimised mode
+    (what the configs default to on this device) and its opt-in extras."""
+    optimised = OPTIMISED.replace(precision="bf16" if bf16 else "fp32", channels_last=channels_last)
+    return {
+        "baseline": BASELINE,
+        "+sdpa": BASELINE.replace(attention="sdpa"),
+        "+bf16": BASELINE.replace(precision="bf16"),
+        "+device_one_hot": BASELINE.replace(masks="device_one_hot"),
+        "+label_map": BASELINE.replace(masks="label_map"),
+        "+inference_mode": BASELINE.replace(first_stage_inference_mode=True),
+        "+channels_last": BASELINE.replace(channels_last=True),
+        "optimised": optimised,
+        "optimised_fp32": optimised.replace(precision="fp32"),
+        "optimised+cached_latents": optimised.replace(cached_latents=True),
+        "optimised+compile": optimised.replace(compile=True),
+    }
+
+
+def unet_of(model: LatentDiffusion) -> nn.Module:
+    """The UNet itself (under a torch.compile wrapper when one is installed)."""
+    unet = model.model.diffusion_model
+    return getattr(unet, "_orig_mod", unet)
+
+
+class ModeSwitch:
+    """Puts one model into any :class:`PerfMode` and back; keeps per-mode state (latent caches,
+    the compiled UNet) so that switching between rounds costs nothing that a round would time."""
+
+    def __init__(self, model: LatentDiffusion) -> None:
+        self.model = model
+        self.unet = unet_of(model)
+        self.caches: dict[PerfMode, LatentCache] = {}
+        self.compiled: nn.Module | None = None
+        self.current: PerfMode | None = None
+
+    def apply(self, mode: PerfMode) -> None:
+        model = self.model
+        for module in model.modules():
+            if isinstance(module, AttentionBlock):
+                module.attention_impl = mode.attention
+                module.use_checkpoint = mode.attention == "einsum"  # openaimodel always recomputes it
+            elif isinstance(module, AttnBlock):
+                module.attention_impl = mode.attention
+        model.first_stage_inference_mode = mode.first_stage_inference_mode
+        model.fused_label_conditioning = mode.masks == "label_map"
+        if self.current is None or self.current.channels_last != mode.channels_last:
+            fmt = torch.channels_last if mode.channels_last else torch.contiguous_format
+            model.model.to(memory_format=fmt)
+            model.first_stage_model.to(memory_format=fmt)
+        model.latent_cache = self.caches.setdefault(mode, LatentCache()) if mode.cached_latents else None
+        if mode.compile:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.unet)
+            model.model.diffusion_model = self.compiled
+        else:
+            model.model.diffusion_model = self.unet
+        self.current = mode
+
+
+def autocast(mode: PerfMode, device: torch.device) -> torch.autocast:
+    """bf16 autocast as Lightning's `precision=bf16-mixed` applies it (forward only)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode.precision == "bf16")
+
+
+@dataclass
+class BatchSource:
+    """Fixed training data for the suite: images and blocky label maps at a config's data shape.
+
+    Label maps are 8x8-pixel blocks of random labels (every class appears; one-hot sizes are real);
+    images are random in [-1, 1]. `batch(mode)` returns what the loader would ship in that mode.
+    """
+
+    images: torch.Tensor  # (B, H, W, 3) float32
+    label_maps: torch.Tensor  # (B, H, W) uint8 / int16
+    n_labels: int
+
+    @classmethod
+    def make(cls, batch_size: int, size: int, n_labels: int, seed: int = 0) -> BatchSource:
+        rng = np.random.default_rng(seed)
+        blocks = rng.integers(0, n_labels, size=(batch_size, -(-size // 8), -(-size // 8)))
+        labels = np.kron(blocks, np.ones((1, 8, 8), dtype=np.int64))[:, :size, :size]
+        dtype = np.uint8 if n_labels <= 256 else np.int16
+        images = rng.uniform(-1, 1, size=(batch_size, size, size, 3)).astype(np.float32)
+        return cls(torch.from_numpy(images), torch.from_numpy(labels.astype(dtype)), n_labels)
+
+    def batch(self, mode: PerfMode, device: torch.device) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "image": self.images.to(device, copy=True),
+            "label_map": self.label_maps.to(device, copy=True),
+            "index": torch.arange(self.images.shape[0]),
+        }
+        if mode.masks == "loader_one_hot":  # the reference sample's float one-hot, stacked by collate
+            one_hot = torch.zeros((*self.label_maps.shape, self.n_labels), dtype=torch.float32)
+            one_hot.scatter_(-1, self.label_maps.long().unsqueeze(-1), 1.0)
+            out["segmentation"] = one_hot.to(device)
+        return out
+
+
+def training_step(
+    model: LatentDiffusion,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, Any],
+    mode: PerfMode,
+    device: torch.device,
+) -> float:
+    """What Lightning runs per batch: loss (autocast), backward, AdamW step, zero_grad, EMA update."""
+    with autocast(mode, device):
+        loss, _ = model.shared_step(batch)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if model.use_ema:
+        model.model_ema(model.model)
+    return float(loss.detach())
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def randomize_zero_parameters(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
+    """Give zero-initialised layers (UNet output convs, attention projections) small random weights,
+    so that timing and numerical comparisons see non-trivial activations and gradients everywhere."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.numel() and not param.any():
+                param.copy_(torch.randn(param.shape, generator=generator) * std)

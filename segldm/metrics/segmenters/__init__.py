@@ -1,0 +1,105 @@
+"""Segmentation networks that label images for mIoU: what every segmenter offers, and real-image pairs.
+
+A segmenter takes uint8 RGB images (N, 3, H, W), exactly what is written to disk as PNG, and returns
+(N, H, W) int64 labels in ``[0, n_classes)``. Options (``conf/segmenter/``): ``deeplabv2_cocostuff``
+(:mod:`.deeplabv2`, the network that labelled S-FLCKR) and ``trained`` (:mod:`.trained`, trained on a
+dataset's own real images by ``segldm.train_segmenter``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from segldm.metrics.miou import ConfusionMatrix, SegmentationScores
+
+
+class Segmenter(Protocol):
+    """What eval needs from a segmentation network."""
+
+    n_classes: int
+    name: str
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class RealPair:
+    """One validation sample: output name, real image (H, W, 3) uint8 and label map (H, W) int64."""
+
+    name: str
+    index: int
+    image: np.ndarray | None
+    labels: np.ndarray
+
+
+def image_to_uint8(image: Any) -> np.ndarray:
+    """A dataset's ``image`` (H, W, 3) float in [-1, 1] -> uint8, inverting x / 127.5 - 1 exactly."""
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    return np.clip(np.round((array.astype(np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def labels_of(item: dict[str, Any]) -> np.ndarray | None:
+    """The sample's label map (from ``label_map``, or the argmax of the one-hot ``segmentation``)."""
+    if "label_map" in item:
+        value = item["label_map"]
+    elif "segmentation" in item:
+        seg = item["segmentation"]
+        value = seg.argmax(-1) if isinstance(seg, torch.Tensor) else np.asarray(seg).argmax(-1)
+    else:
+        return None
+    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    return array.astype(np.int64)
+
+
+def real_pairs(dataset: Dataset, count: int, prefix: str = "val", log: Any = None) -> Iterator[RealPair]:
+    """The first ``count`` samples of a dataset as :class:`RealPair` (skipped samples are left out)."""
+    for index in range(count):
+        item = dataset[index]
+        if isinstance(item, str):  # data.on_error=skip: the sample's error message
+            if log is not None:
+                log.warning("sample %d skipped: %s", index, item)
+            continue
+        labels = labels_of(item)
+        if labels is None:
+            raise ValueError(
+                f"{type(dataset).__name__}[{index}] has no mask (neither 'label_map' nor 'segmentation' "
+                f"among its keys {sorted(item)}); evaluation generates from masks and scores against them, "
+                "so the data config must yield masks (data=synthetic, sflckr or folder with masks)"
+            )
+        image = image_to_uint8(item["image"]) if "image" in item else None
+        yield RealPair(f"{prefix}_{index:05d}", index, image, labels)
+
+
+def segment_scores(
+    segmenter: Segmenter,
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    ignore_label: int | None,
+    class_names: Sequence[str] | None = None,
+    batch_size: int = 16,
+    progress: Any = None,
+) -> SegmentationScores:
+    """Label every image with the segmenter and score it against its mask over the whole set."""
+    matrix = ConfusionMatrix(segmenter.n_classes, ignore_label)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(i)
+    for indices in by_shape.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            batch = torch.from_numpy(np.stack([images[i] for i in chunk])).permute(0, 3, 1, 2).contiguous()
+            pred = segmenter.predict(batch)
+            for row, i in enumerate(chunk):
+                matrix.update(pred[row], labels[i])
+            if progress is not None:
+                progress.update(len(chunk))
+    return matrix.compute(class_names)
+
+
+__all__ = ["RealPair", "Segmenter", "image_to_uint8", "labels_of", "real_pairs", "segment_scores"]

@@ -1,0 +1,157 @@
+"""Speed and memory paths of a training step that compute the reference's function with less work.
+
+Each is switched by a `model.*` key (conf/model/ldm_seg.yaml) and checked against the reference
+path in tests/unit/test_perf_equivalence.py; `python -m segldm.benchmarks` measures what each buys.
+
+* :func:`label_map_conditioning`: label map -> SpatialRescaler output without the one-hot. For the
+  seed (182 labels, 256 px) the one-hot is 45.5 MiB per image and two bilinear passes read it; a
+  bilinear (or area) x0.5 stage on a one-hot is an exact 2x2 average, so n stages are the label
+  histogram of each 2^n x 2^n cell divided by 4^n, which one scatter-add builds bit-exactly.
+* :class:`LatentCache`: first-stage latents of datasets whose samples never change (no random crop,
+  no flip): the frozen encoder runs once per image instead of once per epoch.
+* :func:`to_channels_last` / :func:`compile_module`: memory format and torch.compile of a module
+  in place (state_dict keys unchanged, so checkpoints stay CompVis-compatible).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from segldm.models.cond_stage import SpatialRescaler
+
+FUSABLE_METHODS = ("bilinear", "area")  # modes where a x0.5 stage is exactly a 2x2 mean
+
+
+def check_label_ids(ids: torch.Tensor, n_labels: int, ignore_label: int | None) -> torch.Tensor:
+    """Mask of ignored pixels; raises on ids outside [0, n_labels) that are not the ignore label."""
+    ignored = torch.zeros_like(ids, dtype=torch.bool) if ignore_label is None else ids == ignore_label
+    bad = ((ids < 0) | (ids >= n_labels)) & ~ignored
+    if bad.any():
+        values = torch.unique(ids[bad]).tolist()[:10]
+        raise ValueError(
+            f"label_map holds ids {values} outside [0, {n_labels}) (model.cond_stage.in_channels) and not "
+            f"model.ignore_label={ignore_label}; set data.n_labels / data.ignore_label to match the data"
+        )
+    return ignored
+
+
+def fused_cell_size(cond_stage: nn.Module, height: int, width: int) -> int | None:
+    """Cell edge (2^n_stages) when `cond_stage` on a one-hot equals a label histogram, else None."""
+    if not isinstance(cond_stage, SpatialRescaler):
+        return None
+    if cond_stage.method not in FUSABLE_METHODS or cond_stage.multiplier != 0.5:
+        return None
+    cell = 2**cond_stage.n_stages
+    if height % cell or width % cell:
+        return None  # odd sizes: the interpolation drops edge rows; leave them to the reference path
+    return cell
+
+
+def label_histograms(
+    label_map: torch.Tensor, n_labels: int, cell: int, ignore_label: int | None = None
+) -> torch.Tensor:
+    """(B, H, W) ids -> (B, n_labels, H/cell, W/cell): share of each label in each cell x cell block.
+
+    Equal, bit for bit, to `cell` = 2^n halvings (bilinear or area, x0.5) of the float32 one-hot:
+    every partial sum is a multiple of 1/cell^2 <= 1, so the order of additions cannot round.
+    Ignored pixels count for nothing (their one-hot vector is all zero).
+    """
+    ids = label_map.long()
+    batch, height, width = ids.shape
+    ignored = check_label_ids(ids, n_labels, ignore_label)
+    rows, cols = height // cell, width // cell
+    cell_index = (
+        torch.arange(height, device=ids.device)[:, None] // cell * cols
+        + torch.arange(width, device=ids.device)[None, :] // cell
+    )
+    index = ids.masked_fill(ignored, 0) * (rows * cols) + cell_index
+    weight = (~ignored).to(torch.float32) / float(cell * cell)
+    out = torch.zeros((batch, n_labels * rows * cols), dtype=torch.float32, device=ids.device)
+    out.scatter_add_(1, index.reshape(batch, -1), weight.reshape(batch, -1))
+    return out.reshape(batch, n_labels, rows, cols)
+
+
+def label_map_conditioning(
+    cond_stage: nn.Module, label_map: torch.Tensor, n_labels: int, ignore_label: int | None = None
+) -> torch.Tensor:
+    """`cond_stage.encode(one_hot(label_map))` without materialising the full-resolution one-hot
+    when the cond stage allows it (:func:`fused_cell_size`); otherwise exactly that."""
+    cell = fused_cell_size(cond_stage, label_map.shape[-2], label_map.shape[-1])
+    if cell is None:
+        from segldm.models.ldm import one_hot_from_label_map
+
+        return cond_stage.encode(one_hot_from_label_map(label_map, n_labels, ignore_label))
+    x = label_histograms(label_map, n_labels, cell, ignore_label)
+    return cond_stage.channel_mapper(x) if cond_stage.remap_output else x
+
+
+def has_fixed_samples(dataset: Dataset) -> bool:
+    """True when sample i is the same tensor every time it is read (latents may be cached).
+
+    A dataset says so with a `fixed_samples` attribute; the built-in scenes are fixed; file
+    datasets are fixed without random crops and flips. Anything else (wrappers, unknown classes)
+    counts as not fixed.
+    """
+    declared = getattr(dataset, "fixed_samples", None)
+    if declared is not None:
+        return bool(declared)
+    from segldm.data.synthetic import SyntheticScenes
+
+    if isinstance(dataset, SyntheticScenes):
+        return True
+    if hasattr(dataset, "random_crop") and hasattr(dataset, "flip"):
+        return not dataset.random_crop and not dataset.flip
+    return False
+
+
+def batch_sample_keys(batch: dict[str, Any]) -> list[Hashable] | None:
+    """Per-sample identity of a batch: its `index` values, else its `relative_file_path_` strings."""
+    if "index" in batch:
+        index = batch["index"]
+        return [int(i) for i in (index.tolist() if torch.is_tensor(index) else index)]
+    if "relative_file_path_" in batch:
+        return [str(p) for p in batch["relative_file_path_"]]
+    return None
+
+
+class LatentCache:
+    """Pre-quantisation latents h of a frozen first stage, keyed by sample identity.
+
+    Only for fixed samples (see :func:`has_fixed_samples`): the first epoch encodes, later ones
+    read. Latents stay on the device that made them (48 KiB per 256 px image for VQ-f4).
+    """
+
+    def __init__(self) -> None:
+        self.latents: dict[Hashable, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def lookup(self, keys: Sequence[Hashable], images: torch.Tensor, encode: Any) -> torch.Tensor:
+        """Latents for the batch: cached rows as they are, the others encoded (in one call) and kept."""
+        missing = [i for i, key in enumerate(keys) if key not in self.latents]
+        if missing:
+            fresh = encode(images[missing] if len(missing) < len(keys) else images)
+            for row, i in enumerate(missing):
+                self.latents[keys[i]] = fresh[row].detach().clone()
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        return torch.stack([self.latents[key] for key in keys])
+
+
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """Convert 4-D parameters and buffers to channels_last in place (Parameter objects kept)."""
+    return module.to(memory_format=torch.channels_last)
+
+
+def compile_module(module: nn.Module, options: dict[str, Any] | None = None) -> nn.Module:
+    """`module.compile(**options)` in place: forward goes through torch.compile, keys unchanged."""
+    module.compile(**(options or {}))
+    return module

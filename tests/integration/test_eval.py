@@ -1,0 +1,243 @@
+"""`python -m segldm.train_segmenter` and `python -m segldm.eval` end to end, and eval's error paths.
+
+A tiny untrained LDM checkpoint is built in-process (the numbers are not the point here: that every
+file, metric, tag and error is there); Inception weights are random of the right layout
+(tests/unit/test_metrics_fid.py). The slow test trains the real segmenter on the built-in data and
+checks it reaches the mIoU the issue asks for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch.utils.data import Dataset
+
+from segldm.checkpoints import CheckpointError, build_ldm, ldm_checkpoint, save_checkpoint
+from segldm.metrics.fid import InceptionWeightsError
+from segldm.metrics.segmenters.trained import SegmenterModule, SegNet, segmenter_checkpoint
+from tests.conftest import CONF, REPO, TINY_DATA, TINY_FIRST_STAGE, TINY_UNET, compose_train
+from tests.unit.test_metrics_fid import make_random_inception
+
+torch.set_num_threads(1)
+EVAL_DATA = ["data.validation.length=3"]
+
+
+def run(module: str, args: list[str], root: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` with every default path under `root`, one intra-op thread."""
+    env = {**os.environ, "SEGLDM_ROOT": str(root), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"{module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+class ImagesOnly(Dataset):
+    """A validation set with images and no masks (what eval must refuse)."""
+
+    n_labels = 8
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"image": torch.zeros(32, 32, 3)}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("eval_root")
+
+
+@pytest.fixture(scope="module")
+def ldm_ckpt(root: Path) -> Path:
+    """An untrained tiny LDM saved as a native checkpoint, in a folder a 'training run' is tagged with."""
+    cfg = compose_train([*TINY_DATA, *EVAL_DATA, *TINY_FIRST_STAGE, *TINY_UNET, f"paths.root_dir={root}"])
+    config = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+    }
+    torch.manual_seed(0)
+    model = build_ldm(config["model"])
+    path = root / "outputs" / "run" / "checkpoints" / "step0000003.ckpt"
+    save_checkpoint(ldm_checkpoint(model.state_dict(), config, global_step=3), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inception(root: Path) -> Path:
+    return make_random_inception(root / "random_inception.pth")
+
+
+@pytest.fixture(scope="module")
+def segmenter_run(root: Path) -> dict:
+    """The real train_segmenter CLI for two steps at 32 px."""
+    proc = run(
+        "segldm.train_segmenter",
+        [
+            *TINY_DATA,
+            *EVAL_DATA,
+            "model.channels=[4,4,4]",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "checkpoint_every_n_steps=2",
+            "+trainer.enable_progress_bar=false",
+        ],
+        root,
+    )
+    return {"ckpt": root / "outputs" / "segmenters" / "synthetic" / "segmenter.ckpt", "stdout": proc.stdout}
+
+
+def compose_eval(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="eval", overrides=overrides)
+
+
+def test_train_segmenter_writes_a_segmenter_checkpoint_with_its_real_miou(
+    root: Path, segmenter_run: dict
+) -> None:
+    ckpt = torch.load(segmenter_run["ckpt"], weights_only=True)
+    assert ckpt["segldm"]["kind"] == "segmenter"
+    assert ckpt["segldm"]["net"] == {"n_classes": 8, "channels": [4, 4, 4]}
+    real = ckpt["segldm"]["real_scores"]
+    assert 0.0 <= real["miou"] <= 1.0 and real["images"] == 3 and len(real["per_class"]) == 8
+    assert "real-image mIoU" in segmenter_run["stdout"]
+    report = json.loads((segmenter_run["ckpt"].parent / "report.json").read_text())
+    assert report["real"]["miou"] == real["miou"]
+    assert (segmenter_run["ckpt"].parent / "checkpoints" / "last.ckpt").is_file()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root}/outputs/mlflow.db")
+    experiment = client.get_experiment_by_name("segmenters")
+    (run_,) = client.search_runs([experiment.experiment_id])
+    assert run_.data.metrics["real/miou"] == pytest.approx(real["miou"])
+    assert run_.data.tags["segldm.last_checkpoint"] == str(segmenter_run["ckpt"])
+
+
+def test_eval_end_to_end(root: Path, ldm_ckpt: Path, inception: Path, segmenter_run: dict) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{root}/outputs/mlflow.db"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("tiny-training")
+    training = client.create_run(experiment_id, tags={"segldm.checkpoint_dir": str(ldm_ckpt.parent)})
+    client.set_terminated(training.info.run_id)  # tagged as segldm.train tags its runs
+
+    out = root / "eval_out"
+    args = [
+        f"ckpt={ldm_ckpt}",
+        "eval.steps=2",
+        "eval.batch_size=2",
+        f"eval.fid.weights_path={inception}",
+        "eval.fid.batch_size=3",
+        f"hydra.run.dir={out}",
+    ]
+    proc = run("segldm.eval", args, root)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("fid", "kid_mean", "kid_std", "miou", "pixel_accuracy", "miou_real", "pixel_accuracy_real"):
+        assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
+    assert metrics["num_samples"] == 3 and metrics["global_step"] == 3
+    assert metrics["sampler"]["steps"] == 2 and metrics["kid_subset_size"] == 3
+    assert metrics["fid_backend"]["weights"]["path"] == str(inception)
+    assert metrics["segmenter"]["real_miou_at_training"] is not None
+    assert len(metrics["per_class"]) == 8
+    for sub in ("generated", "real", "masks"):
+        assert sorted(p.name for p in (out / sub).iterdir()) == [f"val_0000{i}.png" for i in range(3)]
+    assert (out / "grid.png").is_file() and "| mIoU |" in (out / "report.md").read_text()
+    assert "mIoU" in proc.stdout and "FID" in proc.stdout
+
+    runs = client.search_runs([experiment_id], filter_string="tags.`segldm.task` = 'eval'")
+    assert len(runs) == 1, "the eval run goes into the training run's experiment"
+    tags = runs[0].data.tags
+    assert tags["segldm.source_checkpoint"] == str(ldm_ckpt.resolve())
+    assert tags["segldm.source_run_id"] == training.info.run_id and tags["segldm.source_step"] == "3"
+    assert runs[0].data.metrics["miou"] == pytest.approx(metrics["miou"])
+    artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    assert {"metrics.json", "report.md", "grid.png"} <= artifacts
+    assert client.get_run(training.info.run_id).data.metrics["eval/miou"] == pytest.approx(metrics["miou"])
+
+
+def test_generated_images_do_not_depend_on_batch_size_or_num_samples(root: Path, ldm_ckpt: Path) -> None:
+    from segldm.checkpoints import load_ldm
+    from segldm.eval import generate_images, select_pairs
+
+    model = load_ldm(ldm_ckpt)
+    cfg = compose_train([*TINY_DATA, *EVAL_DATA])
+    dataset = instantiate(cfg.data).val_dataset
+    pairs = select_pairs(dataset, None, need_images=True)
+    settings = OmegaConf.create(
+        {"eval": {"batch_size": 3, "steps": 2, "eta": 1.0, "seed": 5, "use_ema": True, "sampler": None}}
+    )
+    together = generate_images(model, pairs, 8, None, settings)
+    settings.eval.batch_size = 1
+    alone = generate_images(model, pairs[1:], 8, None, settings)  # num_samples=... would drop the first
+    for a, b in zip(together[1:], alone, strict=True):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(together[0], together[1])
+
+
+def eval_overrides(root: Path, ckpt: Path, segmenter: Path, inception: Path, *extra: str) -> list[str]:
+    return [
+        f"ckpt={ckpt}",
+        f"paths.root_dir={root}",
+        f"paths.output_dir={root / 'errors'}",
+        "logger=none",
+        f"segmenter.ckpt={segmenter}",
+        f"eval.fid.weights_path={inception}",
+        "eval.steps=1",
+        *extra,
+    ]
+
+
+def test_bad_inputs_fail_before_sampling(
+    root: Path, ldm_ckpt: Path, inception: Path, segmenter_run: dict
+) -> None:
+    from segldm.eval import evaluate
+
+    seg = segmenter_run["ckpt"]
+    with pytest.raises(
+        CheckpointError, match="expected a segldm LDM checkpoint, but this is a segldm segmenter"
+    ):
+        evaluate(compose_eval(eval_overrides(root, seg, seg, inception)))
+    with pytest.raises(
+        CheckpointError, match="expected a segldm segmenter checkpoint.*but this is a segldm LDM"
+    ):
+        evaluate(compose_eval(eval_overrides(root, ldm_ckpt, ldm_ckpt, inception)))
+    with pytest.raises(InceptionWeightsError, match=r"eval.fid.weights_path=.*absent.pth: no such file"):
+        evaluate(compose_eval(eval_overrides(root, ldm_ckpt, seg, root / "absent.pth")))
+    with pytest.raises(ValueError, match=r"eval.num_samples=50, but the validation split has 3 samples"):
+        evaluate(compose_eval(eval_overrides(root, ldm_ckpt, seg, inception, "eval.num_samples=50")))
+    with pytest.raises(FileNotFoundError, match="python -m segldm.train_segmenter"):
+        evaluate(compose_eval(eval_overrides(root, ldm_ckpt, root / "no_segmenter.ckpt", inception)))
+    cfg = compose_eval(eval_overrides(root, ldm_ckpt, seg, inception, "data=synthetic", *TINY_DATA))
+    cfg.data.validation = {"_target_": f"{__name__}.ImagesOnly"}
+    with pytest.raises(ValueError, match="ImagesOnly\\[0\\] has no mask"):
+        evaluate(cfg)
+    five = root / "segmenter_5_classes.ckpt"
+    save_checkpoint(segmenter_checkpoint(SegmenterModule(SegNet(5, (4, 4, 4))), {}), five)
+    with pytest.raises(ValueError, match="predicts 5 classes but the data has data.n_labels=8"):
+        evaluate(compose_eval(eval_overrides(root, ldm_ckpt, five, inception)))
+    assert not (root / "errors" / "generated").exists()
+
+
+@pytest.mark.slow
+def test_trained_segmenter_reaches_the_required_real_miou_on_the_built_in_data(tmp_path: Path) -> None:
+    """The default `make train-segmenter` config (64 px, 8 classes): real-image mIoU >= 0.9 (~3-4 min on CPU)."""
+    run("segldm.train_segmenter", ["logger=none", "+trainer.enable_progress_bar=false"], tmp_path)
+    ckpt = torch.load(tmp_path / "outputs" / "segmenters" / "synthetic" / "segmenter.ckpt", weights_only=True)
+    assert ckpt["segldm"]["real_scores"]["miou"] >= 0.9

@@ -1,0 +1,270 @@
+"""Killed runs resume exactly: real `python -m segldm.train` subprocesses killed mid-epoch (issue 7).
+
+A reference run trains 12 steps uninterrupted (8 batches per epoch, so the resume crosses an
+epoch boundary). Another run of the same command with `resume=auto` is killed after a checkpoint
+exists and started again; its final checkpoint (weights, EMA, optimizer, scheduler, loop and data
+position) must equal the reference's bit for bit, and its single MLflow run must hold, at every
+step, exactly the reference's values.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO, TINY_DATA, TINY_FIRST_STAGE, TINY_TRAINER, TINY_UNET, run_train
+
+MAX_STEPS = 12
+ARGS = [
+    "model=ldm_seg",
+    *TINY_FIRST_STAGE,
+    *TINY_UNET,
+    *TINY_DATA,
+    *TINY_TRAINER,
+    "model.first_stage.ckpt_path=null",  # a random frozen first stage: enough to compare two runs
+    "model.require_pretrained_first_stage=false",
+    "model.base_learning_rate=1e-4",
+    "scheduler.warm_up_steps=[4]",
+    f"trainer.max_steps={MAX_STEPS}",
+    "trainer.deterministic=true",
+]
+
+
+def start_train(args: list[str], root: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python -m segldm.train` in the background (as tests.conftest.run_train, but killable)."""
+    env = {**os.environ, "SEGLDM_ROOT": str(root), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "segldm.train", *args],
+        cwd=REPO,
+        env={**env, **(extra_env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def train(args: list[str], root: Path, extra_env: dict[str, str] | None = None) -> str:
+    """Run to the end (same environment as the killed runs: equal thread counts give equal floats)."""
+    proc = start_train(args, root, extra_env)
+    output = proc.communicate(timeout=600)[0]
+    if proc.returncode != 0:
+        pytest.fail(f"segldm.train {' '.join(args)} failed ({proc.returncode}):\n{output[-6000:]}")
+    return output
+
+
+def signal_when(proc: subprocess.Popen, path: Path, sig: int, timeout: float = 240) -> str:
+    """Send ``sig`` as soon as ``path`` exists; return the process output once it exited."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if proc.poll() is not None:
+        pytest.fail(f"the run ended before {path} appeared:\n{proc.communicate()[0][-4000:]}")
+    proc.send_signal(sig)
+    return proc.communicate(timeout=timeout)[0]
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_training_state(resumed: dict, reference: dict) -> None:
+    """Weights/EMA/buffers, optimizer moments, LR scheduler, data position: bit-identical."""
+    assert resumed["global_step"] == reference["global_step"] == MAX_STEPS
+    assert resumed["state_dict"].keys() == reference["state_dict"].keys()
+    different = [
+        k for k, v in reference["state_dict"].items() if not torch.equal(v, resumed["state_dict"][k])
+    ]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
+    for ref_state, res_state in zip(
+        reference["optimizer_states"][0]["state"].values(),
+        resumed["optimizer_states"][0]["state"].values(),
+        strict=True,
+    ):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(ref_state[key], res_state[key]), key
+    assert resumed["lr_schedulers"] == reference["lr_schedulers"]
+    loader = "combined_loader"
+    fit_loop = "fit_loop"
+    assert (
+        resumed["loops"][fit_loop]["state_dict"][loader] == reference["loops"][fit_loop]["state_dict"][loader]
+    )
+
+
+def metric_history(client: MlflowClient, run_id: str) -> dict[str, dict[int, set[float]]]:
+    """{metric: {step: every value recorded at that step}}."""
+    history: dict[str, dict[int, set[float]]] = {}
+    for key in client.get_run(run_id).data.metrics:
+        for m in client.get_metric_history(run_id, key):
+            history.setdefault(key, {}).setdefault(m.step, set()).add(m.value)
+    return history
+
+
+def single_run(client: MlflowClient, run_name: str):
+    experiment = client.get_experiment_by_name("segldm")
+    runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{run_name}'")
+    assert len(runs) == 1, (
+        f"{len(runs)} MLflow runs named {run_name}: the resumed run must continue the first"
+    )
+    return runs[0]
+
+
+def assert_same_metrics(client: MlflowClient, run_name: str, reference_id: str) -> None:
+    run = single_run(client, run_name)
+    assert run.info.status == "FINISHED"
+    reference, resumed = metric_history(client, reference_id), metric_history(client, run.info.run_id)
+    assert sorted(resumed) == sorted(reference)
+    assert sorted(reference["train/loss"]) == list(range(MAX_STEPS))
+    for key, steps in reference.items():
+        assert resumed[key] == steps, key  # every step present, every recorded value the reference's
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run; tests resume their own runs in the same root (one MLflow store)."""
+    root = tmp_path_factory.mktemp("resume")
+    train([*ARGS, "hydra.run.dir=${paths.output_root}/reference", "run_name=reference"], root)
+    client = MlflowClient(f"sqlite:///{root}/outputs/mlflow.db")
+    return (
+        root,
+        load(root / "outputs/reference/checkpoints/last.ckpt"),
+        single_run(client, "reference").info.run_id,
+    )
+
+
+def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(reference):
+    root, final, reference_id = reference
+    command = [*ARGS, "run_name=killed", "resume=auto"]  # the folder is outputs/runs/train/killed
+    folder = root / "outputs/runs/train/killed"
+    proc = start_train(command, root)
+    output = signal_when(proc, folder / "checkpoints/step0000006.ckpt", signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, output[-3000:]
+    complete = [load(p)["global_step"] for p in (folder / "checkpoints").glob("*.ckpt")]
+    assert 6 <= max(complete) < 8, "the kill must land mid-epoch, before the run finished"
+
+    resumed = train(command, root)
+    assert f"resumed from:    {folder}/checkpoints/" in resumed
+    assert_same_training_state(load(folder / "checkpoints/last.ckpt"), final)
+    assert_same_metrics(MlflowClient(f"sqlite:///{root}/outputs/mlflow.db"), "killed", reference_id)
+    assert not list((folder / "checkpoints").glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_the_step_boundary_and_resumes_exactly(reference):
+    root, final, reference_id = reference
+    command = [*ARGS, "run_name=terminated", "resume=auto"]
+    folder = root / "outputs/runs/train/terminated"
+    proc = start_train(command, root)
+    output = signal_when(proc, folder / "checkpoints/step0000004.ckpt", signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "received SIGTERM: wrote" in output and "resume=auto" in output
+    step = load(folder / "checkpoints/last.ckpt")["global_step"]
+    assert 4 <= step < MAX_STEPS
+    client = MlflowClient(f"sqlite:///{root}/outputs/mlflow.db")
+    assert single_run(client, "terminated").info.status == "KILLED"
+
+    train(command, root)
+    assert_same_training_state(load(folder / "checkpoints/last.ckpt"), final)
+    assert_same_metrics(client, "terminated", reference_id)
+
+
+@pytest.mark.slow
+def test_sigusr1_under_slurm_saves_and_requeues_then_resumes_exactly(reference, tmp_path):
+    """Lightning's SLURM auto-requeue after our step-boundary checkpoint; `scontrol` is a recording stub."""
+    root, final, reference_id = reference
+    (tmp_path / "scontrol").write_text('#!/bin/sh\necho "$@" >> "$SCONTROL_LOG"\n')
+    (tmp_path / "scontrol").chmod(0o755)
+    slurm = {
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "segldm",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "PATH": f"{tmp_path}:{os.environ['PATH']}",
+        "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+    }
+    command = [*ARGS, "run_name=requeued", "resume=auto"]
+    folder = root / "outputs/runs/train/requeued"
+    proc = start_train(command, root, slurm)
+    output = signal_when(proc, folder / "checkpoints/step0000004.ckpt", signal.SIGUSR1)
+    assert proc.returncode == 128 + signal.SIGUSR1, output[-3000:]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert list(folder.glob("hpc_ckpt_*.ckpt")) and (folder / "checkpoints/last.ckpt").is_file()
+
+    train(command, root)  # the requeued job: same command
+    assert_same_training_state(load(folder / "checkpoints/last.ckpt"), final)
+    assert_same_metrics(MlflowClient(f"sqlite:///{root}/outputs/mlflow.db"), "requeued", reference_id)
+
+
+@pytest.mark.slow
+def test_corrupt_ckpt_path_is_refused_before_training(tmp_path):
+    bad = tmp_path / "last.ckpt"
+    bad.write_bytes(b"PK\x03\x04 this is not a whole checkpoint")
+    proc = run_train(
+        [*ARGS, f"ckpt_path={bad}", "hydra.run.dir=${paths.output_root}/bad"], tmp_path, check=False
+    )
+    assert proc.returncode != 0
+    assert (
+        f"ckpt_path checkpoint {bad} is not a readable torch checkpoint (truncated or corrupt?)"
+        in proc.stderr
+    )
+    assert not (tmp_path / "outputs/bad/checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_unreachable_server_with_local_fallback_trains(tmp_path):
+    args = [
+        *ARGS,
+        "trainer.max_steps=2",
+        "logger.mlflow.tracking_uri=http://127.0.0.1:9",
+        "logger.mlflow.on_unavailable=local",
+        "run_name=fallback",
+        "hydra.run.dir=${paths.output_root}/fallback",
+    ]
+    proc = run_train(args, tmp_path)
+    assert "http://127.0.0.1:9 is unreachable" in proc.stdout + proc.stderr
+    run = single_run(MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db"), "fallback")
+    assert run.info.status == "FINISHED" and [
+        m.step
+        for m in MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_metric_history(
+            run.info.run_id, "train/loss"
+        )
+    ] == [0, 1]
+
+
+@pytest.mark.slow
+def test_fault_injection_script(tmp_path):
+    """experiments/faults/run_faults.py with 3 random kills: the final checkpoint equals the reference."""
+    out = tmp_path / "faults.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "experiments/faults/run_faults.py",
+            "--kills",
+            "3",
+            "--seed",
+            "1",
+            "--root",
+            str(tmp_path / "root"),
+            "--json",
+            str(out),
+            "--no-results-md",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["identical"] and result["kills"] == 3 and result["metrics_identical"]
