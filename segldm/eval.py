@@ -259,7 +259,13 @@ def write_report(out_dir: Path, metrics: Mapping[str, Any], grid: Path | None) -
     if grid is not None:
         lines += [f"![rows: mask | generated | real]({grid.name})", ""]
     lines += ["| id | class | IoU generated | IoU real | mask pixels |", "|---|---|---|---|---|"]
-    for row in metrics["per_class"]:
+    shown = [r for r in metrics["per_class"] if r["iou_generated"] is not None or r["iou_real"] is not None]
+    if len(shown) < len(metrics["per_class"]):
+        lines.insert(
+            -2,
+            f"Classes absent from masks and predictions are left out ({len(shown)} of {len(metrics['per_class'])} shown).\n",
+        )
+    for row in shown:
         lines.append(
             f"| {row['id']} | {row['name']} | {fmt(row['iou_generated'])} | {fmt(row['iou_real'])} | "
             f"{100 * row['mask_pixel_share']:.1f}% |"

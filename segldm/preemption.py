@@ -2,9 +2,10 @@
 
 Clusters announce a kill with a signal: SIGTERM (SLURM, Kubernetes, ``kill``), SIGUSR1 (SLURM's
 ``--signal=USR1@<seconds>`` before the time limit; Lightning's SLURM auto-requeue listens to it),
-SIGUSR2 (submitit). The handler only records the signal. At the end of the current optimizer step,
-where weights, optimizer, scheduler, EMA, data position and random state agree, the checkpoint is
-written (atomically, through the trainer's CheckpointIO); then handlers that were installed before
+SIGUSR2 (submitit). The handler only records the signal. At the end of the current optimizer step
+(after its validation, when one is due, so the resumed run does not skip it), where weights,
+optimizer, scheduler, EMA, data position and random state agree, the checkpoint is written
+(atomically, through the trainer's CheckpointIO); then handlers that were installed before
 run (under SLURM Lightning's: hpc checkpoint + ``scontrol requeue``; under submitit: its requeue),
 the MLflow run is marked KILLED, and the process exits with status 128 + signal number (143 for
 SIGTERM). Running the same command with ``resume=auto`` continues from that checkpoint.
@@ -21,6 +22,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,19 @@ class PreemptionCheckpoint(L.Callback):
         return Path(trainer.default_root_dir) / "checkpoints" / self.filename
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self.received is not None:
+        if self.received is None:
+            return
+        from segldm.resume import validation_follows
+
+        if not validation_follows(trainer):  # else after the step's validation (a resume would skip it)
+            self.preempt(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (
+            self.received is not None
+            and trainer.state.fn == TrainerFn.FITTING
+            and not trainer.sanity_checking
+        ):
             self.preempt(trainer)
 
     def preempt(self, trainer: L.Trainer) -> None:

@@ -121,7 +121,13 @@ class RetryingClient:
             raise error
         self.degraded = not is_permanent(error)
         self.dropped.append(name)
-        how = "" if is_permanent(error) else "again (still unavailable) " if tries == 1 else f"after {tries} tries "
+        how = (
+            ""
+            if is_permanent(error)
+            else "again (still unavailable) "
+            if tries == 1
+            else f"after {tries} tries "
+        )
         warnings.warn(
             f"MLflow {name} failed {how}and was dropped "
             f"({type(error).__name__}: {str(error)[:300]}); training continues ({len(self.dropped)} call(s) "

@@ -3,7 +3,7 @@
 Every job of `python -m segldm.train -m ...` belongs to a sweep whose id is `sweep.id`, or, when
 that is null, the sweep folder (`hydra.sweep.dir`) relative to `paths.output_root`. A job is
 identified inside its sweep by a key: the hash of its task overrides (normalised by Hydra's
-parser, so `1e-5` and `1.0e-05` are the same job; `sweep.*` keys are left out).
+parser, so `1e-5` and `1.0e-05` are the same job; `sweep.*`, `resume` and `ckpt_path` are left out).
 
 - Tags: the job's MLflow run gets `segldm.sweep_id`, `segldm.sweep_key`, `segldm.sweep_job` and
   `segldm.sweep_dir`, so `mlflow ui` can group or filter a sweep's runs.
@@ -41,8 +41,10 @@ log = logging.getLogger(__name__)
 MARKER_NAME = "sweep_job.json"
 MANIFEST_NAME = "sweep.json"
 FINISHED = "FINISHED"
-# Keys that say how to run the sweep, not what a job computes: they do not change a job's key.
+# Keys that say how to run the sweep or resume a job, not what a job computes: not part of its key
+# (so a sweep re-run with resume=auto still finds its finished jobs).
 KEY_EXCLUDED_PREFIXES = ("sweep.",)
+KEY_EXCLUDED_KEYS = frozenset({"resume", "ckpt_path"})
 
 
 class SweepError(RuntimeError):
@@ -60,7 +62,8 @@ def normalized_overrides(overrides: list[str]) -> list[str]:
             item = f"{key}={override.value()!r}"
         except Exception:  # not parseable on its own (should not happen for Hydra's own overrides)
             key, item = text.split("=", 1)[0], text
-        if key.lstrip("+~").startswith(KEY_EXCLUDED_PREFIXES):
+        bare = key.lstrip("+~")
+        if bare.startswith(KEY_EXCLUDED_PREFIXES) or bare in KEY_EXCLUDED_KEYS:
             continue
         normalized.append(item)
     return sorted(normalized)

@@ -5,10 +5,10 @@
 1. A reference run of a tiny CPU config (`python -m segldm.train`, deterministic) trains --steps
    steps without interruption.
 2. The same command with `resume=auto` is started, and killed --kills times, each time with one
-   fault drawn at random: SIGKILL at a random moment (start-up included), SIGKILL while a
-   checkpoint is being written (as soon as a temporary checkpoint file exists), or SIGTERM at a
-   random moment (the graceful pre-emption path). After each kill the same command is started again;
-   after the last one it runs to the end.
+   fault drawn at random: SIGKILL during start-up (before the first step), SIGKILL at a random moment
+   after a randomly drawn step, SIGKILL while a checkpoint is being written (as soon as a temporary
+   checkpoint file exists after that step), or SIGTERM after that step (the graceful pre-emption
+   path). After each kill the same command is started again; after the last one it runs to the end.
 3. The final checkpoints must be identical (every tensor of the state_dict, optimizer moments,
    LR scheduler, data position) and the single MLflow run of the killed command must hold, at every
    step, exactly the reference's values.
@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -69,7 +70,8 @@ TINY = [
     "callbacks.sample_grid.ddim_steps=5",
     "callbacks.progress_bar=null",
 ]
-FAULTS = ("sigkill", "sigkill-during-save", "sigterm")
+FAULTS = ("sigkill-at-startup", "sigkill", "sigkill-during-save", "sigterm")
+RESUMED = re.compile(r"resume=auto: (\S+) \(global step (\d+)\)")
 
 
 def start(args: list[str], root: Path) -> subprocess.Popen:
@@ -99,19 +101,48 @@ def complete_steps(folder: Path) -> list[int]:
     return sorted(steps)
 
 
-def inject(proc: subprocess.Popen, fault: str, delay: float, ckpt_dir: Path) -> dict[str, Any]:
-    """Wait ``delay`` seconds (and, for sigkill-during-save, for a write in progress), then signal."""
+def newest_step_file(ckpt_dir: Path) -> int:
+    """The highest N of the complete `stepNNNNNNN.ckpt` files (0: none yet)."""
+    steps = [int(p.stem.removeprefix("step")) for p in ckpt_dir.glob("step*.ckpt") if p.stem[4:].isdigit()]
+    return max(steps, default=0)
+
+
+def writing(ckpt_dir: Path) -> bool:
+    try:
+        return any(e.name.startswith(".") and e.name.endswith(".tmp") for e in os.scandir(ckpt_dir))
+    except FileNotFoundError:
+        return False
+
+
+def inject(
+    proc: subprocess.Popen, fault: str, after_step: int, delay: float, ckpt_dir: Path
+) -> dict[str, Any]:
+    """Signal the run: at ``delay`` s after start (start-up faults) or ``delay`` s after the checkpoint of
+    ``after_step`` appeared (sigkill-during-save: at the next moment a checkpoint write is in progress)."""
     started = time.monotonic()
-    while proc.poll() is None and time.monotonic() - started < delay:
-        time.sleep(0.005)
+    if fault != "sigkill-at-startup":
+        while proc.poll() is None and newest_step_file(ckpt_dir) < after_step:
+            time.sleep(0.002)
+    mark = time.monotonic()
+    while proc.poll() is None and time.monotonic() - mark < delay:
+        time.sleep(0.002)
     if fault == "sigkill-during-save":
-        while proc.poll() is None and not list(ckpt_dir.glob(".*.ckpt.*.tmp")):
-            time.sleep(0.0005)
+        while proc.poll() is None and not writing(ckpt_dir):
+            pass  # busy-wait: a write of this tiny model lasts milliseconds
     at = time.monotonic() - started
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM if fault == "sigterm" else signal.SIGKILL)
     out = proc.communicate(timeout=600)[0]
-    return {"fault": fault, "after_s": round(at, 2), "exit_status": proc.returncode, "output_tail": out[-1500:]}
+    resumed = RESUMED.search(out)
+    return {
+        "fault": fault,
+        "target_step": None if fault == "sigkill-at-startup" else after_step,
+        "after_s": round(at, 2),
+        "exit_status": proc.returncode,
+        "resumed_from_step": int(resumed.group(2)) if resumed else None,
+        "temporary_files_left": sorted(p.name for p in ckpt_dir.glob(".*.tmp")),
+        "output_tail": out[-1500:],
+    }
 
 
 def metric_history(client: MlflowClient, run_id: str) -> dict[str, dict[int, list[float]]]:
@@ -125,7 +156,11 @@ def metric_history(client: MlflowClient, run_id: str) -> dict[str, dict[int, lis
 def compare(resumed: dict, reference: dict) -> dict[str, Any]:
     sd_r, sd_f = reference["state_dict"], resumed["state_dict"]
     max_diff = max(
-        ((sd_f[k].double() - v.double()).abs().max().item() if v.is_floating_point() else float(not torch.equal(sd_f[k], v)))
+        (
+            (sd_f[k].double() - v.double()).abs().max().item()
+            if v.is_floating_point()
+            else float(not torch.equal(sd_f[k], v))
+        )
         for k, v in sd_r.items()
     )
     different = sorted(k for k, v in sd_r.items() if not torch.equal(sd_f[k], v))
@@ -167,10 +202,12 @@ def machine() -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--kills", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--root", type=Path, default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--json", type=Path, default=HERE / "results.json")
     parser.add_argument("--no-results-md", action="store_true")
@@ -181,30 +218,57 @@ def main() -> int:
     args = [*TINY, f"trainer.max_steps={opts.steps}"]
 
     t0 = time.monotonic()
-    finish(start([*args, "run_name=reference", "hydra.run.dir=${paths.output_root}/reference"], root))
+    proc = start([*args, "run_name=reference", "hydra.run.dir=${paths.output_root}/reference"], root)
+    first_ckpt_s = None
+    while proc.poll() is None:  # time the first checkpoint, to place start-up faults and step delays
+        if first_ckpt_s is None and newest_step_file(root / "outputs/reference/checkpoints") >= 2:
+            first_ckpt_s = time.monotonic() - t0
+        time.sleep(0.01)
+    finish(proc)
     reference_s = time.monotonic() - t0
-    print(f"reference: {opts.steps} steps in {reference_s:.1f} s", flush=True)
+    first_ckpt_s = first_ckpt_s or reference_s / 2
+    step_s = max(0.01, (reference_s - first_ckpt_s) / max(1, opts.steps - 2))
+    startup_s = max(1.0, first_ckpt_s - 2 * step_s)
+    print(
+        f"reference: {opts.steps} steps in {reference_s:.1f} s (start-up ~{startup_s:.1f} s, ~{step_s:.2f} s/step)"
+    )
 
     command = [*args, "run_name=faulty", "resume=auto"]
     folder = root / "outputs/runs/train/faulty"
-    attempts = []
+    attempts: list[dict[str, Any]] = []
+    done = 0  # newest complete checkpoint of the killed command
     for i in range(opts.kills):
         fault = rng.choice(FAULTS)
-        delay = rng.uniform(0.5, reference_s)
-        record = inject(start(command, root), fault, delay, folder / "checkpoints")
+        # a checkpoint step past the resume point and well short of the end, then a delay of up to
+        # one step (start-up faults: a moment of the start-up instead)
+        first = done + 2 - done % 2
+        targets = list(range(first, min(first + 2 * (opts.steps // opts.kills), opts.steps - 4), 2))
+        if not targets:
+            break
+        target = rng.choice(targets)
+        delay = (
+            rng.uniform(0.3, 0.5 * startup_s) if fault == "sigkill-at-startup" else rng.uniform(0.0, step_s)
+        )
+        record = inject(start(command, root), fault, target, delay, folder / "checkpoints")
         record["attempt"] = i + 1
-        record["complete_checkpoints_after"] = complete_steps(folder)
-        record["newest_step_after"] = max(record["complete_checkpoints_after"], default=None)
+        complete = complete_steps(folder)
+        record["newest_step_after"] = max(complete, default=0)
+        done = record["newest_step_after"]
         attempts.append(record)
         print(
-            f"kill {i + 1}: {fault} after {record['after_s']} s -> exit {record['exit_status']}, newest checkpoint "
-            f"step {record['newest_step_after']}",
+            f"kill {i + 1}: {fault} (after step {record['target_step']}, +{delay:.2f} s) at {record['after_s']} s "
+            f"-> exit {record['exit_status']}; resumed from step {record['resumed_from_step']}, newest complete "
+            f"checkpoint now step {done}",
             flush=True,
         )
     out = finish(start(command, root))
-    resumed_from = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("resumed from")), None)
+    resumed_from = next(
+        (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("resumed from")), None
+    )
 
-    reference = torch.load(root / "outputs/reference/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    reference = torch.load(
+        root / "outputs/reference/checkpoints/last.ckpt", map_location="cpu", weights_only=True
+    )
     final = torch.load(folder / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     result = compare(final, reference)
     client = MlflowClient(f"sqlite:///{root}/outputs/mlflow.db")
@@ -221,9 +285,14 @@ def main() -> int:
         for step, values in steps.items()
         if set(faulty_hist.get(key, {}).get(step, [])) != set(values)
     )
-    extra = sorted(f"{k}@{s}" for k, steps in faulty_hist.items() for s in steps if s not in ref_hist.get(k, {}))
+    extra = sorted(
+        f"{k}@{s}" for k, steps in faulty_hist.items() for s in steps if s not in ref_hist.get(k, {})
+    )
     duplicates = sum(
-        len(v) - len(ref_hist[k][s]) for k, steps in faulty_hist.items() for s, v in steps.items() if s in ref_hist.get(k, {})
+        max(0, len(v) - len(ref_hist[k][s]))
+        for k, steps in faulty_hist.items()
+        for s, v in steps.items()
+        if s in ref_hist.get(k, {})
     )
     result.update(
         {
@@ -260,34 +329,36 @@ def main() -> int:
 
 def write_results_md(result: dict[str, Any]) -> None:
     rows = "\n".join(
-        f"| {a['attempt']} | {a['fault']} | {a['after_s']} | {a['exit_status']} | {a['newest_step_after']} |"
+        f"| {a['attempt']} | {a['fault']} | {a['resumed_from_step'] if a['resumed_from_step'] is not None else 'start'} "
+        f"| {a['target_step'] if a['target_step'] is not None else 'start-up'} | {a['after_s']} | {a['exit_status']} "
+        f"| {a['newest_step_after']} | {len(a['temporary_files_left'])} |"
         for a in result["attempts"]
     )
     verdict = "identical" if result["identical"] and result["metrics_identical"] else "DIFFERENT"
     text = f"""# Fault injection: killed and restarted training vs. an uninterrupted run
 
-`make faults` (`python experiments/faults/run_faults.py --kills {result['kills']} --seed {result['seed']} --steps {result['steps']}`).
-Machine: {result['machine']}.
+`make faults` (`python experiments/faults/run_faults.py --kills {result["kills"]} --seed {result["seed"]} --steps {result["steps"]}`).
+Machine: {result["machine"]}.
 
-A tiny deterministic CPU run (32 px synthetic scenes, 8 batches of 4 per epoch, {result['steps']} steps =
-{result['steps'] // 8} epochs, checkpoints every 2 steps, validation every 3) is trained once without
-interruption ({result['reference_seconds']} s) and once with `resume=auto`, killed {result['kills']} times at random
-moments and restarted with the same command each time ({result['total_seconds']} s in all, reference included).
+A tiny deterministic CPU run (32 px synthetic scenes, 8 batches of 4 per epoch, {result["steps"]} steps =
+{result["steps"] // 8} epochs, checkpoints every 2 steps, validation every 3) is trained once without
+interruption ({result["reference_seconds"]} s) and once with `resume=auto`, killed {result["kills"]} times at random
+moments and restarted with the same command each time ({result["total_seconds"]} s in all, reference included).
 
-| kill | fault | after (s) | exit status | newest complete checkpoint (step) |
-|---|---|---|---|---|
+| kill | fault | started from step | fired after checkpoint of step | at (s after launch) | exit status | newest complete checkpoint after the kill | temporary files left by a killed write |
+|---|---|---|---|---|---|---|---|
 {rows}
 
-Final run resumed from: `{result['final_resumed_from']}`.
+Final run resumed from: `{result["final_resumed_from"]}`.
 
-**Result: {verdict}.** Final checkpoint at step {result['global_step'][1]} (reference {result['global_step'][0]}):
-{result['tensors'] - len(result['tensors_different'])}/{result['tensors']} state_dict tensors bit-identical
-(max |difference| {result['max_abs_diff']}), optimizer moments identical: {result['optimizer_identical']},
-LR scheduler identical: {result['scheduler_identical']}, data position identical: {result['data_position_identical']}.
-MLflow: {result['mlflow_runs_of_the_killed_command']} run for the killed command (status {result['mlflow_status']});
-steps whose values differ from the reference: {len(result['metric_steps_mismatched'])}, steps the reference
-does not have: {len(result['metric_steps_extra'])}; values logged a second time for an already logged step
-(steps after the last checkpoint replayed by the resumed process, equal values): {result['metric_values_logged_twice']}.
+**Result: {verdict}.** Final checkpoint at step {result["global_step"][1]} (reference {result["global_step"][0]}):
+{result["tensors"] - len(result["tensors_different"])}/{result["tensors"]} state_dict tensors bit-identical
+(max |difference| {result["max_abs_diff"]}), optimizer moments identical: {result["optimizer_identical"]},
+LR scheduler identical: {result["scheduler_identical"]}, data position identical: {result["data_position_identical"]}.
+MLflow: {result["mlflow_runs_of_the_killed_command"]} run for the killed command (status {result["mlflow_status"]});
+steps whose values differ from the reference: {len(result["metric_steps_mismatched"])}, steps the reference
+does not have: {len(result["metric_steps_extra"])}; values logged a second time for an already logged step
+(steps after the last checkpoint replayed by the resumed process, equal values): {result["metric_values_logged_twice"]}.
 
 Exit statuses: -9 = SIGKILL, 143 = SIGTERM handled (checkpoint written at the end of the step, then exit),
 0 = the run finished before the fault fired. A "sigkill-during-save" fault fires while a temporary

@@ -351,7 +351,8 @@ class LatentDiffusion(L.LightningModule):
     ):
         """Sample latents from encoded conditioning; DDIM (CompVis 'uniform' schedule) by default.
 
-        `sampler="dpm_solver++"` runs DPM-Solver++(2M) (deterministic; eta is not used). With
+        `sampler="dpm_solver++"` runs DPM-Solver++(2M) (deterministic; eta is not used);
+        `"dpm_solver++_sde"` its SDE form with noise scale eta (1: the reverse SDE). With
         `generators` (one per sample), the initial noise and every step's noise of sample i come
         from generator i only, so an image does not depend on its batch.
         """
@@ -376,7 +377,13 @@ class LatentDiffusion(L.LightningModule):
                 spacing = self.sampler_defaults.get("spacing", "logsnr")
                 timesteps = dpm_solver_timesteps(steps, self.alphas_cumprod, spacing)
                 samples, intermediates = dpm_solver_pp_2m(
-                    model_fn, x_T, self.alphas_cumprod, timesteps, progress
+                    model_fn,
+                    x_T,
+                    self.alphas_cumprod,
+                    timesteps,
+                    progress,
+                    eta=eta if sampler == "dpm_solver++_sde" else 0.0,
+                    generators=generators,
                 )
         return (samples, intermediates) if return_intermediates else samples
 

@@ -241,3 +241,21 @@ def test_trained_segmenter_reaches_the_required_real_miou_on_the_built_in_data(t
     run("segldm.train_segmenter", ["logger=none", "+trainer.enable_progress_bar=false"], tmp_path)
     ckpt = torch.load(tmp_path / "outputs" / "segmenters" / "synthetic" / "segmenter.ckpt", weights_only=True)
     assert ckpt["segldm"]["real_scores"]["miou"] >= 0.9
+
+
+@pytest.mark.parametrize(
+    ("option", "target"),
+    [
+        ("trained", "segldm.metrics.segmenters.trained.TrainedSegmenter"),
+        ("deeplabv2_cocostuff", "segldm.metrics.segmenters.deeplabv2.DeepLabV2Segmenter"),
+    ],
+)
+def test_eval_config_composes_each_segmenter_and_requires_ckpt(option: str, target: str) -> None:
+    from omegaconf.errors import MissingMandatoryValue
+
+    cfg = compose_eval([f"segmenter={option}", "paths.output_dir=/tmp/x"])
+    assert cfg.segmenter._target_ == target and cfg.get("data") is None
+    assert cfg.eval.fid.backend == "auto" and cfg.logger.mlflow.experiment_name is None
+    with pytest.raises(MissingMandatoryValue, match="ckpt"):
+        _ = cfg.ckpt
+    assert compose_eval(["ckpt=x", "data=synthetic", "paths.output_dir=/tmp/x"]).data.n_labels == 8

@@ -347,7 +347,7 @@ def test_optuna_search_minimises_the_returned_validation_loss(tmp_path):
             "hparams_search=lr_warmup_optuna",
             "hydra.sweeper.n_trials=4",
             "hydra.sweeper.sampler.n_startup_trials=2",
-            "hydra.sweeper.params.scheduler.warm_up_steps=int(interval(0, 4))",
+            "scheduler.warm_up_steps=int(interval(0, 4))",  # replaces the preset's search space
             "hydra.sweep.dir=${paths.output_root}/multiruns/optuna",
         ],
         tmp_path,

@@ -387,7 +387,9 @@ def test_a_tracking_outage_drops_log_calls_with_a_warning_and_training_finishes(
     logger = _logger(store)
     run_id = logger.run_id
     calls = _fail_store(monkeypatch, logger, "log_batch", failures=None)
-    with pytest.warns(TrackingWarning, match="log_batch failed after 3 tries and was dropped"):
+    with pytest.warns(
+        TrackingWarning, match=r"log_batch failed (after 3 tries|again \(still unavailable\)) and was dropped"
+    ):
         _trainer(tmp_path, [], logger=logger, log_every_n_steps=1).fit(_Linear())
     assert calls["n"] == 3 + 5  # first call: 3 tries; while it stays down: one try per call
     assert len(logger.client.dropped) == 6  # 6 steps logged, none arrived; run status still set at the end

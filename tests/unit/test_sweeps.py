@@ -23,13 +23,16 @@ from segldm.sweeps import (
 )
 
 
-def test_job_key_ignores_order_number_spelling_and_sweep_keys():
+def test_job_key_ignores_order_spelling_and_how_to_run_keys():
     a = job_key(["model.base_learning_rate=1e-5", "scheduler.warm_up_steps=1000", "trainer=cpu"])
     b = job_key(["trainer=cpu", "scheduler.warm_up_steps=1000", "model.base_learning_rate=1.0e-05"])
     c = job_key(
         ["model.base_learning_rate=1e-5", "scheduler.warm_up_steps=1000", "trainer=cpu", "sweep.id=x"]
     )
-    assert a == b == c
+    d = job_key(
+        ["model.base_learning_rate=1e-5", "scheduler.warm_up_steps=1000", "trainer=cpu", "resume=auto"]
+    )
+    assert a == b == c == d  # sweep.* and resume/ckpt_path say how to run, not what is computed
     assert job_key(["model.base_learning_rate=1e-4", "scheduler.warm_up_steps=1000", "trainer=cpu"]) != a
     assert job_key(["+callbacks.x.y=1"]) != job_key(["callbacks.x.y=1"])  # Hydra's +/~ prefixes count
 

@@ -1,0 +1,496 @@
+"""The benchmark sections and the results files.
+
+Sections (``bench.sections``):
+
+* ``train``: one training step (loss, backward, AdamW, EMA) at each ``configs.<name>``: images/s,
+  peak memory and FLOPs for the baseline, every single switch and the optimised mode; model FLOP
+  utilisation against the card's bf16 peak on a GPU.
+* ``first_stage``: VQ encode and decode images/s (reference way vs fused attention, inference mode,
+  bf16), and a check that bf16 autocast leaves the quantiser's codebook choice unchanged.
+* ``sampler``: UNet evaluations/s inside DDIM sampling.
+* ``data``: data-loader samples/s with the reference one-hot vs label maps, alone and up to the cond
+  stage's input.
+* ``eval``: images/s through the FID Inception features and through the segmenter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from segldm.benchmarks.machine import bf16_supported, describe_machine, gpu_bf16_peak_tflops, load_average
+from segldm.benchmarks.measure import Run, count_flops, interleave, peak_memory, resident_bytes
+from segldm.benchmarks.modes import (
+    BatchSource,
+    ModeSwitch,
+    PerfMode,
+    autocast,
+    randomize_zero_parameters,
+    training_step,
+    variant_modes,
+)
+from segldm.models.ldm import LatentDiffusion, one_hot_from_label_map
+from segldm.models.performance import label_histograms
+
+log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+MiB = 2**20
+
+
+# ---------------------------------------------------------------------------- building
+@contextmanager
+def hydra_context() -> Iterator[None]:
+    """compose() needs an initialised Hydra: the running app's, or a temporary one over conf/."""
+    if GlobalHydra.instance().is_initialized():
+        yield
+    else:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            yield
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    """The training config of a benchmark configuration (no first-stage checkpoint needed)."""
+    with hydra_context():
+        return compose(
+            config_name="train",
+            overrides=[
+                *overrides,
+                "model.require_pretrained_first_stage=false",
+                "model.first_stage.ckpt_path=null",
+                "logger=none",
+            ],
+        )
+
+
+def build_model(overrides: list[str], device: torch.device, seed: int) -> tuple[LatentDiffusion, DictConfig]:
+    """The LDM of a configuration with random weights (no zero layers), on `device`."""
+    cfg = compose_train(overrides)
+    torch.manual_seed(seed)
+    model = instantiate(cfg.model, scheduler=None)
+    randomize_zero_parameters(model, seed=seed)
+    return model.to(device), cfg
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def mode_fields(mode: PerfMode) -> dict[str, Any]:
+    return {k: getattr(mode, k) for k in mode.__dataclass_fields__}
+
+
+def count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------- training step
+def bench_training(name: str, spec: DictConfig, cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """Time, peak memory and FLOPs of one training step in each variant of `spec.variants`."""
+    started = time.perf_counter()
+    model, train_cfg = build_model(list(spec.overrides), device, int(cfg.seed))
+    model.train()
+    batch_size = int(spec.batch_size)
+    data = BatchSource.make(batch_size, int(train_cfg.data.size), int(train_cfg.data.n_labels), int(cfg.seed))
+    bf16 = bf16_supported(device)
+    modes = variant_modes(device, bf16, bool(cfg.channels_last))
+    wanted = [v for v in spec.variants if v != "optimised+compile" or cfg.compile]
+    unknown = sorted(set(wanted) - set(modes))
+    if unknown:
+        raise ValueError(f"configs.{name}.variants: unknown {unknown}; known: {sorted(modes)}")
+    switch = ModeSwitch(model)
+    params = list(model.model.parameters()) + list(model.cond_stage_model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-7, weight_decay=model.weight_decay)
+
+    def run_for(mode: PerfMode) -> Run:
+        state: dict[str, Any] = {}
+
+        def prepare() -> None:
+            switch.apply(mode)
+            state["batch"] = data.batch(mode, device)
+
+        return Run(
+            work=lambda: training_step(model, optimizer, state["batch"], mode, device),
+            prepare=prepare,
+            finish=state.clear,
+            items=batch_size,
+        )
+
+    timing = interleave({v: run_for(modes[v]) for v in wanted}, int(spec.rounds), device, warmup=1)
+    summary = timing.summary(baseline="baseline")
+
+    memory: dict[str, dict[str, int]] = {}
+    for variant in wanted:
+        mode = modes[variant]
+        switch.apply(mode)
+        cache = model.latent_cache.latents.values() if model.latent_cache is not None else []
+        resident = resident_bytes([model], optimizer, extra=list(cache))
+        memory[variant] = peak_memory(
+            lambda mode=mode: training_step(model, optimizer, data.batch(mode, device), mode, device),
+            device,
+            resident,
+        )
+    reference_mode = modes["optimised"].replace(precision="fp32", compile=False, cached_latents=False)
+    switch.apply(reference_mode)
+    flops = count_flops(
+        lambda: training_step(model, optimizer, data.batch(reference_mode, device), reference_mode, device)
+    )
+    peak_tflops = cfg.gpu_peak_tflops or (
+        gpu_bf16_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    )
+    variants: dict[str, Any] = {}
+    base_peak = memory["baseline"]["peak_bytes"] if "baseline" in memory else None
+    for variant in wanted:
+        row = summary[variant]
+        mode = modes[variant]
+        achieved = flops / row["median_s"]
+        variants[variant] = {
+            "mode": mode_fields(mode),
+            "config_overrides": mode.config_overrides(device.type),
+            "median_s": row["median_s"],
+            "rounds_s": row["rounds_s"],
+            "images_per_s": row["items_per_s"],
+            "speedup_vs_baseline": row.get("speedup_vs_baseline"),
+            "peak_memory_mib": memory[variant]["peak_bytes"] / MiB,
+            "resident_memory_mib": memory[variant]["resident_bytes"] / MiB,
+            "memory_vs_baseline": memory[variant]["peak_bytes"] / base_peak if base_peak else None,
+            "reference_gflops_per_s": achieved / 1e9,
+            "mfu": (achieved / (float(peak_tflops) * 1e12)) if peak_tflops else None,
+        }
+    del optimizer, switch
+    return {
+        "description": str(spec.description),
+        "batch_size": batch_size,
+        "overrides": list(spec.overrides),
+        "unet_params_m": count_params(model.model) / 1e6,
+        "first_stage_params_m": count_params(model.first_stage_model) / 1e6,
+        "data_shape": {"size": int(train_cfg.data.size), "n_labels": int(train_cfg.data.n_labels)},
+        "bf16_native": bf16,
+        "flops_per_step": flops,
+        "flops_note": "matmul/conv/attention FLOPs of one step (first-stage forward, UNet forward and "
+        "backward) counted by torch.utils.flop_counter in the optimised fp32 mode",
+        "gpu_bf16_peak_tflops": peak_tflops,
+        "rounds": int(spec.rounds),
+        "load_during_rounds": timing.load,
+        "variants": variants,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+# ---------------------------------------------------------------------------- first stage
+def first_stage_modes(bf16: bool) -> dict[str, PerfMode]:
+    base = PerfMode(attention="einsum", precision="fp32", first_stage_inference_mode=False)
+    out = {"baseline": base, "optimised_fp32": PerfMode(precision="fp32")}
+    if bf16:
+        out["optimised_bf16"] = PerfMode(precision="bf16")
+    return out
+
+
+def bench_first_stage(name: str, spec: DictConfig, cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """Encode and decode images/s of the config's VQ first stage; bf16 keeps the codebook argmin."""
+    train_cfg = compose_train(list(spec.overrides))
+    torch.manual_seed(int(cfg.seed))
+    vq = instantiate(train_cfg.model.first_stage).to(device).eval()
+    batch_size = int(spec.get("first_stage_batch_size") or spec.batch_size)
+    size = int(train_cfg.data.size)
+    images = BatchSource.make(batch_size, size, 2, int(cfg.seed)).images.permute(0, 3, 1, 2).contiguous().to(device)
+    modes = first_stage_modes(bf16_supported(device))
+
+    def set_attention(mode: PerfMode) -> None:
+        for module in vq.modules():
+            if hasattr(module, "attention_impl"):
+                module.attention_impl = mode.attention
+
+    def grad_mode(mode: PerfMode) -> Any:
+        return torch.inference_mode() if mode.first_stage_inference_mode else torch.no_grad()
+
+    with torch.no_grad():
+        latents = vq.encode(images)
+
+    def encode_run(mode: PerfMode) -> Run:
+        def work() -> None:
+            with grad_mode(mode), autocast(mode, device):
+                vq.encode(images)
+
+        return Run(work, prepare=lambda: set_attention(mode), items=batch_size)
+
+    def decode_run(mode: PerfMode) -> Run:
+        def work() -> None:
+            with grad_mode(mode), autocast(mode, device):
+                vq.decode(latents)
+
+        return Run(work, prepare=lambda: set_attention(mode), items=batch_size)
+
+    rounds = int(spec.rounds)
+    encode = interleave({k: encode_run(m) for k, m in modes.items()}, rounds, device).summary("baseline")
+    decode = interleave({k: decode_run(m) for k, m in modes.items()}, rounds, device).summary("baseline")
+    with torch.no_grad():
+        _, _, (_, _, fp32_indices) = vq.quantize(latents)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            _, _, (_, _, bf16_indices) = vq.quantize(latents)
+    return {
+        "description": str(spec.description),
+        "batch_size": batch_size,
+        "image_size": size,
+        "params_m": count_params(vq) / 1e6,
+        "encode": {k: _throughput_row(v, "images_per_s") for k, v in encode.items()},
+        "decode": {k: _throughput_row(v, "images_per_s") for k, v in decode.items()},
+        "bf16_codebook_indices_equal": bool(torch.equal(fp32_indices, bf16_indices)),
+        "load_average": load_average(),
+    }
+
+
+def _throughput_row(row: dict[str, Any], unit: str) -> dict[str, Any]:
+    return {
+        "median_s": row["median_s"],
+        "rounds_s": row["rounds_s"],
+        unit: row["items_per_s"],
+        "speedup_vs_baseline": row.get("speedup_vs_baseline"),
+    }
+
+
+# ---------------------------------------------------------------------------- sampler
+def bench_sampler(name: str, spec: DictConfig, cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """UNet evaluations/s inside DDIM sampling (EMA weights, eta 1, as the reference inference)."""
+    model, train_cfg = build_model(list(spec.overrides), device, int(cfg.seed))
+    model.eval()
+    batch_size = int(spec.get("sampler_batch_size") or spec.batch_size)
+    data = BatchSource.make(batch_size, int(train_cfg.data.size), int(train_cfg.data.n_labels), int(cfg.seed))
+    with torch.no_grad():
+        cond = model.get_learned_conditioning(data.label_maps.to(device))
+    steps = int(cfg.sampler.steps)
+    modes = first_stage_modes(bf16_supported(device))  # same three: reference, fused fp32, fused bf16
+    switch = ModeSwitch(model)
+
+    def run_for(mode: PerfMode) -> Run:
+        def work() -> None:
+            generators = [torch.Generator(device=device).manual_seed(i) for i in range(batch_size)]
+            with autocast(mode, device):
+                model.sample(cond, steps=steps, eta=1.0, generators=generators, sampler="ddim")
+
+        return Run(work, prepare=lambda: switch.apply(mode), items=steps * batch_size)
+
+    timing = interleave({k: run_for(m) for k, m in modes.items()}, int(spec.rounds), device)
+    summary = timing.summary("baseline")
+    return {
+        "description": str(spec.description),
+        "batch_size": batch_size,
+        "ddim_steps_per_call": steps,
+        "variants": {k: _throughput_row(v, "unet_evals_per_s") for k, v in summary.items()},
+        "load_during_rounds": timing.load,
+    }
+
+
+# ---------------------------------------------------------------------------- data loading
+def write_sflckr_like(root: Path, n: int, n_labels: int, seed: int = 0) -> None:
+    """n S-FLCKR-layout pairs: JPEGs with smaller side 256-320 px and blocky n_labels PNG masks."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "segmentations").mkdir(parents=True)
+    names = []
+    for i in range(n):
+        h = int(rng.integers(256, 321))
+        w = int(h * rng.uniform(1.3, 1.6))
+        coarse = rng.integers(0, n_labels, size=(h // 16 + 1, w // 16 + 1))
+        labels = np.kron(coarse, np.ones((16, 16), dtype=np.int64))[:h, :w].astype(np.uint8)
+        colours = rng.integers(0, 256, size=(n_labels, 3), dtype=np.uint8)[labels]
+        Image.fromarray(colours).save(root / "images" / f"{i:04d}.jpg", quality=90)
+        Image.fromarray(labels).save(root / "segmentations" / f"{i:04d}.png")
+        names.append(f"{i:04d}.jpg")
+    (root / "sflckr_train.txt").write_text("\n".join(names) + "\n")
+
+
+def bench_data(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """Loader samples/s: the reference one-hot vs label maps, alone and up to the cond-stage input."""
+    from segldm.data.datamodule import SegmentationDataModule
+    from segldm.data.sflckr import FlickrSegTrain
+
+    spec = cfg.data
+    n_labels, size, cell = int(spec.n_labels), int(spec.size), int(spec.cell)
+    with tempfile.TemporaryDirectory(prefix="segldm-bench-") as tmp:
+        root = Path(tmp)
+        write_sflckr_like(root, int(spec.samples), n_labels, int(cfg.seed))
+
+        def loader(one_hot: bool) -> Any:
+            dataset = FlickrSegTrain(size=size, root=str(root), one_hot=one_hot)
+            dm = SegmentationDataModule(
+                dataset, dataset, size=size, n_labels=n_labels, batch_size=int(spec.batch_size),
+                num_workers=int(spec.workers), one_hot_in_loader=one_hot, seed=int(cfg.seed),
+            )  # fmt: skip
+            return dm.train_dataloader()
+
+        def cond_input_one_hot(batch: dict[str, Any]) -> torch.Tensor:
+            x = batch["segmentation"].to(device).permute(0, 3, 1, 2).contiguous().float()
+            for _ in range(cell.bit_length() - 1):
+                x = torch.nn.functional.interpolate(x, scale_factor=0.5, mode="bilinear")
+            return x
+
+        def cond_input_labels(batch: dict[str, Any]) -> torch.Tensor:
+            return label_histograms(batch["label_map"].to(device), n_labels, cell)
+
+        def run(one_hot: bool, convert: Callable[[dict[str, Any]], torch.Tensor] | None) -> Run:
+            def work() -> None:
+                for batch in loader(one_hot):
+                    if convert is not None:
+                        convert(batch)
+
+            samples = (int(spec.samples) // int(spec.batch_size)) * int(spec.batch_size)
+            return Run(work, items=samples)
+
+        runs = {
+            "loader_one_hot": run(True, None),
+            "label_map": run(False, None),
+            "loader_one_hot+cond_input": run(True, cond_input_one_hot),
+            "label_map+cond_input": run(False, cond_input_labels),
+        }
+        timing = interleave(runs, int(spec.rounds), device, warmup=0)
+    seconds = timing.seconds
+    rows = {k: {"median_s": timing.median(k), "samples_per_s": timing.throughput(k)} for k in runs}
+    rows["label_map"]["speedup"] = statistics.median(
+        a / b for a, b in zip(seconds["loader_one_hot"], seconds["label_map"], strict=True)
+    )
+    rows["label_map+cond_input"]["speedup"] = statistics.median(
+        a / b
+        for a, b in zip(seconds["loader_one_hot+cond_input"], seconds["label_map+cond_input"], strict=True)
+    )
+    per_sample_one_hot = size * size * n_labels * 4
+    return {
+        "dataset": f"{int(spec.samples)} S-FLCKR-layout JPEG/PNG pairs, {n_labels} labels, crops of {size} px",
+        "batch_size": int(spec.batch_size),
+        "workers": int(spec.workers),
+        "one_hot_mib_per_sample": per_sample_one_hot / MiB,
+        "label_map_mib_per_sample": size * size / MiB,
+        "variants": rows,
+        "load_during_rounds": timing.load,
+    }
+
+
+# ---------------------------------------------------------------------------- evaluation
+def bench_eval(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """Images/s through the FID Inception features and the segmenter (skipped, with the reason, when
+    their weights are not on this machine)."""
+    spec = cfg.eval
+    n, size = int(spec.images), int(spec.size)
+    rng = np.random.default_rng(int(cfg.seed))
+    images = [rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8) for _ in range(n)]
+    out: dict[str, Any] = {"images": n, "image_size": size}
+    runs: dict[str, Run] = {}
+    try:
+        from segldm.metrics.fid import InceptionFeatures, resolve_inception_weights
+
+        weights = resolve_inception_weights("auto", None, cfg.paths.model_dir, download=False)
+        extractor = InceptionFeatures(weights, device=device, batch_size=int(spec.batch_size))
+        runs["fid_inception_features"] = Run(lambda: extractor(images, desc="bench"), items=n)
+        out["inception_weights"] = weights.describe()
+    except (ImportError, FileNotFoundError, ValueError) as err:
+        out["fid_inception_features"] = {"skipped": f"{type(err).__name__}: {str(err)[:300]}"}
+    try:
+        segmenter = load_segmenter(cfg, device)
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        runs["segmenter"] = Run(lambda: segmenter.predict(batch), items=n)
+        out["segmenter_name"] = segmenter.name
+    except (ImportError, FileNotFoundError, ValueError) as err:
+        out["segmenter"] = {"skipped": f"{type(err).__name__}: {str(err)[:300]}"}
+    if runs:
+        timing = interleave(runs, int(spec.rounds), device)
+        for name in runs:
+            out[name] = {"median_s": timing.median(name), "images_per_s": timing.throughput(name)}
+        out["load_during_rounds"] = timing.load
+    return out
+
+
+def load_segmenter(cfg: DictConfig, device: torch.device) -> Any:
+    """The built-in data's trained segmenter when its checkpoint exists, else the same SegNet
+    architecture with random weights (throughput does not depend on the weights)."""
+    from segldm.metrics.segmenters.trained import SegNet, TrainedSegmenter
+
+    ckpt = Path(str(cfg.eval.segmenter_ckpt))
+    if ckpt.is_file():
+        return TrainedSegmenter(ckpt, device=device, batch_size=int(cfg.eval.batch_size))
+
+    class RandomSegNet:
+        name = f"SegNet, random weights ({ckpt} not found)"
+
+        def __init__(self) -> None:
+            self.net = SegNet(int(cfg.eval.n_classes)).to(device).eval()
+            self.n_classes = self.net.n_classes
+
+        @torch.no_grad()
+        def predict(self, images: torch.Tensor) -> torch.Tensor:
+            x = images.to(device).float() / 127.5 - 1.0
+            return self.net(x).argmax(1).cpu()
+
+    return RandomSegNet()
+
+
+# ---------------------------------------------------------------------------- suite
+def check_goals(results: dict[str, Any], cfg: DictConfig) -> dict[str, Any]:
+    """The issue's targets at the small configuration, read off this run's ratios."""
+    small = results["sections"].get("train", {}).get(str(cfg.goals.config))
+    if not small or "optimised" not in small["variants"]:
+        return {}
+    row = small["variants"]["optimised"]
+    speedup, memory = row["speedup_vs_baseline"], row["memory_vs_baseline"]
+    return {
+        "config": str(cfg.goals.config),
+        "train_speedup": speedup,
+        "train_speedup_goal": float(cfg.goals.train_speedup),
+        "train_speedup_met": speedup >= float(cfg.goals.train_speedup),
+        "train_memory_ratio": memory,
+        "train_memory_ratio_goal": float(cfg.goals.train_memory_ratio),
+        "train_memory_met": memory <= float(cfg.goals.train_memory_ratio),
+    }
+
+
+def run_suite(cfg: DictConfig) -> dict[str, Any]:
+    """Run the selected sections; write `out_dir/results.json` and `results.md`; return the results."""
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    device = resolve_device(str(cfg.device))
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "machine": describe_machine(device),
+        "settings": OmegaConf.to_container(cfg, resolve=True),
+        "sections": {},
+    }
+    for section in cfg.sections:
+        log.info("bench: %s", section)
+        t0 = time.perf_counter()
+        if section in ("train", "first_stage", "sampler"):
+            fn = {"train": bench_training, "first_stage": bench_first_stage, "sampler": bench_sampler}[section]
+            names = list(cfg[section].configs)
+            results["sections"][section] = {n: fn(n, cfg.configs[n], cfg, device) for n in names}
+        elif section == "data":
+            results["sections"]["data"] = bench_data(cfg, device)
+        elif section == "eval":
+            results["sections"]["eval"] = bench_eval(cfg, device)
+        else:
+            raise ValueError(f"bench.sections: unknown section {section!r}")
+        log.info("bench: %s took %.0f s", section, time.perf_counter() - t0)
+    results["goals"] = check_goals(results, cfg)
+    results["machine"]["load_average_end"] = load_average()
+    results["wall_s"] = time.perf_counter() - started
+    out_dir = Path(str(cfg.out_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    from segldm.benchmarks.report import render_markdown
+
+    (out_dir / "results.md").write_text(render_markdown(results))
+    return results
