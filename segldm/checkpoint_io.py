@@ -14,8 +14,8 @@ import contextlib
 import errno
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,16 @@ def os_error_behind(err: BaseException | None) -> OSError | None:
     return None
 
 
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new hidden file beside ``path``, created with the umask's permissions (mkstemp would make it 0600)."""
+    while True:
+        tmp = path.parent / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+
+
 def atomic_save(obj: Any, path: str | Path, save: Callable[[Any, Any], Any] | None = None) -> Path:
     """Write ``obj`` with ``save(obj, file)`` (default ``torch.save``) to a temp file beside ``path``, fsync, rename.
 
@@ -88,7 +98,7 @@ def atomic_save(obj: Any, path: str | Path, save: Callable[[Any, Any], Any] | No
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        fd, tmp = _create_temp(path)
         with os.fdopen(fd, "wb") as f:
             (save or torch.save)(obj, f)
             f.flush()
@@ -124,7 +134,9 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
         try:
             path.unlink()
             removed.append(path)
-        except OSError as err:  # another process may have removed it; never fatal
+        except FileNotFoundError:  # another rank of the same job removed it first
+            continue
+        except OSError as err:  # never fatal: a leftover only takes space
             log.warning("could not remove stale temporary checkpoint %s: %s", path, err)
     if removed:
         log.info("removed %d temporary file(s) of interrupted checkpoint writes in %s", len(removed), folder)

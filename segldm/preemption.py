@@ -111,24 +111,28 @@ class PreemptionCheckpoint(L.Callback):
             return Path(callback.dirpath) / self.filename
         return Path(trainer.default_root_dir) / "checkpoints" / self.filename
 
+    def should_preempt(self, trainer: L.Trainer) -> bool:
+        """Whether any rank received a signal: every rank must write the (collective) checkpoint at the same step."""
+        if trainer.world_size > 1:
+            return trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+        return self.received is not None
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self.received is None:
-            return
         from segldm.resume import validation_follows
 
-        if not validation_follows(trainer):  # else after the step's validation (a resume would skip it)
+        if self.should_preempt(trainer) and not validation_follows(trainer):  # else after the validation
             self.preempt(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (
-            self.received is not None
-            and trainer.state.fn == TrainerFn.FITTING
+            trainer.state.fn == TrainerFn.FITTING
             and not trainer.sanity_checking
+            and self.should_preempt(trainer)
         ):
             self.preempt(trainer)
 
     def preempt(self, trainer: L.Trainer) -> None:
-        signum = int(self.received)
+        signum = int(self.received or signal.SIGTERM)  # ranks that saw no signal follow the one that did
         name = signal.Signals(signum).name
         path = self.checkpoint_path(trainer)
         trainer.save_checkpoint(path)

@@ -19,7 +19,9 @@ data position (``segldm.data.resumable``). :class:`TrainingState` adds the rando
 CUDA, numpy, Python: the timestep and noise draws), saved in every checkpoint and restored just
 before the first resumed batch, and keeps validation from consuming the training random stream, so
 a resumed run draws what the uninterrupted run would have drawn. It also records the MLflow run id,
-so the resumed run logs into the same MLflow run.
+so the resumed run logs into the same MLflow run, and the checkpointed step's metrics that Lightning
+had not sent yet. :class:`StepCheckpoint` writes a step's checkpoint after that step's validation
+when one is due, so a resumed run never skips a validation.
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ from segldm.checkpoints import CheckpointError, read_checkpoint
 
 log = logging.getLogger(__name__)
 
-RESUME_MODES = (None, "auto")
 IGNORED_OVERRIDE_KEYS = ("resume", "ckpt_path")
 MLFLOW_RUN_FILE = "mlflow_run.json"
 MODEL_KINDS = {"LatentDiffusion": "ldm", "VQAutoencoderModule": "autoencoder"}

@@ -235,15 +235,15 @@ class LatentDiffusion(L.LightningModule):
         """Image in [-1, 1] -> pre-quantisation latent h (VQModelInterface.encode).
 
         The frozen first stage runs under inference_mode (no autograd bookkeeping at all;
-        `first_stage_inference_mode: false`: no_grad, as the reference); the result is a normal
-        tensor, usable in autograd and in place.
+        `first_stage_inference_mode: false`: no_grad, as the reference); the result is a normal,
+        contiguous tensor (so `randn_like` draws the reference's noise also with channels_last).
         """
         if not self.first_stage_inference_mode:
             with torch.no_grad():
-                return self.first_stage_model.encode(x)
+                return self.first_stage_model.encode(x).contiguous()
         with torch.inference_mode():
             h = self.first_stage_model.encode(x)
-        return h.clone()
+        return h.clone(memory_format=torch.contiguous_format)
 
     def get_first_stage_encoding(self, h: torch.Tensor) -> torch.Tensor:
         return self.scale_factor * h

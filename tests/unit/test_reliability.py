@@ -62,6 +62,9 @@ def test_atomic_save_round_trip_leaves_no_temporary_files(tmp_path):
     path = atomic_save({"w": torch.arange(5)}, tmp_path / "sub" / "last.ckpt")
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(5))
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by colleagues as torch.save's files
 
 
 @pytest.mark.parametrize(

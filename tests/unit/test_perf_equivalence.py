@@ -1,0 +1,210 @@
+"""Every speed/memory path computes the reference's function: outputs and gradients against the
+baseline mode (the CompVis way) within tolerance, bit-exact where the path is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from segldm.benchmarks.modes import (
+    BASELINE,
+    OPTIMISED,
+    BatchSource,
+    ModeSwitch,
+    autocast,
+    randomize_zero_parameters,
+)
+from segldm.benchmarks.suite import write_sflckr_like
+from segldm.data.sflckr import FlickrSegEval, FlickrSegTrain
+from segldm.data.synthetic import SyntheticScenes
+from segldm.models.cond_stage import SpatialRescaler
+from segldm.models.ldm import LatentDiffusion, one_hot_from_label_map
+from segldm.models.performance import has_fixed_samples, label_histograms, label_map_conditioning
+from tests.conftest import TINY_FIRST_STAGE, compose_train
+
+N_LABELS = 12
+CPU = torch.device("cpu")
+
+
+def small_ldm(**overrides: object) -> LatentDiffusion:
+    """32 px images, 12 labels, a UNet with attention at two levels (so both attention paths run)."""
+    cfg = compose_train(
+        [
+            *TINY_FIRST_STAGE,
+            "data.size=32",
+            f"data.n_labels={N_LABELS}",
+            "model.unet.model_channels=32",
+            "model.unet.channel_mult=[1,2]",
+            "model.unet.num_res_blocks=1",
+            "model.unet.attention_resolutions=[1,2]",
+            "model.unet.num_heads=2",
+            "model.first_stage.ckpt_path=null",
+            "model.require_pretrained_first_stage=false",
+            "paths.output_dir=/tmp/unused",
+            *[f"model.{k}={v}" for k, v in overrides.items()],
+        ]
+    )
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    randomize_zero_parameters(model, std=0.05)
+    return model
+
+
+def batch_for(mode, batch_size: int = 2):
+    return BatchSource.make(batch_size, 32, N_LABELS, seed=3).batch(mode, CPU)
+
+
+def loss_and_grads(model: LatentDiffusion, batch, mode, seed: int = 7):
+    torch.manual_seed(seed)
+    with autocast(mode, CPU):
+        loss, _ = model.shared_step(batch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params)
+    return loss.detach(), grads
+
+
+def assert_grads_close(grads, grads_ref, rtol: float = 1e-3) -> None:
+    """Per tensor within rtol, with an absolute floor at 1e-5 of the largest gradient: some gradients
+    are zero in exact arithmetic (the attention's key bias) and only rounding noise in practice."""
+    floor = 1e-5 * max(g.abs().max().item() for g in grads_ref)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=rtol, atol=floor)
+
+
+# ---------------------------------------------------------------------------- label maps, fused
+@pytest.mark.parametrize("method", ["bilinear", "area"])
+def test_label_histograms_are_the_rescaled_one_hot_bit_for_bit(method):
+    labels = torch.randint(0, 182, (3, 64, 96), generator=torch.Generator().manual_seed(0)).to(torch.int16)
+    labels[0, :5, :9] = 255  # ignore label: an all-zero vector
+    x = one_hot_from_label_map(labels, 182, 255)
+    for _ in range(2):
+        x = torch.nn.functional.interpolate(x, scale_factor=0.5, mode=method)
+    assert torch.equal(label_histograms(labels, 182, 4, 255), x)
+    stage = SpatialRescaler(2, method, 0.5, 182, 3)
+    assert torch.equal(
+        label_map_conditioning(stage, labels, 182, 255), stage.encode(one_hot_from_label_map(labels, 182, 255))
+    )
+
+
+def test_label_map_conditioning_falls_back_where_it_is_not_exact():
+    labels = torch.randint(0, 6, (2, 30, 30))  # 30 is not a multiple of the 4 px cell
+    for stage in (SpatialRescaler(2, "bilinear", 0.5, 6, 3), SpatialRescaler(1, "nearest", 0.5, 6, 3)):
+        reference = stage.encode(one_hot_from_label_map(labels, 6))
+        assert torch.equal(label_map_conditioning(stage, labels, 6), reference)
+    with pytest.raises(ValueError, match=r"ids \[9\]"):
+        label_histograms(torch.full((1, 8, 8), 9), 6, 4)
+
+
+def test_fused_conditioning_gives_the_reference_loss_and_gradients_exactly():
+    model = small_ldm()
+    reference = BASELINE.replace(attention="sdpa")  # fp32, loader one-hot
+    fused = reference.replace(masks="label_map")
+    loss_ref, grads_ref = loss_and_grads(model, batch_for(reference), reference)
+    loss, grads = loss_and_grads(model, batch_for(fused), fused)
+    assert torch.equal(loss, loss_ref)
+    assert all(torch.equal(g, g_ref) for g, g_ref in zip(grads, grads_ref, strict=True))
+
+
+# ---------------------------------------------------------------------------- attention, layout, grad mode
+def test_sdpa_and_inference_mode_and_channels_last_match_the_reference_way():
+    model = small_ldm()
+    switch = ModeSwitch(model)
+    switch.apply(BASELINE)
+    loss_ref, grads_ref = loss_and_grads(model, batch_for(BASELINE), BASELINE)
+    for mode in (
+        BASELINE.replace(attention="sdpa"),
+        BASELINE.replace(first_stage_inference_mode=True),
+        BASELINE.replace(channels_last=True),
+        OPTIMISED.replace(precision="fp32", channels_last=True),
+    ):
+        switch.apply(mode)
+        loss, grads = loss_and_grads(model, batch_for(mode), mode)
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+        assert_grads_close(grads, grads_ref)
+
+
+def test_inference_mode_latent_is_an_ordinary_tensor():
+    model = small_ldm()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    h = model.encode_first_stage(x)
+    assert not h.is_inference() and not h.requires_grad
+    h.mul_(2.0)  # in place works outside inference mode
+    model.first_stage_inference_mode = False
+    assert torch.equal(model.encode_first_stage(x) * 2.0, h)
+
+
+def test_channels_last_keeps_the_state_dict():
+    model = small_ldm(channels_last=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.apply_performance_settings()
+    assert model.model.diffusion_model.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    small_ldm().load_state_dict(after, strict=True)
+
+
+# ---------------------------------------------------------------------------- bf16 autocast
+def test_bf16_training_step_is_within_bf16_tolerance_of_fp32():
+    model = small_ldm()
+    fp32 = OPTIMISED.replace(precision="fp32")
+    loss_ref, grads_ref = loss_and_grads(model, batch_for(fp32), fp32)
+    loss, grads = loss_and_grads(model, batch_for(OPTIMISED), OPTIMISED)
+    assert abs(loss.item() - loss_ref.item()) < 0.02 * loss_ref.item()
+    flat, flat_ref = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in grads_ref])
+    assert torch.nn.functional.cosine_similarity(flat, flat_ref, dim=0) > 0.99
+    assert all(g.dtype == torch.float32 for g in grads)  # weights and their gradients stay fp32
+
+
+def test_bf16_autocast_keeps_the_codebook_choice_and_decodes_close_to_fp32():
+    model = small_ldm()
+    vq = model.first_stage_model
+    h = vq.encode(torch.rand(4, 3, 32, 32) * 2 - 1).detach()
+    _, _, (_, _, indices) = vq.quantize(h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, (_, _, indices_bf16) = vq.quantize(h)
+        image_bf16 = model.decode_first_stage(h)
+    assert torch.equal(indices, indices_bf16)
+    image = model.decode_first_stage(h)
+    assert (image_bf16.float() - image).abs().max() < 0.05 * image.abs().max()
+
+
+# ---------------------------------------------------------------------------- cached latents
+def test_cached_latents_give_the_same_steps_and_count_hits():
+    model = small_ldm(cache_latents=True).train()
+    batch = batch_for(OPTIMISED.replace(precision="fp32"), batch_size=3)
+    torch.manual_seed(1)
+    first, _ = model.shared_step(batch)
+    torch.manual_seed(1)
+    second, _ = model.shared_step(batch)
+    model.latent_cache = None
+    torch.manual_seed(1)
+    uncached, _ = model.shared_step(batch)
+    assert torch.equal(first, second) and torch.equal(second, uncached)
+
+
+def test_latent_cache_encodes_only_what_it_has_not_seen():
+    model = small_ldm(cache_latents=True).train()
+    cache = model.latent_cache
+    batch = batch_for(OPTIMISED, batch_size=3)
+    model.get_batch_latents(batch)
+    batch["index"] = torch.tensor([2, 5, 0])
+    z, _ = model.get_batch_latents(batch)
+    assert (len(cache), cache.hits, cache.misses) == (4, 2, 4)
+    assert torch.allclose(z[1], model.scale_factor * model.encode_first_stage(model.get_input(batch, "image"))[1], atol=1e-5)
+    model.eval()  # validation batches never read the cache (their indices are another split's)
+    model.get_batch_latents(batch)
+    assert cache.hits == 2
+    model.train()
+    del batch["index"]
+    with pytest.raises(ValueError, match="cache_latents"):
+        model.get_batch_latents(batch)
+
+
+def test_only_fixed_samples_may_be_cached(tmp_path):
+    write_sflckr_like(tmp_path, 2, 5)
+    (tmp_path / "sflckr_eval.txt").write_text((tmp_path / "sflckr_train.txt").read_text())
+    assert has_fixed_samples(SyntheticScenes(size=32, length=2))
+    assert has_fixed_samples(FlickrSegEval(size=64, root=str(tmp_path), n_labels=5))  # centre crops
+    assert not has_fixed_samples(FlickrSegTrain(size=64, root=str(tmp_path), n_labels=5))  # random crops
+    assert not has_fixed_samples(torch.utils.data.Subset(SyntheticScenes(size=32, length=2), [0]))
