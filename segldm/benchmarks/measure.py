@@ -125,7 +125,9 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Te
 
 
 def resident_bytes(
-    modules: Iterable[torch.nn.Module], optimizer: torch.optim.Optimizer | None = None, extra: Iterable[torch.Tensor] = ()
+    modules: Iterable[torch.nn.Module],
+    optimizer: torch.optim.Optimizer | None = None,
+    extra: Iterable[torch.Tensor] = (),
 ) -> int:
     """What stays allocated between steps: parameters, gradients, buffers, optimizer state, extras."""
     tensors: list[torch.Tensor] = []
@@ -166,7 +168,9 @@ def peak_memory(work: Callable[[], Any], device: torch.device, resident: int) ->
         work()
         synchronize(device)
         return {"peak_bytes": torch.cuda.max_memory_allocated(device), "resident_bytes": start}
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         work()
     live = peak = 0
     for _, delta in _cpu_allocation_events(prof):

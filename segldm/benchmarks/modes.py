@@ -60,7 +60,7 @@ class PerfMode:
         """The `python -m segldm.train` overrides that give this mode (relative to the defaults)."""
         out = []
         if self.attention == "einsum":
-            out += ["model.unet.attention_impl=einsum", "+model.first_stage.ddconfig.attention_impl=einsum"]
+            out += ["+model.unet.attention_impl=einsum", "+model.first_stage.ddconfig.attention_impl=einsum"]
         if self.precision == "bf16":
             out.append("trainer=gpu" if device == "cuda" else "trainer=cpu_fast")
         if self.channels_last:

@@ -49,7 +49,9 @@ def render_markdown(results: dict[str, Any]) -> str:
     ]
     if m.get("gpu"):
         g = m["gpu"]
-        lines.append(f"GPU: {g['name']} (sm {g['capability']}, {g['memory_gib']} GiB, bf16 peak {g['bf16_peak_tflops']} TFLOP/s).")
+        lines.append(
+            f"GPU: {g['name']} (sm {g['capability']}, {g['memory_gib']} GiB, bf16 peak {g['bf16_peak_tflops']} TFLOP/s)."
+        )
     goals = results.get("goals") or {}
     if goals:
         lines += [

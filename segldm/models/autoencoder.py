@@ -137,7 +137,9 @@ class AttnBlock(nn.Module):
             h_ = torch.bmm(v, weights.permute(0, 2, 1))  # (b, c, query)
             h_ = rearrange(h_, "b c (h w) -> b c h w", h=height, w=width)
         else:
-            q, k, v = (rearrange(t, "b c h w -> b 1 (h w) c") for t in (q, k, v))
+            # contiguous: the fused kernels need the channel dim at stride 1 (else the math fallback
+            # materialises the (HW x HW) matrix: 512 MiB for a batch of 8 at the f4 latent of 256 px)
+            q, k, v = (rearrange(t, "b c h w -> b 1 (h w) c").contiguous() for t in (q, k, v))
             h_ = F.scaled_dot_product_attention(q, k, v, scale=int(c) ** (-0.5))
             h_ = rearrange(h_, "b 1 (h w) c -> b c h w", h=height, w=width)
         return x + self.proj_out(h_)

@@ -227,7 +227,10 @@ def legacy_qkv_attention(qkv: torch.Tensor, num_heads: int, impl: str = "sdpa") 
         a = torch.einsum("bts,bcs->bct", weight, v)
         return a.reshape(batch, -1, length)
     if impl == "sdpa":
-        q, k, v = rearrange(qkv, "b (h three c) t -> three b h t c", three=3, h=num_heads).unbind(0)
+        # the fused (flash / memory-efficient) kernels need the head dim at stride 1; with a strided
+        # view sdpa silently falls back to the materialised math path
+        tokens = qkv.transpose(1, 2).contiguous()  # (B, T, 3C)
+        q, k, v = rearrange(tokens, "b t (h three c) -> three b h t c", three=3, h=num_heads).unbind(0)
         a = F.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(ch))
         return rearrange(a, "b h t c -> b (h c) t")
     raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")

@@ -339,20 +339,19 @@ def test_slurm_preset_refuses_devices_auto(tmp_path):
 
 @pytest.mark.slow
 def test_optuna_search_minimises_the_returned_validation_loss(tmp_path):
-    """TPE over log-lr and warm-up through Hydra's Optuna sweeper; best = min of the jobs' val/loss."""
-    proc = run_train(
-        [
-            "-m",
-            *TINY_LDM,
-            "hparams_search=lr_warmup_optuna",
-            "hydra.sweeper.n_trials=4",
-            "hydra.sweeper.sampler.n_startup_trials=2",
-            "scheduler.warm_up_steps=int(interval(0, 4))",  # replaces the preset's search space
-            "hydra.sweep.dir=${paths.output_root}/multiruns/optuna",
-        ],
-        tmp_path,
-        timeout=600,
-    )
+    """TPE over log-lr and warm-up through Hydra's Optuna sweeper; best = min of the jobs' val/loss.
+
+    Run again, the seeded sampler proposes the same 4 trials: none is trained, the same best."""
+    args = [
+        "-m",
+        *TINY_LDM,
+        "hparams_search=lr_warmup_optuna",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+        "scheduler.warm_up_steps=int(interval(0, 4))",  # replaces the preset's search space
+        "hydra.sweep.dir=${paths.output_root}/multiruns/optuna",
+    ]
+    proc = run_train(args, tmp_path, timeout=600)
     sweep_dir = tmp_path / "outputs/multiruns/optuna"
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     runs = sweep_runs(tmp_path, "multiruns/optuna")
@@ -367,6 +366,13 @@ def test_optuna_search_minimises_the_returned_validation_loss(tmp_path):
     assert all(1e-6 <= lr <= 1e-3 for lr in lrs) and len(set(lrs)) == 4
     assert (sweep_dir / "report/heatmap.png").is_file()
     assert "Best parameters" in proc.stdout + proc.stderr
+
+    again = run_train(args, tmp_path, timeout=600)
+    assert again.stdout.count("already finished") == 4
+    assert len(sweep_runs(tmp_path, "multiruns/optuna")) == 4
+    rerun = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert rerun["best_value"] == pytest.approx(results["best_value"])
+    assert rerun["best_params"] == results["best_params"]
 
 
 def test_optuna_rdb_storage_is_refused_before_any_job(tmp_path):

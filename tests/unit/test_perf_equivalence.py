@@ -83,7 +83,8 @@ def test_label_histograms_are_the_rescaled_one_hot_bit_for_bit(method):
     assert torch.equal(label_histograms(labels, 182, 4, 255), x)
     stage = SpatialRescaler(2, method, 0.5, 182, 3)
     assert torch.equal(
-        label_map_conditioning(stage, labels, 182, 255), stage.encode(one_hot_from_label_map(labels, 182, 255))
+        label_map_conditioning(stage, labels, 182, 255),
+        stage.encode(one_hot_from_label_map(labels, 182, 255)),
     )
 
 
@@ -124,6 +125,31 @@ def test_sdpa_and_inference_mode_and_channels_last_match_the_reference_way():
         assert_grads_close(grads, grads_ref)
 
 
+def test_sdpa_attention_runs_on_a_fused_kernel_forward_and_backward():
+    """With a strided head dim sdpa silently falls back to the materialised math path; restricted to
+    the fused kernels it would then raise "No available kernel"."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from segldm.models.autoencoder import AttnBlock
+    from segldm.models.unet import AttentionBlock
+
+    for block, x in (
+        (AttentionBlock(64, num_heads=4), torch.randn(2, 64, 8, 8)),
+        (AttnBlock(64), torch.randn(2, 64, 8, 8)),
+    ):
+        randomize_zero_parameters(block)
+        x.requires_grad_(True)
+        block.attention_impl = "einsum"
+        reference = block(x)
+        (grad_reference,) = torch.autograd.grad(reference.square().sum(), x)
+        block.attention_impl = "sdpa"
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            out = block(x)
+            (grad,) = torch.autograd.grad(out.square().sum(), x)
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, grad_reference, rtol=1e-4, atol=1e-4)
+
+
 def test_inference_mode_latent_is_an_ordinary_tensor():
     model = small_ldm()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -138,7 +164,9 @@ def test_channels_last_keeps_the_state_dict():
     model = small_ldm(channels_last=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.apply_performance_settings()
-    assert model.model.diffusion_model.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.model.diffusion_model.input_blocks[0][0].weight.is_contiguous(
+        memory_format=torch.channels_last
+    )
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     small_ldm().load_state_dict(after, strict=True)
@@ -191,7 +219,9 @@ def test_latent_cache_encodes_only_what_it_has_not_seen():
     batch["index"] = torch.tensor([2, 5, 0])
     z, _ = model.get_batch_latents(batch)
     assert (len(cache), cache.hits, cache.misses) == (4, 2, 4)
-    assert torch.allclose(z[1], model.scale_factor * model.encode_first_stage(model.get_input(batch, "image"))[1], atol=1e-5)
+    assert torch.allclose(
+        z[1], model.scale_factor * model.encode_first_stage(model.get_input(batch, "image"))[1], atol=1e-5
+    )
     model.eval()  # validation batches never read the cache (their indices are another split's)
     model.get_batch_latents(batch)
     assert cache.hits == 2

@@ -1,0 +1,143 @@
+"""The benchmark suite's measuring tools and its entry point (at toy sizes: this checks the suite,
+it does not benchmark anything)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from segldm.benchmarks.machine import describe_machine, gpu_bf16_peak_tflops
+from segldm.benchmarks.measure import Timing, peak_memory, tensor_bytes
+from segldm.benchmarks.modes import BASELINE, variant_modes
+from tests.conftest import CONF, REPO, compose_train
+
+MiB = 2**20
+TOY = [
+    "model/first_stage=vq_f4_small",
+    "model.first_stage.ddconfig.ch_mult=[1,1,1]",
+    "data.size=32",
+    "data.n_labels=182",
+    "model.unet.model_channels=32",
+    "model.unet.channel_mult=[1,1]",
+    "model.unet.num_res_blocks=1",
+    "model.unet.attention_resolutions=[2]",
+    "model.unet.num_heads=2",
+]
+
+
+def test_ratios_are_taken_round_by_round():
+    timing = Timing(
+        seconds={"baseline": [2.0, 4.0, 8.0], "fast": [1.0, 1.0, 4.0]}, items={"baseline": 4, "fast": 4}
+    )
+    assert timing.ratio("baseline", "fast") == 2.0  # rounds give 2, 4, 2: the load of round 2 cancels
+    summary = timing.summary("baseline")
+    assert summary["fast"]["median_s"] == 1.0 and summary["fast"]["items_per_s"] == 4.0
+    assert summary["baseline"]["speedup_vs_baseline"] == 1.0
+
+
+def test_cpu_peak_memory_follows_allocations_and_frees():
+    def work() -> None:
+        a = torch.ones(1024, 1024)  # 4 MiB
+        b = torch.ones(512, 1024)  # 2 MiB: 6 MiB live
+        del a
+        c = torch.ones(256, 1024)  # 1 MiB: 3 MiB live
+        del b, c
+
+    result = peak_memory(work, torch.device("cpu"), resident=10 * MiB)
+    assert 16 * MiB <= result["peak_bytes"] < 16 * MiB + 64 * 1024
+    assert result["resident_bytes"] == 10 * MiB
+
+
+def test_shared_storages_count_once():
+    x = torch.zeros(1000)
+    assert tensor_bytes([x, x[10:], x.view(10, 100)]) == 4000
+
+
+def test_gpu_peaks_and_machine_description():
+    assert gpu_bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert gpu_bf16_peak_tflops("NVIDIA H100 PCIe") == 756.5
+    assert gpu_bf16_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert gpu_bf16_peak_tflops("Some Future Card") is None
+    info = describe_machine(torch.device("cpu"))
+    assert info["logical_cores"] and info["torch"] == torch.__version__ and "avx512_bf16" in info["cpu_flags"]
+
+
+def test_every_mode_is_a_training_config():
+    """The overrides a mode reports select that mode in `python -m segldm.train`."""
+    for device in ("cpu", "cuda"):
+        for name, mode in variant_modes(torch.device(device), bf16=True, channels_last=True).items():
+            cfg = compose_train([*mode.config_overrides(device), "paths.output_dir=/tmp/unused"])
+            m = cfg.model
+            assert m.unet.get("attention_impl", "sdpa") == mode.attention, name
+            assert m.first_stage.ddconfig.get("attention_impl", "sdpa") == mode.attention, name
+            assert (cfg.trainer.precision == "bf16-mixed") == (mode.precision == "bf16"), name
+            assert m.channels_last == mode.channels_last and m.compile == mode.compile, name
+            assert m.first_stage_inference_mode == mode.first_stage_inference_mode, name
+            assert cfg.data.one_hot_in_loader == (mode.masks == "loader_one_hot"), name
+            assert m.fused_label_conditioning == (mode.masks != "device_one_hot"), name
+            assert m.cache_latents == mode.cached_latents, name
+    assert BASELINE.config_overrides() == [
+        "+model.unet.attention_impl=einsum",
+        "+model.first_stage.ddconfig.attention_impl=einsum",
+        "model.first_stage_inference_mode=false",
+        "data.one_hot_in_loader=true",
+    ]
+
+
+def test_bench_defaults_compose():
+    cfg = OmegaConf.load(CONF / "bench.yaml")
+    for name in ("small", "seed"):
+        compose_train([*cfg.configs[name].overrides, "paths.output_dir=/tmp/unused"])
+    assert set(cfg.configs.small.variants) <= set(variant_modes(torch.device("cpu"), True, False))
+
+
+@pytest.mark.timeout(120)
+def test_make_bench_writes_results_at_toy_size(tmp_path):
+    overrides = "[" + ",".join(f"'{o}'" for o in TOY) + "]"
+    args = [
+        f"out_dir={tmp_path}",
+        "rounds=1",
+        "threads=1",
+        "sections=[train,first_stage,sampler,data]",
+        f"configs.small.overrides={overrides}",
+        "configs.small.batch_size=2",
+        "configs.small.variants=[baseline,+label_map,optimised,optimised+cached_latents]",
+        "train.configs=[small]",
+        "first_stage.configs=[small]",
+        "sampler.configs=[small]",
+        "sampler.steps=2",
+        "data.samples=4",
+        "data.batch_size=2",
+        "data.rounds=1",
+        f"hydra.run.dir={tmp_path}/run",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "segldm.benchmarks", *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    train = results["sections"]["train"]["small"]["variants"]
+    assert train["baseline"]["speedup_vs_baseline"] == 1.0 and train["baseline"]["memory_vs_baseline"] == 1.0
+    # memory is deterministic: without the loader's one-hot (2 x 32 x 32 x 182 floats, plus the
+    # model's channels-first copy) the step's peak drops by at least that much
+    one_hot_mib = 2 * 32 * 32 * 182 * 4 / MiB
+    assert train["+label_map"]["peak_memory_mib"] < train["baseline"]["peak_memory_mib"] - one_hot_mib
+    assert results["goals"]["config"] == "small" and "train_memory_met" in results["goals"]
+    assert results["sections"]["first_stage"]["small"]["bf16_codebook_indices_equal"] is True
+    assert set(results["sections"]["data"]["variants"]) == {
+        "loader_one_hot",
+        "label_map",
+        "loader_one_hot+cond_input",
+        "label_map+cond_input",
+    }
+    table = (tmp_path / "results.md").read_text()
+    for heading in ("## Training step: `small`", "## First stage", "## Sampler", "## Data loading"):
+        assert heading in table
+    assert "| optimised+cached_latents |" in table and results["machine"]["torch_threads"] == 1
