@@ -58,10 +58,10 @@ def compose_train(overrides: list[str] | None = None) -> DictConfig:
 
 
 def run_train(
-    args: list[str], root: Path, timeout: int = 300, check: bool = True
+    args: list[str], root: Path, timeout: int = 300, check: bool = True, threads: int = 1
 ) -> subprocess.CompletedProcess:
-    """`python -m segldm.train <args>` with every path under `root`."""
-    env = {**os.environ, "SEGLDM_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+    """`python -m segldm.train <args>` with every path under `root` (one thread unless told)."""
+    env = {**os.environ, "SEGLDM_ROOT": str(root), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(
         [sys.executable, "-m", "segldm.train", *args],
         cwd=REPO,

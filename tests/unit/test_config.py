@@ -23,6 +23,7 @@ GROUPS = {
         "callbacks",
         "paths",
         "experiment",
+        "hparams_search",
     )
 }
 
