@@ -21,7 +21,7 @@ from segldm.data.synthetic import SyntheticScenes
 from segldm.models.cond_stage import SpatialRescaler
 from segldm.models.ldm import LatentDiffusion, one_hot_from_label_map
 from segldm.models.performance import has_fixed_samples, label_histograms, label_map_conditioning
-from tests.conftest import TINY_FIRST_STAGE, compose_train
+from tests.conftest import TINY_FIRST_STAGE, TINY_UNET, compose_train
 
 N_LABELS = 12
 CPU = torch.device("cpu")
@@ -238,3 +238,72 @@ def test_only_fixed_samples_may_be_cached(tmp_path):
     assert has_fixed_samples(FlickrSegEval(size=64, root=str(tmp_path), n_labels=5))  # centre crops
     assert not has_fixed_samples(FlickrSegTrain(size=64, root=str(tmp_path), n_labels=5))  # random crops
     assert not has_fixed_samples(torch.utils.data.Subset(SyntheticScenes(size=32, length=2), [0]))
+
+
+# ---------------------------------------------------------------------------- through Lightning
+def lightning_run(tmp_path, extra: list[str]):
+    import lightning as L
+
+    cfg = compose_train(
+        [
+            *TINY_FIRST_STAGE,
+            *TINY_UNET,
+            "data.size=32",
+            "data.batch_size=2",
+            "data.train.length=4",
+            "data.validation.length=2",
+            "trainer=cpu_fast",
+            "model.first_stage.ckpt_path=null",
+            "model.require_pretrained_first_stage=false",
+            f"paths.output_dir={tmp_path}",
+            *extra,
+        ]
+    )
+    model = instantiate(cfg.model, scheduler=None)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision=cfg.trainer.precision,
+        max_steps=4,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    return model, trainer, instantiate(cfg.data)
+
+
+def test_cpu_fast_preset_trains_with_cached_latents_and_channels_last(tmp_path):
+    model, trainer, data = lightning_run(tmp_path, ["model.cache_latents=true", "model.channels_last=true"])
+    assert trainer.precision == "bf16-mixed"
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 4
+    assert (len(model.latent_cache), model.latent_cache.misses, model.latent_cache.hits) == (4, 4, 4)
+    weight = model.model.diffusion_model.input_blocks[0][0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and weight.dtype == torch.float32
+
+
+def test_cached_latents_are_refused_for_randomly_cropped_data(tmp_path):
+    from segldm.data.datamodule import SegmentationDataModule
+
+    write_sflckr_like(tmp_path / "data", 2, 8)
+    model, trainer, _ = lightning_run(tmp_path, ["model.cache_latents=true"])
+    dataset = FlickrSegTrain(size=32, root=str(tmp_path / "data"), n_labels=8, one_hot=False)
+    data = SegmentationDataModule(dataset, dataset, size=32, n_labels=8, batch_size=2)
+    with pytest.raises(ValueError, match="random crops or flips"):
+        trainer.fit(model, datamodule=data)
+
+
+@pytest.mark.slow
+def test_compiled_unet_matches_eager_and_keeps_the_keys():
+    model = small_ldm(compile=True)
+    keys = list(model.state_dict())
+    batch = batch_for(OPTIMISED.replace(precision="fp32"))
+    fp32 = OPTIMISED.replace(precision="fp32")
+    loss_ref, grads_ref = loss_and_grads(model, batch, fp32)
+    model.apply_performance_settings()
+    loss, grads = loss_and_grads(model, batch, fp32)
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-5)
+    assert_grads_close(grads, grads_ref, rtol=1e-2)
