@@ -102,7 +102,9 @@ def write_tables(rows: list[dict], args: argparse.Namespace) -> None:
     for r in rows:
         r["fid_vs_reference"] = r["fid"] / ref["fid"] - 1
         r["miou_vs_reference"] = r["miou"] - ref["miou"]
-        r["within_5pct_fid_and_0.02_miou"] = abs(r["fid_vs_reference"]) <= 0.05 and abs(r["miou_vs_reference"]) <= 0.02
+        r["within_5pct_fid_and_0.02_miou"] = (
+            abs(r["fid_vs_reference"]) <= 0.05 and abs(r["miou_vs_reference"]) <= 0.02
+        )
     out = {
         "checkpoint": args.ckpt,
         "samples": args.samples,

@@ -9,7 +9,8 @@ the same choices for `python -m segldm.train`. The baseline is the CompVis code'
 * fp32 everywhere;
 * the data loader builds the (H, W, n_labels) float one-hot; the model permutes it to channels-first
   and interpolates it at full resolution;
-* the frozen first stage under no_grad (autograd still tracks versions and views).
+* the frozen first stage under no_grad (autograd still tracks versions and views);
+* torch's default (per-tensor loop) AdamW.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class PerfMode:
     masks: str = "label_map"  # loader_one_hot (reference) | device_one_hot | label_map (fused)
     cached_latents: bool = False
     compile: bool = False
+    fused_optimizer: bool = True
 
     def __post_init__(self) -> None:
         if self.attention not in ("sdpa", "einsum"):
@@ -75,6 +77,8 @@ class PerfMode:
             out.append("model.cache_latents=true")
         if self.compile:
             out.append("model.compile=true")
+        if not self.fused_optimizer:
+            out.append("model.fused_optimizer=false")
         return out
 
 
@@ -84,6 +88,7 @@ BASELINE = PerfMode(
     channels_last=False,
     first_stage_inference_mode=False,
     masks="loader_one_hot",
+    fused_optimizer=False,
 )
 OPTIMISED = PerfMode()
 
@@ -100,17 +105,13 @@ def variant_modes(device: torch.device, bf16: bool, channels_last: bool) -> dict
         "+label_map": BASELINE.replace(masks="label_map"),
         "+inference_mode": BASELINE.replace(first_stage_inference_mode=True),
         "+channels_last": BASELINE.replace(channels_last=True),
+        "+fused_adamw": BASELINE.replace(fused_optimizer=True),
         "optimised": optimised,
         "optimised_fp32": optimised.replace(precision="fp32"),
+        "optimised+channels_last": optimised.replace(channels_last=True),
         "optimised+cached_latents": optimised.replace(cached_latents=True),
         "optimised+compile": optimised.replace(compile=True),
     }
-
-
-def unet_of(model: LatentDiffusion) -> nn.Module:
-    """The UNet itself (under a torch.compile wrapper when one is installed)."""
-    unet = model.model.diffusion_model
-    return getattr(unet, "_orig_mod", unet)
 
 
 class ModeSwitch:
@@ -119,9 +120,9 @@ class ModeSwitch:
 
     def __init__(self, model: LatentDiffusion) -> None:
         self.model = model
-        self.unet = unet_of(model)
+        self.unet = model.model.diffusion_model
         self.caches: dict[PerfMode, LatentCache] = {}
-        self.compiled: nn.Module | None = None
+        self.compiled_call: Any = None  # what nn.Module.compile() installed, kept across switches
         self.current: PerfMode | None = None
 
     def apply(self, mode: PerfMode) -> None:
@@ -139,12 +140,12 @@ class ModeSwitch:
             model.model.to(memory_format=fmt)
             model.first_stage_model.to(memory_format=fmt)
         model.latent_cache = self.caches.setdefault(mode, LatentCache()) if mode.cached_latents else None
-        if mode.compile:
-            if self.compiled is None:
-                self.compiled = torch.compile(self.unet)
-            model.model.diffusion_model = self.compiled
-        else:
-            model.model.diffusion_model = self.unet
+        # in place, as model.compile=true does (parameter names, hence EMA and checkpoints, unchanged);
+        # switching back clears the compiled call nn.Module.compile() installed, and keeps it for later
+        if mode.compile and self.compiled_call is None:
+            self.unet.compile()
+            self.compiled_call = self.unet._compiled_call_impl
+        self.unet._compiled_call_impl = self.compiled_call if mode.compile else None
         self.current = mode
 
 
@@ -185,6 +186,17 @@ class BatchSource:
             one_hot.scatter_(-1, self.label_maps.long().unsqueeze(-1), 1.0)
             out["segmentation"] = one_hot.to(device)
         return out
+
+
+def make_optimizers(
+    params: list[nn.Parameter], lr: float, weight_decay: float
+) -> dict[bool, torch.optim.Optimizer]:
+    """The default and the fused AdamW over the same parameters, sharing one state (so switching
+    modes neither re-initialises the moments nor holds them twice); keyed by `fused_optimizer`."""
+    loop = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    fused = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    fused.state = loop.state
+    return {False: loop, True: fused}
 
 
 def training_step(

@@ -6,15 +6,17 @@ import time
 from typing import Any
 
 VARIANT_NOTES = {
-    "baseline": "reference: einsum attention (UNet blocks recomputed), fp32, one-hot from the loader, no_grad first stage",
+    "baseline": "reference: einsum attention (UNet blocks recomputed), fp32, one-hot from the loader, no_grad first stage, loop AdamW",
     "+sdpa": "baseline + scaled_dot_product_attention (no recompute)",
     "+bf16": "baseline + bf16 autocast",
     "+device_one_hot": "baseline + label maps from the loader, one-hot built on the device",
     "+label_map": "baseline + label maps, fused one-hot + rescale (no full-size one-hot)",
     "+inference_mode": "baseline + first stage under inference_mode",
     "+channels_last": "baseline + channels_last UNet and first stage",
+    "+fused_adamw": "baseline + AdamW's fused kernel",
     "optimised": "segldm defaults for this device (bf16 where native)",
     "optimised_fp32": "segldm defaults in fp32 (trainer=cpu)",
+    "optimised+channels_last": "optimised + channels_last UNet and first stage",
     "optimised+cached_latents": "optimised + model.cache_latents (data without random crops)",
     "optimised+compile": "optimised + model.compile (torch.compile of the UNet)",
 }

@@ -39,6 +39,7 @@ from segldm.benchmarks.modes import (
     ModeSwitch,
     PerfMode,
     autocast,
+    make_optimizers,
     randomize_zero_parameters,
     training_step,
     variant_modes,
@@ -131,7 +132,7 @@ def bench_training(name: str, cfg: DictConfig, models: ModelCache) -> dict[str, 
         raise ValueError(f"configs.{name}.variants: unknown {unknown}; known: {sorted(modes)}")
     switch = ModeSwitch(model)
     params = list(model.model.parameters()) + list(model.cond_stage_model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-7, weight_decay=model.weight_decay)
+    optimizers = make_optimizers(params, lr=1e-7, weight_decay=model.weight_decay)
 
     def run_for(mode: PerfMode) -> Run:
         state: dict[str, Any] = {}
@@ -141,7 +142,7 @@ def bench_training(name: str, cfg: DictConfig, models: ModelCache) -> dict[str, 
             state["batch"] = data.batch(mode, device)
 
         return Run(
-            work=lambda: training_step(model, optimizer, state["batch"], mode, device),
+            work=lambda: training_step(model, optimizers[mode.fused_optimizer], state["batch"], mode, device),
             prepare=prepare,
             finish=state.clear,
             items=batch_size,
@@ -157,16 +158,21 @@ def bench_training(name: str, cfg: DictConfig, models: ModelCache) -> dict[str, 
         mode = modes[variant]
         switch.apply(mode)
         cache = model.latent_cache.latents.values() if model.latent_cache is not None else []
+        optimizer = optimizers[mode.fused_optimizer]
         resident = resident_bytes([model], optimizer, extra=list(cache))
         memory[variant] = peak_memory(
-            lambda mode=mode: training_step(model, optimizer, data.batch(mode, device), mode, device),
+            lambda mode=mode, optimizer=optimizer: training_step(
+                model, optimizer, data.batch(mode, device), mode, device
+            ),
             device,
             resident,
         )
     reference_mode = modes["optimised"].replace(precision="fp32", compile=False, cached_latents=False)
     switch.apply(reference_mode)
     flops = count_flops(
-        lambda: training_step(model, optimizer, data.batch(reference_mode, device), reference_mode, device)
+        lambda: training_step(
+            model, optimizers[True], data.batch(reference_mode, device), reference_mode, device
+        )
     )
     peak_tflops = cfg.gpu_peak_tflops or (
         gpu_bf16_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None

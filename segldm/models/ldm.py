@@ -108,6 +108,7 @@ class LatentDiffusion(L.LightningModule):
         channels_last: bool = False,
         compile: bool | dict[str, Any] = False,
         cache_latents: bool = False,
+        fused_optimizer: bool = True,
     ) -> None:
         super().__init__()
         if loss_type not in LOSS_TYPES:
@@ -181,6 +182,7 @@ class LatentDiffusion(L.LightningModule):
             (dict(compile) if isinstance(compile, dict) else {}) if compile else None
         )
         self.latent_cache: LatentCache | None = LatentCache() if cache_latents else None
+        self.fused_optimizer = fused_optimizer  # AdamW's fused kernel: same update, one pass per tensor
 
     # ------------------------------------------------------------------ CompVis-named interface
     @contextmanager
@@ -499,7 +501,11 @@ class LatentDiffusion(L.LightningModule):
         if self.cond_stage_trainable:
             params += list(self.cond_stage_model.parameters())
         optimizer = torch.optim.AdamW(
-            params, lr=self.learning_rate, betas=self.adam_betas, weight_decay=self.weight_decay
+            params,
+            lr=self.learning_rate,
+            betas=self.adam_betas,
+            weight_decay=self.weight_decay,
+            fused=self.fused_optimizer or None,
         )
         return optimizer_config(optimizer, self.lr_lambda)
 

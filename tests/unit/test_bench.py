@@ -82,11 +82,13 @@ def test_every_mode_is_a_training_config():
             assert cfg.data.one_hot_in_loader == (mode.masks == "loader_one_hot"), name
             assert m.fused_label_conditioning == (mode.masks != "device_one_hot"), name
             assert m.cache_latents == mode.cached_latents, name
+            assert m.fused_optimizer == mode.fused_optimizer, name
     assert BASELINE.config_overrides() == [
         "+model.unet.attention_impl=einsum",
         "+model.first_stage.ddconfig.attention_impl=einsum",
         "model.first_stage_inference_mode=false",
         "data.one_hot_in_loader=true",
+        "model.fused_optimizer=false",
     ]
 
 

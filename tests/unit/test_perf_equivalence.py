@@ -172,6 +172,26 @@ def test_channels_last_keeps_the_state_dict():
     small_ldm().load_state_dict(after, strict=True)
 
 
+def test_fused_adamw_steps_like_the_loop_adamw():
+    model = small_ldm()
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    _, grads = loss_and_grads(model, batch_for(OPTIMISED), OPTIMISED.replace(precision="fp32"))
+    after = {}
+    for fused in (False, True):
+        with torch.no_grad():
+            for p, p0, g in zip(params, start, grads, strict=True):
+                p.copy_(p0)
+                p.grad = g.clone()
+        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=fused or None)
+        for _ in range(3):
+            optimizer.step()
+        after[fused] = [p.detach().clone() for p in params]
+    for fused, loop in zip(after[True], after[False], strict=True):
+        torch.testing.assert_close(fused, loop, rtol=1e-6, atol=1e-6)
+    assert model.fused_optimizer  # the default
+
+
 # ---------------------------------------------------------------------------- bf16 autocast
 def test_bf16_training_step_is_within_bf16_tolerance_of_fp32():
     model = small_ldm()
@@ -307,3 +327,15 @@ def test_compiled_unet_matches_eager_and_keeps_the_keys():
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-5)
     assert_grads_close(grads, grads_ref, rtol=1e-2)
+
+
+# ---------------------------------------------------------------------------- samplers
+def test_sde_sampler_through_the_model_is_seeded_per_image():
+    model = small_ldm().eval()
+    seg = one_hot_from_label_map(torch.randint(0, N_LABELS, (3, 32, 32)), N_LABELS)
+    together = model.generate(seg, steps=5, eta=1.0, seeds=[5, 6, 7], sampler="dpm_solver++_sde")
+    alone = model.generate(seg[1:2], steps=5, eta=1.0, seeds=[6], sampler="dpm_solver++_sde")
+    assert torch.allclose(together[1:2], alone, atol=1e-5)
+    other_seed = model.generate(seg[1:2], steps=5, eta=1.0, seeds=[9], sampler="dpm_solver++_sde")
+    ode = model.generate(seg[1:2], steps=5, eta=1.0, seeds=[6], sampler="dpm_solver++")
+    assert not torch.allclose(alone, other_seed) and not torch.allclose(alone, ode)
