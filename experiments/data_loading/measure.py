@@ -20,11 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from einops import rearrange
-from PIL import Image
 
+from segldm.benchmarks.suite import write_sflckr_like
 from segldm.data.datamodule import SegmentationDataModule
 from segldm.data.sflckr import FlickrSegTrain
 from segldm.models.ldm import one_hot_from_label_map
@@ -33,23 +32,8 @@ N_LABELS = 182
 
 
 def write_dataset(root: Path, n: int, seed: int = 0) -> None:
-    """n pairs of ~landscape-sized JPEGs (smaller side 256..320) and blocky 182-label masks."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    (root / "segmentations").mkdir(parents=True)
-    names = []
-    for i in range(n):
-        h = int(rng.integers(256, 321))
-        w = int(h * rng.uniform(1.3, 1.6))
-        coarse = rng.integers(0, N_LABELS, size=(h // 16 + 1, w // 16 + 1))
-        labels = np.kron(coarse, np.ones((16, 16), dtype=np.int64))[:h, :w].astype(np.uint8)
-        base = rng.integers(0, 256, size=(N_LABELS, 3), dtype=np.uint8)[labels]
-        noise = rng.integers(-20, 21, size=base.shape)
-        image = np.clip(base.astype(np.int64) + noise, 0, 255).astype(np.uint8)
-        Image.fromarray(image).save(root / "images" / f"{i:04d}.jpg", quality=90)
-        Image.fromarray(labels).save(root / "segmentations" / f"{i:04d}.png")
-        names.append(f"{i:04d}.jpg")
-    (root / "sflckr_train.txt").write_text("\n".join(names) + "\n")
+    """n pairs of ~landscape-sized JPEGs (smaller side 256..320, pixel noise +-20) and blocky 182-label masks."""
+    write_sflckr_like(root, n, N_LABELS, seed, noise=20)
 
 
 def batch_bytes(batch: dict) -> int:

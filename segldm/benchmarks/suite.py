@@ -326,8 +326,12 @@ def bench_sampler(name: str, cfg: DictConfig, models: ModelCache) -> dict[str, A
 
 
 # ---------------------------------------------------------------------------- data loading
-def write_sflckr_like(root: Path, n: int, n_labels: int, seed: int = 0) -> None:
-    """n S-FLCKR-layout pairs: JPEGs with smaller side 256-320 px and blocky n_labels PNG masks."""
+def write_sflckr_like(root: Path, n: int, n_labels: int, seed: int = 0, noise: int = 0) -> None:
+    """n S-FLCKR-layout pairs: JPEGs with smaller side 256-320 px and blocky n_labels PNG masks.
+
+    `noise` > 0 adds uniform integer pixel noise in [-noise, noise] (drawn only then, so the
+    files without noise do not change).
+    """
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -340,6 +344,9 @@ def write_sflckr_like(root: Path, n: int, n_labels: int, seed: int = 0) -> None:
         coarse = rng.integers(0, n_labels, size=(h // 16 + 1, w // 16 + 1))
         labels = np.kron(coarse, np.ones((16, 16), dtype=np.int64))[:h, :w].astype(np.uint8)
         colours = rng.integers(0, 256, size=(n_labels, 3), dtype=np.uint8)[labels]
+        if noise > 0:
+            jitter = rng.integers(-noise, noise + 1, size=colours.shape)
+            colours = np.clip(colours.astype(np.int64) + jitter, 0, 255).astype(np.uint8)
         Image.fromarray(colours).save(root / "images" / f"{i:04d}.jpg", quality=90)
         Image.fromarray(labels).save(root / "segmentations" / f"{i:04d}.png")
         names.append(f"{i:04d}.jpg")
