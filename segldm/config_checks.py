@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segldm.config import downsample_factor
 from segldm.diffusion import SAMPLER_NAMES
+from segldm.diffusion.ddim import check_ddim_steps
 
 
 class ConfigError(ValueError):
@@ -102,6 +103,27 @@ def _reliability_problems(cfg: DictConfig, problems: list[str]) -> None:
             problems.append(f"logger.{name}.on_unavailable={on_unavailable!r}; use fail or local")
 
 
+def _sampler_step_problems(cfg: DictConfig) -> list[str]:
+    """DDIM step counts that CompVis's +1 shift puts out of range, for the model's sampler and the grids."""
+    model = cfg.model
+    sampler = model.get("sampler") or {}
+    if sampler.get("name", "ddim") != "ddim":
+        return []
+    counts = {"model.sampler.steps": sampler.get("steps", 200)}
+    grid = OmegaConf.select(cfg, "callbacks.sample_grid", default=None)
+    if isinstance(grid, DictConfig) and grid.get("ddim_steps") is not None:
+        counts["callbacks.sample_grid.ddim_steps"] = grid.ddim_steps
+    problems = []
+    for key, steps in counts.items():
+        if int(steps) <= 0:
+            continue  # reported as "must be positive"
+        try:
+            check_ddim_steps(int(steps), int(model.timesteps), key)
+        except ValueError as err:
+            problems.append(str(err))
+    return problems
+
+
 def _is_ldm(cfg: DictConfig) -> bool:
     return str(cfg.model.get("_target_", "")).endswith("LatentDiffusion")
 
@@ -183,6 +205,23 @@ def validate_config(cfg: DictConfig) -> None:
         if sampler.get("name", "ddim") not in SAMPLER_NAMES:
             problems.append(
                 f"model.sampler.name={sampler.get('name')!r} is not a sampler; use one of {list(SAMPLER_NAMES)}"
+            )
+        problems += _sampler_step_problems(cfg)
+        unet_factor = 2 ** (len(model.unet.channel_mult) - 1)
+        if latent % unet_factor:
+            multiple = factor * unet_factor
+            lower, upper = data.size - data.size % multiple, data.size - data.size % multiple + multiple
+            problems.append(
+                f"data.size={data.size} gives a {latent}px latent (first-stage factor {factor}), which the UNet "
+                f"cannot halve {len(model.unet.channel_mult) - 1} times (model.unet.channel_mult="
+                f"{list(model.unet.channel_mult)}: its skip connections would not align); use a data.size "
+                f"divisible by {multiple}, e.g. {lower or multiple} or {upper}"
+            )
+        if model.get("scale_by_std") and float(model.get("scale_factor", 1.0)) != 1.0:
+            problems.append(
+                f"model.scale_by_std=true and model.scale_factor={model.scale_factor}: scale_by_std sets the factor "
+                "from the first batch (CompVis asserts scale_factor == 1 with it); set model.scale_factor=1.0, or "
+                "model.scale_by_std=false to keep your factor"
             )
         ckpt = first.get("ckpt_path")
         if ckpt is not None and not Path(ckpt).is_file():

@@ -41,6 +41,7 @@ from segldm.metrics.fid import (
     InceptionWeights,
     cached_features,
     fid_kid,
+    kid_plan,
     resolve_inception_weights,
 )
 from segldm.metrics.miou import SegmentationScores
@@ -400,6 +401,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     class_names = list(datamodule.class_names or []) or None
     backend = str(cfg.eval.fid.backend)
     pairs = select_pairs(datamodule.val_dataset, cfg.eval.num_samples, need_images=backend != "none")
+    model.check_sampler_settings(cfg.eval.steps, cfg.eval.sampler, "eval.steps")
     multiple, why = size_multiple(model)
     model_labels = int(model.cond_stage_model.in_channels)
     for pair in pairs:
@@ -410,6 +412,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             multiple,
             why,
         )
+    if backend != "none":
+        _, _, kid_note = kid_plan(
+            int(cfg.eval.fid.kid_subsets), int(cfg.eval.fid.kid_subset_size), len(pairs), len(pairs)
+        )
+        if kid_note:
+            print(f"eval.fid.kid_subset_size={cfg.eval.fid.kid_subset_size}: {kid_note}", flush=True)
     # everything that can fail for a missing file fails here, before minutes of sampling
     weights = resolve_inception_weights(
         backend, cfg.eval.fid.weights_path, cfg.paths.model_dir, download=bool(cfg.eval.fid.download)

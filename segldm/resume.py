@@ -277,6 +277,36 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+# Lightning internals that exact resume reads (validation_follows, pending_step_metrics): a release
+# without them must stop the run at start-up, not resume it silently inexactly.
+LIGHTNING_INTERNALS: tuple[tuple[str, str], ...] = (
+    ("trainer.fit_loop", "_data_fetcher"),
+    ("trainer.fit_loop.epoch_loop", "_should_check_val_fx"),
+    ("trainer.fit_loop.epoch_loop", "_batches_that_stepped"),
+    ("trainer", "_logger_connector"),
+    ("trainer._logger_connector", "should_update_logs"),
+    ("trainer._logger_connector", "metrics"),
+    ("trainer", "_results"),
+)
+
+
+def check_lightning_internals(trainer: L.Trainer) -> None:
+    """Raise RuntimeError, naming what is missing, when this Lightning lacks what exact resume reads."""
+    missing = []
+    for owner_path, name in LIGHTNING_INTERNALS:
+        owner: Any = trainer
+        for part in owner_path.split(".")[1:]:
+            owner = getattr(owner, part, None)
+        if owner is None or not hasattr(type(owner), name) and name not in vars(owner):
+            missing.append(f"{owner_path}.{name}")
+    if missing:
+        raise RuntimeError(
+            f"lightning {L.__version__} lacks {', '.join(missing)}, which segldm's exact resume reads "
+            "(segldm/resume.py, written against lightning 2.6): install the pinned version "
+            "(pip install -e . gives lightning==2.6.6)"
+        )
+
+
 def validation_follows(trainer: L.Trainer) -> bool:
     """Whether Lightning validates right after the current training batch (called in on_train_batch_end).
 

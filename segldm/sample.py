@@ -178,6 +178,9 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
             )
         source = folder_masks(folder, limit)
     masks = list(source)
+    steps = None if cfg.steps is None else int(cfg.steps)
+    eta = None if cfg.eta is None else float(cfg.eta)
+    model.check_sampler_settings(steps, None, "steps")
     for mask in masks:
         check_mask(mask, n_labels, ignore_label, multiple, why)
     if not masks:
@@ -187,8 +190,6 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
     (out_dir / "conditions").mkdir(parents=True, exist_ok=True)
     model.colorize = torch.randn(3, n_labels, 1, 1, generator=torch.Generator().manual_seed(int(cfg.seed)))
-    steps = None if cfg.steps is None else int(cfg.steps)
-    eta = None if cfg.eta is None else float(cfg.eta)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for index, mask in enumerate(masks):
         by_shape.setdefault(mask.labels.shape, []).append(index)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 import segldm  # noqa: F401  (registers the config resolvers)
 from segldm.checkpoints import apply_init_from
 from segldm.config_checks import validate_config
-from segldm.resume import plan_resume, reliability_callbacks, write_run_record
+from segldm.resume import check_lightning_internals, plan_resume, reliability_callbacks, write_run_record
 from segldm.sweeps import SweepJob, find_finished, record_finished, reuse_finished, tag_runs
 from segldm.tracking import build_loggers, log_checkpoints, log_run_metadata, mlflow_loggers
 
@@ -64,6 +64,7 @@ def train(cfg: DictConfig, sweep_job: SweepJob | None = None) -> dict[str, Any]:
     if not loggers:  # Lightning refuses a LearningRateMonitor without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    check_lightning_internals(trainer)  # exact resume reads a few of them; before any step
 
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     log_run_metadata(loggers, cfg, overrides, str(output_dir))

@@ -19,6 +19,20 @@ DDIM_DISCRETIZATIONS = ("uniform", "quad")
 
 def make_ddim_timesteps(method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int) -> np.ndarray:
     """The DDPM timesteps DDIM visits, ascending. 'uniform' is range(0, T, T // S) + 1."""
+    steps = shifted_ddim_timesteps(method, num_ddim_timesteps, num_ddpm_timesteps)
+    if steps[-1] >= num_ddpm_timesteps:
+        # The reference indexes alphas_cumprod[T] here and dies with an IndexError.
+        below, above = nearest_valid_ddim_steps(num_ddim_timesteps, num_ddpm_timesteps, method)
+        options = " or ".join(str(n) for n in (below, above) if n is not None)
+        raise ValueError(
+            f"{num_ddim_timesteps} DDIM steps over {num_ddpm_timesteps} timesteps give t={steps[-1]} "
+            f"after CompVis's +1 shift, which is out of range; the nearest step counts that work are {options}"
+        )
+    return steps
+
+
+def shifted_ddim_timesteps(method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int) -> np.ndarray:
+    """CompVis's `make_ddim_timesteps` (with its +1 shift), before any range check."""
     if num_ddim_timesteps <= 0:
         raise ValueError(f"DDIM steps must be positive, got {num_ddim_timesteps}")
     if num_ddim_timesteps > num_ddpm_timesteps:
@@ -32,15 +46,41 @@ def make_ddim_timesteps(method: str, num_ddim_timesteps: int, num_ddpm_timesteps
         steps = (np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps) ** 2).astype(np.int64)
     else:
         raise ValueError(f"unknown DDIM discretization {method!r}; expected one of {DDIM_DISCRETIZATIONS}")
-    steps = steps + 1
-    if steps[-1] >= num_ddpm_timesteps:
-        # The reference indexes alphas_cumprod[T] here and dies with an IndexError.
-        raise ValueError(
-            f"{num_ddim_timesteps} DDIM steps over {num_ddpm_timesteps} timesteps give t={steps[-1]} "
-            f"after CompVis's +1 shift, which is out of range; choose another step count "
-            f"(e.g. {num_ddim_timesteps + 1} or a divisor of {num_ddpm_timesteps})"
-        )
-    return steps
+    return steps + 1
+
+
+def ddim_steps_valid(num_ddim_timesteps: int, num_ddpm_timesteps: int, method: str = "uniform") -> bool:
+    """Whether CompVis's DDIM schedule with this many steps stays inside [0, num_ddpm_timesteps)."""
+    if not 0 < num_ddim_timesteps <= num_ddpm_timesteps:
+        return False
+    return bool(shifted_ddim_timesteps(method, num_ddim_timesteps, num_ddpm_timesteps)[-1] < num_ddpm_timesteps)
+
+
+def nearest_valid_ddim_steps(
+    num_ddim_timesteps: int, num_ddpm_timesteps: int, method: str = "uniform"
+) -> tuple[int | None, int | None]:
+    """The closest step counts below and above `num_ddim_timesteps` that `ddim_steps_valid` accepts."""
+    below = next(
+        (n for n in range(num_ddim_timesteps - 1, 0, -1) if ddim_steps_valid(n, num_ddpm_timesteps, method)),
+        None,
+    )
+    above = next(
+        (
+            n
+            for n in range(num_ddim_timesteps + 1, num_ddpm_timesteps + 1)
+            if ddim_steps_valid(n, num_ddpm_timesteps, method)
+        ),
+        None,
+    )
+    return below, above
+
+
+def check_ddim_steps(steps: int, num_ddpm_timesteps: int, key: str) -> None:
+    """Raise ValueError naming the config `key` when DDIM cannot run `steps` steps on this model."""
+    try:
+        make_ddim_timesteps("uniform", int(steps), int(num_ddpm_timesteps))
+    except ValueError as err:
+        raise ValueError(f"{key}={steps}: {err}") from None
 
 
 @dataclass(frozen=True)

@@ -370,14 +370,33 @@ class InceptionFeatures:
         return torch.cat(out)
 
 
+def kid_plan(kid_subsets: int, kid_subset_size: int, n_a: int, n_b: int) -> tuple[int, int, str | None]:
+    """(subsets, subset size, note) that KID is computed with for sets of n_a and n_b features.
+
+    A subset as large as the smaller set would draw the same images every time: its "std" would be 0
+    and mean nothing. Then KID is computed once over all min(n_a, n_b) images and no std is reported;
+    the note says so (printed before sampling, kept in metrics.json).
+    """
+    n = min(n_a, n_b)
+    if int(kid_subset_size) < n:
+        return int(kid_subsets), int(kid_subset_size), None
+    return (
+        1,
+        n,
+        f"KID subset size {kid_subset_size} >= {n} images: KID is computed once over all {n} images "
+        f"(unbiased MMD estimate) and has no std (kid_std: null); use more samples or a smaller "
+        f"eval.fid.kid_subset_size (< {n}) to get one",
+    )
+
+
 def fid_kid(
     features_a: torch.Tensor,
     features_b: torch.Tensor,
     kid_subsets: int = KID_SUBSETS,
     kid_subset_size: int = KID_SUBSET_SIZE,
     seed: int = 2020,
-) -> dict[str, float]:
-    """FID and KID (mean, std) with torch-fidelity's own functions; the KID subset shrinks to the set size."""
+) -> dict[str, Any]:
+    """FID and KID (mean, std) with torch-fidelity's own functions (KID subsets as :func:`kid_plan`)."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
 
@@ -390,11 +409,11 @@ def fid_kid(
         fid_features_to_statistics(features_b),
         False,
     )["frechet_inception_distance"]
-    subset = min(int(kid_subset_size), len(features_a), len(features_b))
+    subsets, subset, note = kid_plan(kid_subsets, kid_subset_size, len(features_a), len(features_b))
     kid = kid_features_to_metric(
         features_a,
         features_b,
-        kid_subsets=int(kid_subsets),
+        kid_subsets=subsets,
         kid_subset_size=subset,
         kid_kernel="poly",
         kid_kernel_poly_degree=3,
@@ -406,9 +425,10 @@ def fid_kid(
     return {
         "fid": float(fid),
         "kid_mean": float(kid["kernel_inception_distance_mean"]),
-        "kid_std": float(kid["kernel_inception_distance_std"]),
+        "kid_std": None if note else float(kid["kernel_inception_distance_std"]),
         "kid_subset_size": subset,
-        "kid_subsets": int(kid_subsets),
+        "kid_subsets": subsets,
+        "kid_note": note,
     }
 
 

@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from segldm.checkpoints import CheckpointError, read_checkpoint, state_dict_of, state_dict_problems
+from segldm.models.attention import scaled_dot_product_attention
 
 ATTENTION_IMPLS: tuple[str, ...] = ("sdpa", "einsum")
 
@@ -140,7 +141,7 @@ class AttnBlock(nn.Module):
             # contiguous: the fused kernels need the channel dim at stride 1 (else the math fallback
             # materialises the (HW x HW) matrix: 512 MiB for a batch of 8 at the f4 latent of 256 px)
             q, k, v = (rearrange(t, "b c h w -> b 1 (h w) c").contiguous() for t in (q, k, v))
-            h_ = F.scaled_dot_product_attention(q, k, v, scale=int(c) ** (-0.5))
+            h_ = scaled_dot_product_attention(q, k, v, scale=int(c) ** (-0.5))
             h_ = rearrange(h_, "b 1 (h w) c -> b c h w", h=height, w=width)
         return x + self.proj_out(h_)
 

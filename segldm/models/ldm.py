@@ -20,7 +20,13 @@ from einops import rearrange
 from torch import nn
 
 from segldm.diffusion import SAMPLER_NAMES
-from segldm.diffusion.ddim import ddim_parameters, ddim_sample, make_ddim_timesteps, per_sample_randn
+from segldm.diffusion.ddim import (
+    check_ddim_steps,
+    ddim_parameters,
+    ddim_sample,
+    make_ddim_timesteps,
+    per_sample_randn,
+)
 from segldm.diffusion.dpm_solver import dpm_solver_pp_2m, dpm_solver_timesteps
 from segldm.diffusion.schedule import (
     SCHEDULE_BUFFER_NAMES,
@@ -157,6 +163,11 @@ class LatentDiffusion(L.LightningModule):
         self.register_buffer("logvar", torch.zeros(self.num_timesteps), persistent=False)
 
         self.scale_by_std = scale_by_std
+        if scale_by_std and float(scale_factor) != 1.0:
+            raise ValueError(
+                f"model.scale_by_std=true with model.scale_factor={scale_factor}: scale_by_std sets the factor from "
+                "the first batch (CompVis asserts scale_factor == 1 with it); set one or the other"
+            )
         if scale_by_std:
             self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
         else:
@@ -238,14 +249,16 @@ class LatentDiffusion(L.LightningModule):
 
         The frozen first stage runs under inference_mode (no autograd bookkeeping at all;
         `first_stage_inference_mode: false`: no_grad, as the reference); the result is a normal,
-        contiguous tensor (so `randn_like` draws the reference's noise also with channels_last).
+        contiguous tensor (so `randn_like` draws the reference's noise also with channels_last) and
+        always float32: under autocast the encoder's convolutions run in bf16/fp16, but the latent,
+        the noise drawn like it and the forward process stay in full precision.
         """
         if not self.first_stage_inference_mode:
             with torch.no_grad():
-                return self.first_stage_model.encode(x).contiguous()
+                return self.first_stage_model.encode(x).to(torch.float32, memory_format=torch.contiguous_format)
         with torch.inference_mode():
             h = self.first_stage_model.encode(x)
-        return h.clone(memory_format=torch.contiguous_format)
+        return h.to(torch.float32).clone(memory_format=torch.contiguous_format)
 
     def get_first_stage_encoding(self, h: torch.Tensor) -> torch.Tensor:
         return self.scale_factor * h
@@ -254,10 +267,10 @@ class LatentDiffusion(L.LightningModule):
     def decode_first_stage(
         self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False
     ) -> torch.Tensor:
-        """Diffusion latent -> image: unscale, quantise (unless told not to), decode."""
+        """Diffusion latent -> image: unscale, quantise (unless told not to), decode (float32 out)."""
         return self.first_stage_model.decode(
-            z / self.scale_factor, force_not_quantize=predict_cids or force_not_quantize
-        )
+            z.float() / self.scale_factor, force_not_quantize=predict_cids or force_not_quantize
+        ).float()
 
     def apply_model(
         self, x_noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | Sequence[torch.Tensor]
@@ -280,17 +293,24 @@ class LatentDiffusion(L.LightningModule):
     def p_losses(
         self, x_start: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Training loss at timesteps t, with CompVis's logged terms."""
-        noise = torch.randn_like(x_start) if noise is None else noise
-        x_noisy = self.q_sample(x_start, t, noise)
-        model_output = self.apply_model(x_noisy, t, cond)
+        """Training loss at timesteps t, with CompVis's logged terms.
+
+        Mixed precision touches the UNet only: the latent, the noise, q_sample, the target, the loss
+        and its weighting are float32 whatever autocast is active (as diffusers and k-diffusion).
+        """
+        x_start = x_start.float()
+        noise = torch.randn_like(x_start) if noise is None else noise.float()
+        with torch.autocast(x_start.device.type, enabled=False):
+            x_noisy = self.q_sample(x_start, t, noise)
+        model_output = self.apply_model(x_noisy, t, cond).float()
         target = noise if self.parameterization == "eps" else x_start
         prefix = "train" if self.training else "val"
-        loss_simple = self.get_loss(model_output, target).mean(dim=[1, 2, 3])
-        logvar_t = self.logvar.to(t.device)[t]
-        loss = self.l_simple_weight * (loss_simple / torch.exp(logvar_t) + logvar_t).mean()
-        loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
-        loss = loss + self.original_elbo_weight * loss_vlb
+        with torch.autocast(x_start.device.type, enabled=False):
+            loss_simple = self.get_loss(model_output, target).mean(dim=[1, 2, 3])
+            logvar_t = self.logvar.to(t.device)[t]
+            loss = self.l_simple_weight * (loss_simple / torch.exp(logvar_t) + logvar_t).mean()
+            loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
+            loss = loss + self.original_elbo_weight * loss_vlb
         logs = {
             f"{prefix}/loss_simple": loss_simple.mean(),
             f"{prefix}/loss_vlb": loss_vlb,
@@ -365,10 +385,10 @@ class LatentDiffusion(L.LightningModule):
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLER_NAMES}")
         shape = (cond.shape[0], self.channels, cond.shape[2], cond.shape[3])
         if x_T is None:
-            x_T = per_sample_randn(shape, generators, cond.device, cond.dtype)
+            x_T = per_sample_randn(shape, generators, cond.device, torch.float32)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.apply_model(x, t, cond)
+            return self.apply_model(x, t, cond).float()  # the sampler's update stays float32
 
         with self.ema_scope() if use_ema else _null_scope():
             if sampler == "ddim":
@@ -388,6 +408,21 @@ class LatentDiffusion(L.LightningModule):
                     generators=generators,
                 )
         return (samples, intermediates) if return_intermediates else samples
+
+    def check_sampler_settings(self, steps: int | None, sampler: str | None, steps_key: str) -> None:
+        """Before any sampling: the sampler exists and DDIM can run `steps` (None: the defaults) here.
+
+        Raises ValueError naming `steps_key` (the config key the count came from).
+        """
+        sampler = str(self.sampler_defaults.get("name", "ddim") if sampler is None else sampler)
+        if sampler not in SAMPLER_NAMES:
+            raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLER_NAMES}")
+        if steps is None:
+            steps, steps_key = int(self.sampler_defaults["steps"]), "the checkpoint's model.sampler.steps"
+        if int(steps) <= 0:
+            raise ValueError(f"{steps_key}={steps} must be positive")
+        if sampler == "ddim":
+            check_ddim_steps(int(steps), self.num_timesteps, steps_key)
 
     @torch.no_grad()
     def generate(

@@ -17,6 +17,8 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from segldm.models.attention import scaled_dot_product_attention
+
 ATTENTION_IMPLS: tuple[str, ...] = ("sdpa", "einsum")
 """``sdpa``: fused ``scaled_dot_product_attention``; ``einsum``: the reference's materialised softmax."""
 
@@ -231,7 +233,7 @@ def legacy_qkv_attention(qkv: torch.Tensor, num_heads: int, impl: str = "sdpa") 
         # view sdpa silently falls back to the materialised math path
         tokens = qkv.transpose(1, 2).contiguous()  # (B, T, 3C)
         q, k, v = rearrange(tokens, "b t (h three c) -> three b h t c", three=3, h=num_heads).unbind(0)
-        a = F.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(ch))
+        a = scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(ch))
         return rearrange(a, "b h t c -> b (h c) t")
     raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
 

@@ -149,10 +149,12 @@ def test_eval_end_to_end(root: Path, ldm_ckpt: Path, inception: Path, segmenter_
     ]
     proc = run("segldm.eval", args, root)
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("fid", "kid_mean", "kid_std", "miou", "pixel_accuracy", "miou_real", "pixel_accuracy_real"):
+    for key in ("fid", "kid_mean", "miou", "pixel_accuracy", "miou_real", "pixel_accuracy_real"):
         assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
     assert metrics["num_samples"] == 3 and metrics["global_step"] == 3
-    assert metrics["sampler"]["steps"] == 2 and metrics["kid_subset_size"] == 3
+    # 3 samples, kid_subset_size 1000: one KID over all 3, no std, and the user was told before sampling
+    assert metrics["sampler"]["steps"] == 2 and metrics["kid_subset_size"] == 3 and metrics["kid_std"] is None
+    assert "KID is computed once over all 3 images" in proc.stdout
     assert metrics["fid_backend"]["weights"]["path"] == str(inception)
     assert metrics["segmenter"]["real_miou_at_training"] is not None
     assert len(metrics["per_class"]) == 8
@@ -186,9 +188,14 @@ def test_generated_images_do_not_depend_on_batch_size_or_num_samples(root: Path,
     together = generate_images(model, pairs, 8, None, settings)
     settings.eval.batch_size = 1
     alone = generate_images(model, pairs[1:], 8, None, settings)  # num_samples=... would drop the first
+    # Each image comes from its own generator, so batch size changes no random number; but the CPU
+    # kernels may pick another reduction order for another batch size (oneDNN blocks by batch),
+    # which moves the float images by rounding (~1e-6): a pixel on a .5 boundary of the uint8
+    # conversion may round the other way. That much, and no more, is allowed.
     for a, b in zip(together[1:], alone, strict=True):
-        assert np.array_equal(a, b)
-    assert not np.array_equal(together[0], together[1])
+        diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+    assert np.abs(together[0].astype(np.int16) - together[1].astype(np.int16)).max() > 8
 
 
 def eval_overrides(root: Path, ckpt: Path, segmenter: Path, inception: Path, *extra: str) -> list[str]:
@@ -222,6 +229,8 @@ def test_bad_inputs_fail_before_sampling(
         evaluate(compose_eval(eval_overrides(root, ldm_ckpt, seg, root / "absent.pth")))
     with pytest.raises(ValueError, match=r"eval.num_samples=50, but the validation split has 3 samples"):
         evaluate(compose_eval(eval_overrides(root, ldm_ckpt, seg, inception, "eval.num_samples=50")))
+    with pytest.raises(ValueError, match=r"eval.steps=36: .*t=1000 after CompVis's \+1 shift.* 35 or 38"):
+        evaluate(compose_eval(eval_overrides(root, ldm_ckpt, seg, inception, "eval.steps=36")))
     with pytest.raises(FileNotFoundError, match="python -m segldm.train_segmenter"):
         evaluate(compose_eval(eval_overrides(root, ldm_ckpt, root / "no_segmenter.ckpt", inception)))
     cfg = compose_eval(eval_overrides(root, ldm_ckpt, seg, inception, "data=synthetic", *TINY_DATA))

@@ -7,12 +7,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from segldm.benchmarks.machine import describe_machine, gpu_bf16_peak_tflops
+from segldm.benchmarks.machine import CPU_FLAGS, describe_machine, gpu_bf16_peak_tflops
 from segldm.benchmarks.measure import Timing, peak_memory, tensor_bytes
 from segldm.benchmarks.modes import BASELINE, variant_modes
 from tests.conftest import CONF, REPO, compose_train
@@ -65,7 +66,17 @@ def test_gpu_peaks_and_machine_description():
     assert gpu_bf16_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert gpu_bf16_peak_tflops("Some Future Card") is None
     info = describe_machine(torch.device("cpu"))
-    assert info["logical_cores"] and info["torch"] == torch.__version__ and "avx512_bf16" in info["cpu_flags"]
+    assert info["logical_cores"] and info["torch"] == torch.__version__
+    assert set(info["cpu_flags"]) == set(CPU_FLAGS)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():  # Linux: each reported flag is what the kernel says this CPU has
+        flags = set()
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags |= set(line.split(":", 1)[1].split())
+        kernel_names = {"avx512_f": "avx512f"}
+        assert info["cpu_flags"] == {f: kernel_names.get(f, f) in flags for f in CPU_FLAGS}
+        assert info["cpu_native_bf16"] == bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
 def test_every_mode_is_a_training_config():

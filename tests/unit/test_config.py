@@ -106,6 +106,14 @@ def test_valid_default_passes(tmp_path):
         (["model.sampler.name=plms"], ["model.sampler.name='plms'", "dpm_solver++"]),
         (["model.first_stage.ckpt_path=/nowhere/vq.ckpt"], ["/nowhere/vq.ckpt", "model=autoencoder"]),
         (["model.first_stage.ckpt_path=null"], ["ckpt_path is null", "model=autoencoder"]),
+        # DDIM step counts that CompVis's +1 shift takes to t = 1000 (an IndexError mid-run otherwise)
+        (["model.sampler.steps=36"], ["model.sampler.steps=36", "t=1000", "35 or 38"]),
+        (["callbacks.sample_grid.ddim_steps=9"], ["callbacks.sample_grid.ddim_steps=9", "8 or 10"]),
+        (["data.size=72"], ["data.size=72", "18px latent", "divisible by 16", "64 or 80"]),
+        (
+            ["model.scale_by_std=true", "model.scale_factor=0.18215"],
+            ["model.scale_by_std=true", "model.scale_factor=0.18215", "scale_factor=1.0"],
+        ),
     ],
 )
 def test_mismatches_fail_at_start_naming_both_values(overrides, fragments, tmp_path):
@@ -113,6 +121,18 @@ def test_mismatches_fail_at_start_naming_both_values(overrides, fragments, tmp_p
         validate_config(_checked(overrides, tmp_path))
     for fragment in fragments:
         assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.sampler.steps=35"],
+        ["model.sampler.name=dpm_solver++", "model.sampler.steps=36"],  # no +1 shift there
+        ["model.scale_by_std=true"],
+    ],
+)
+def test_neighbouring_valid_settings_pass(overrides, tmp_path):
+    validate_config(_checked(overrides, tmp_path))
 
 
 def test_sflckr_missing_dataset_names_the_path(tmp_path):

@@ -79,11 +79,8 @@ def test_fid_kid_equal_torch_fidelity_calculate_metrics(
     rng = np.random.default_rng(0)
     folder_a = write_folder(tmp_path / "a", smooth_images(rng, 8))
     folder_b = write_folder(tmp_path / "b", smooth_images(rng, 4) + noisy_images(rng, 4))
-    # kid_subset_size 1000 (torch-fidelity's default) would refuse 8 images: segldm shrinks it to the set size
-    ours = folder_fid_kid(
-        folder_a, folder_b, random_weights, batch_size=4, kid_subsets=20, kid_subset_size=1000
-    )
-    assert ours["kid_subset_size"] == 8
+    ours = folder_fid_kid(folder_a, folder_b, random_weights, batch_size=4, kid_subsets=20, kid_subset_size=5)
+    assert (ours["kid_subset_size"], ours["kid_subsets"], ours["kid_note"]) == (5, 20, None)
     reference = torch_fidelity.calculate_metrics(
         input1=str(folder_a),
         input2=str(folder_b),
@@ -91,7 +88,7 @@ def test_fid_kid_equal_torch_fidelity_calculate_metrics(
         fid=True,
         kid=True,
         kid_subsets=20,
-        kid_subset_size=8,
+        kid_subset_size=5,
         feature_extractor_weights_path=str(random_weights.path),
         save_cpu_ram=True,  # no loader worker processes
         cache=False,
@@ -102,7 +99,37 @@ def test_fid_kid_equal_torch_fidelity_calculate_metrics(
     assert fid_ref > 1.0 and kid_ref > 1e-3  # the random network separates the sets: not a vacuous 0 == 0
     assert ours["fid"] == pytest.approx(fid_ref, rel=1e-3)
     assert ours["kid_mean"] == pytest.approx(kid_ref, rel=1e-3)
-    assert ours["kid_std"] == pytest.approx(reference["kernel_inception_distance_std"], rel=1e-3, abs=1e-9)
+    assert reference["kernel_inception_distance_std"] > 1e-6  # subsets of 5 of 8 images do vary
+    assert ours["kid_std"] == pytest.approx(reference["kernel_inception_distance_std"], rel=1e-3)
+
+
+def test_kid_subset_not_smaller_than_the_set_is_one_estimate_without_std(
+    tmp_path: Path, random_weights: InceptionWeights
+) -> None:
+    """kid_subset_size 1000 (torch-fidelity's default) on 8 images: every "subset" would be the whole set
+    (std 0, meaningless). segldm computes KID once over all 8 (torch-fidelity's value at subset size 8)
+    and reports no std, saying why."""
+    import torch_fidelity
+
+    rng = np.random.default_rng(1)
+    folder_a = write_folder(tmp_path / "a", smooth_images(rng, 8))
+    folder_b = write_folder(tmp_path / "b", noisy_images(rng, 8))
+    ours = folder_fid_kid(folder_a, folder_b, random_weights, batch_size=4, kid_subset_size=1000)
+    assert (ours["kid_subset_size"], ours["kid_subsets"], ours["kid_std"]) == (8, 1, None)
+    assert "1000 >= 8 images" in ours["kid_note"] and "no std" in ours["kid_note"]
+    reference = torch_fidelity.calculate_metrics(
+        input1=str(folder_a),
+        input2=str(folder_b),
+        cuda=False,
+        kid=True,
+        kid_subsets=1,
+        kid_subset_size=8,
+        feature_extractor_weights_path=str(random_weights.path),
+        save_cpu_ram=True,
+        cache=False,
+        verbose=False,
+    )
+    assert ours["kid_mean"] == pytest.approx(reference["kernel_inception_distance_mean"], rel=1e-3)
 
 
 def test_batch_size_does_not_change_features(random_weights: InceptionWeights) -> None:

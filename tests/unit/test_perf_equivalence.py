@@ -193,15 +193,63 @@ def test_fused_adamw_steps_like_the_loop_adamw():
 
 
 # ---------------------------------------------------------------------------- bf16 autocast
-def test_bf16_training_step_is_within_bf16_tolerance_of_fp32():
+def test_bf16_autocast_runs_only_the_networks_in_bf16():
+    """Under CPU bf16 autocast the UNet computes in bf16, but the latent, the noise, q_sample, the
+    target and the loss are float32 (diffusers' and k-diffusion's rule): mixed precision may change
+    the network's arithmetic, never the diffusion process it is trained on."""
     model = small_ldm()
+    seen: dict[str, torch.dtype] = {}
+
+    def spy(name, method):
+        def wrapped(*args, **kwargs):
+            out = method(*args, **kwargs)
+            seen.update({f"{name} arg{i}": a.dtype for i, a in enumerate(args) if torch.is_tensor(a)})
+            seen[f"{name} out"] = out.dtype
+            return out
+
+        return wrapped
+
+    model.encode_first_stage = spy("encode_first_stage", model.encode_first_stage)
+    model.q_sample = spy("q_sample", model.q_sample)  # (x_start, t, noise)
+    model.get_loss = spy("get_loss", model.get_loss)  # (prediction, target)
+    unet_out = []
+    model.model.diffusion_model.register_forward_hook(lambda m, i, o: unet_out.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model.shared_step(batch_for(OPTIMISED))
+    assert unet_out == [torch.bfloat16]  # autocast is really on for the network
+    assert seen == {
+        "encode_first_stage arg0": torch.float32,
+        "encode_first_stage out": torch.float32,  # latent (the encoder's convs ran in bf16)
+        "q_sample arg0": torch.float32,  # x_start
+        "q_sample arg1": torch.int64,  # t
+        "q_sample arg2": torch.float32,  # noise
+        "q_sample out": torch.float32,  # x_t
+        "get_loss arg0": torch.float32,  # prediction, cast back at the UNet's output
+        "get_loss arg1": torch.float32,  # target (the noise)
+        "get_loss out": torch.float32,
+    }
+    assert loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("loss_type", ["l1", "l2"])
+def test_bf16_training_step_is_within_bf16_tolerance_of_fp32(loss_type):
+    """Tolerance: bf16 keeps 8 significant bits (unit roundoff 2^-9 = 0.2 %), and every conv and
+    matmul of the UNet rounds its operands to it, forward and backward. Measured over 8 seeds on an
+    Intel Xeon (AMX and with ATEN_CPU_CAPABILITY=avx2): loss within 0.14 %, L2-loss gradients within
+    2.6-4.2 % (relative norm of the difference; rounding only the weights to bf16 already gives
+    1.2 %). The bounds below leave 2.5x (gradients) and 7x (loss) to other CPUs' kernels.
+    The L1 loss's gradient is sign(prediction - target): elements whose error is below bf16's
+    rounding flip sign, so its gradient is compared through L2 only (same network, same backward).
+    """
+    model = small_ldm(loss_type=loss_type)
     fp32 = OPTIMISED.replace(precision="fp32")
     loss_ref, grads_ref = loss_and_grads(model, batch_for(fp32), fp32)
     loss, grads = loss_and_grads(model, batch_for(OPTIMISED), OPTIMISED)
-    assert abs(loss.item() - loss_ref.item()) < 0.02 * loss_ref.item()
-    flat, flat_ref = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in grads_ref])
-    assert torch.nn.functional.cosine_similarity(flat, flat_ref, dim=0) > 0.99
+    assert abs(loss.item() - loss_ref.item()) < 0.01 * loss_ref.item()
     assert all(g.dtype == torch.float32 for g in grads)  # weights and their gradients stay fp32
+    if loss_type == "l2":
+        flat, flat_ref = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in grads_ref])
+        assert (flat - flat_ref).norm() < 0.1 * flat_ref.norm()
 
 
 def test_bf16_autocast_keeps_the_codebook_choice_and_decodes_close_to_fp32():

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch import loops as lightning_loops
 from lightning.pytorch.callbacks import ModelCheckpoint
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -47,6 +48,7 @@ from segldm.resilient_tracking import ResilientMLFlowLogger, RetryingClient, Tra
 from segldm.resume import (
     TrainingState,
     capture_rng,
+    check_lightning_internals,
     comparable_overrides,
     matching_run_folder,
     plan_resume,
@@ -564,3 +566,26 @@ def test_little_free_space_warns_at_start(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConfigWarning)
         validate_config(_checked(tmp_path, "reliability.min_free_gb=0"))
+
+
+@pytest.mark.parametrize(
+    ("owner", "name"),
+    [
+        (lightning_loops.training_epoch_loop._TrainingEpochLoop, "_should_check_val_fx"),
+        (L.Trainer, "_results"),
+    ],
+)
+def test_a_lightning_without_the_internals_exact_resume_reads_fails_at_start_up(monkeypatch, owner, name):
+    """Exact resume reads private Lightning state; a release that renamed it must stop before training."""
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    check_lightning_internals(trainer)  # the pinned Lightning has them all
+    monkeypatch.delattr(owner, name)
+    with pytest.raises(RuntimeError, match=rf"lightning .* lacks trainer\S*\.{name}, which segldm's exact resume"):
+        check_lightning_internals(trainer)
+
+
+def test_a_lightning_without_an_instance_attribute_exact_resume_reads_fails_at_start_up():
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    del trainer.fit_loop.epoch_loop._batches_that_stepped
+    with pytest.raises(RuntimeError, match=r"lacks trainer.fit_loop.epoch_loop._batches_that_stepped"):
+        check_lightning_internals(trainer)
