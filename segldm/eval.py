@@ -110,9 +110,18 @@ def generate_images(
     n_labels: int,
     ignore_label: int | None,
     cfg: DictConfig,
+    unet_calls: list[int] | None = None,
 ) -> list[np.ndarray]:
-    """One uint8 (H, W, 3) image per mask; sample i's generator is seeded with eval.seed + its index."""
+    """One uint8 (H, W, 3) image per mask; sample i's generator is seeded with eval.seed + its index.
+
+    `unet_calls`, when given, receives the batch size of every UNet forward (what sampling cost).
+    """
     device = model.device
+    hook = (
+        model.model.diffusion_model.register_forward_hook(lambda m, i, o: unet_calls.append(int(o.shape[0])))
+        if unet_calls is not None
+        else None
+    )
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, pair in enumerate(pairs):
         by_shape.setdefault(pair.labels.shape, []).append(i)
@@ -136,6 +145,8 @@ def generate_images(
                 for row, image in zip(chunk, to_uint8(out), strict=True):
                     images[row] = image
                 progress.update(len(chunk))
+    if hook is not None:
+        hook.remove()
     return images
 
 
@@ -432,7 +443,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     timings: dict[str, float] = {"load": time.time() - started}
 
     t0 = time.time()
-    generated = generate_images(model, pairs, model_labels, ignore_label, cfg)
+    unet_calls: list[int] = []
+    generated = generate_images(model, pairs, model_labels, ignore_label, cfg, unet_calls)
     timings["generate"] = time.time() - t0
     masks = [colour_mask(p.labels, n_labels, ignore_label) for p in pairs]
     write_images(out_dir, pairs, generated, masks)
@@ -502,6 +514,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "use_ema": bool(cfg.eval.use_ema and model.use_ema),
             "seed": int(cfg.eval.seed),
             "batch_size": int(cfg.eval.batch_size),
+            # counted, not assumed: logSNR spacing merges steps, guidance doubles calls
+            "unet_evaluations_per_image": sum(unet_calls) / max(1, len(pairs)),
         },
         **fid_metrics,
         "fid_backend": fid_info,

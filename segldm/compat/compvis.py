@@ -33,6 +33,7 @@ from segldm.checkpoints import (
     state_dict_of,
     wrong_kind,
 )
+from segldm.diffusion.ddim import ddim_steps_valid, nearest_valid_ddim_steps
 from segldm.models.autoencoder import Encoder
 from segldm.models.cond_stage import SpatialRescaler
 from segldm.models.ldm import LatentDiffusion
@@ -343,6 +344,15 @@ def _translate_scheduler(node: Any, key: str) -> tuple[str, dict[str, Any]]:
     return "lambda_linear", {"_target_": SEGLDM_TARGETS["scheduler"], **values}
 
 
+def default_ddim_steps(num_timesteps: int, preferred: int = 200) -> int:
+    """log_images' DDIM default (200 steps), or the nearest count below it that CompVis's +1 shift
+    keeps inside this model's schedule (200 steps crash the reference on T <= 200)."""
+    if ddim_steps_valid(preferred, num_timesteps):
+        return preferred
+    below, _ = nearest_valid_ddim_steps(preferred, num_timesteps)
+    return below or 1
+
+
 def _conditioning_key(params: Mapping[str, Any]) -> str:
     key = params.get("conditioning_key")
     if key is None:
@@ -437,7 +447,7 @@ def translate_config(config: str | Path | Mapping[str, Any]) -> Translation:
         "weight_decay": 0.01,  # torch AdamW default, which CompVis uses
         "adam_betas": [0.9, 0.999],
         "require_pretrained_first_stage": True,
-        "sampler": {"steps": 200, "eta": 1.0},  # log_images' DDIM defaults
+        "sampler": {"steps": default_ddim_steps(int(values["timesteps"])), "eta": 1.0},
         "unet": _translate_unet(params["unet_config"], "model.params.unet_config"),
         "first_stage": _translate_first_stage(
             params["first_stage_config"], "model.params.first_stage_config"

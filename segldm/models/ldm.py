@@ -185,7 +185,7 @@ class LatentDiffusion(L.LightningModule):
                 param.requires_grad = False
         self.colorize: torch.Tensor | None = None
         self._restarted_from_ckpt = False
-        # speed/memory paths (segldm/models/performance.py; README "Performance")
+        # speed/memory paths (segldm/models/performance.py; docs/performance.md)
         self.first_stage_inference_mode = first_stage_inference_mode
         self.fused_label_conditioning = fused_label_conditioning
         self.channels_last = channels_last

@@ -153,7 +153,8 @@ def test_eval_end_to_end(root: Path, ldm_ckpt: Path, inception: Path, segmenter_
         assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
     assert metrics["num_samples"] == 3 and metrics["global_step"] == 3
     # 3 samples, kid_subset_size 1000: one KID over all 3, no std, and the user was told before sampling
-    assert metrics["sampler"]["steps"] == 2 and metrics["kid_subset_size"] == 3 and metrics["kid_std"] is None
+    assert metrics["sampler"]["steps"] == 2 and metrics["sampler"]["unet_evaluations_per_image"] == 2
+    assert metrics["kid_subset_size"] == 3 and metrics["kid_std"] is None
     assert "KID is computed once over all 3 images" in proc.stdout
     assert metrics["fid_backend"]["weights"]["path"] == str(inception)
     assert metrics["segmenter"]["real_miou_at_training"] is not None

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from segldm.diffusion.ddim import ddim_parameters, ddim_sample, ddim_step, make_ddim_timesteps
+from segldm.diffusion.ddim import (
+    check_ddim_steps,
+    ddim_parameters,
+    ddim_sample,
+    ddim_step,
+    ddim_steps_valid,
+    make_ddim_timesteps,
+    nearest_valid_ddim_steps,
+)
 from segldm.diffusion.schedule import make_beta_schedule, schedule_buffers
 from tests.compvis_fixtures import load_io, model_fixture_dirs
 
@@ -19,6 +27,21 @@ def test_uniform_timesteps_shifted_by_one():
 def test_step_counts_that_crash_the_reference_are_refused_with_a_reason():
     with pytest.raises(ValueError, match="out of range"):
         make_ddim_timesteps("uniform", 3, 1000)
+
+
+def test_valid_step_counts_follow_the_closed_form_and_suggestions_are_the_nearest_valid():
+    """uniform: t = k * (T // S) + 1 for k < ceil(T / stride); valid iff the last t < T."""
+    T = 1000
+    closed = {S for S in range(1, T + 1) if (-(-T // (T // S)) - 1) * (T // S) + 1 < T}
+    assert {S for S in range(1, T + 1) if ddim_steps_valid(S, T)} == closed
+    for S in (3, 9, 27, 36, 37, *range(101, 112), *range(251, 334)):  # the reference's IndexError cases
+        assert not ddim_steps_valid(S, T)
+        below, above = nearest_valid_ddim_steps(S, T)
+        assert below in closed and not any(below < n < S for n in closed)
+        assert above in closed and not any(S < n < above for n in closed)
+    assert nearest_valid_ddim_steps(36, T) == (35, 38)
+    with pytest.raises(ValueError, match=r"eval.steps=36: .* 35 or 38"):
+        check_ddim_steps(36, T, "eval.steps")
 
 
 def test_eta_zero_has_no_noise_and_is_deterministic():
