@@ -16,6 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from segldm.config import downsample_factor
 from segldm.diffusion import SAMPLER_NAMES
 from segldm.diffusion.ddim import check_ddim_steps
+from segldm.models.discriminator import min_input_size
+from segldm.models.first_stage_loss import GAN_LOSSES
+from segldm.models.perceptual import PerceptualWeightsError, find_vgg16_weights, missing_weights_message
 
 
 class ConfigError(ValueError):
@@ -121,6 +124,33 @@ def _sampler_step_problems(cfg: DictConfig) -> list[str]:
             check_ddim_steps(int(steps), int(model.timesteps), key)
         except ValueError as err:
             problems.append(str(err))
+    return problems
+
+
+def _first_stage_loss_problems(cfg: DictConfig, loss: DictConfig) -> list[str]:
+    """The taming loss: a discriminator that fits the images, LPIPS weights that exist."""
+    problems = []
+    layers = int(loss.get("disc_num_layers", 3))
+    if layers < 1:
+        problems.append(f"model.loss.disc_num_layers={layers} must be >= 1")
+    elif cfg.data.size < min_input_size(layers):
+        fitting = max((n for n in range(1, layers) if cfg.data.size >= min_input_size(n)), default=None)
+        problems.append(
+            f"model.loss.disc_num_layers={layers}: the PatchGAN needs images of at least {min_input_size(layers)} px "
+            f"but data.size={cfg.data.size}; use "
+            + (f"model.loss.disc_num_layers={fitting} or " if fitting else "")
+            + f"data.size>={min_input_size(layers)}"
+        )
+    if loss.get("disc_loss", "hinge") not in GAN_LOSSES:
+        problems.append(f"model.loss.disc_loss={loss.get('disc_loss')!r}; use one of {list(GAN_LOSSES)}")
+    if float(loss.get("perceptual_weight", 1.0)) > 0:
+        try:
+            found = find_vgg16_weights(loss.get("vgg16_path"), loss.get("lpips_checkpoint"))
+        except PerceptualWeightsError as err:
+            problems.append(str(err))
+        else:
+            if found is None:
+                problems.append(missing_weights_message())
     return problems
 
 
@@ -236,6 +266,10 @@ def validate_config(cfg: DictConfig) -> None:
                 "`python -m segldm.train model=autoencoder`), or set model.require_pretrained_first_stage=false "
                 "for smoke tests"
             )
+
+    loss = model.get("loss")
+    if isinstance(loss, DictConfig) and str(loss.get("_target_", "")).endswith("VQLPIPSWithDiscriminator"):
+        problems += _first_stage_loss_problems(cfg, loss)
 
     _output_problems(cfg, problems)
     _reliability_problems(cfg, problems)

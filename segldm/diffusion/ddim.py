@@ -53,7 +53,9 @@ def ddim_steps_valid(num_ddim_timesteps: int, num_ddpm_timesteps: int, method: s
     """Whether CompVis's DDIM schedule with this many steps stays inside [0, num_ddpm_timesteps)."""
     if not 0 < num_ddim_timesteps <= num_ddpm_timesteps:
         return False
-    return bool(shifted_ddim_timesteps(method, num_ddim_timesteps, num_ddpm_timesteps)[-1] < num_ddpm_timesteps)
+    return bool(
+        shifted_ddim_timesteps(method, num_ddim_timesteps, num_ddpm_timesteps)[-1] < num_ddpm_timesteps
+    )
 
 
 def nearest_valid_ddim_steps(

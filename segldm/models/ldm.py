@@ -255,7 +255,9 @@ class LatentDiffusion(L.LightningModule):
         """
         if not self.first_stage_inference_mode:
             with torch.no_grad():
-                return self.first_stage_model.encode(x).to(torch.float32, memory_format=torch.contiguous_format)
+                return self.first_stage_model.encode(x).to(
+                    torch.float32, memory_format=torch.contiguous_format
+                )
         with torch.inference_mode():
             h = self.first_stage_model.encode(x)
         return h.to(torch.float32).clone(memory_format=torch.contiguous_format)

@@ -83,13 +83,15 @@ def assert_same_training_state(resumed: dict, reference: dict) -> None:
         k for k, v in reference["state_dict"].items() if not torch.equal(v, resumed["state_dict"][k])
     ]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
-    for ref_state, res_state in zip(
-        reference["optimizer_states"][0]["state"].values(),
-        resumed["optimizer_states"][0]["state"].values(),
-        strict=True,
-    ):
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(ref_state[key], res_state[key]), key
+    assert len(resumed["optimizer_states"]) == len(reference["optimizer_states"])
+    for ref_optimizer, res_optimizer in zip(
+        reference["optimizer_states"], resumed["optimizer_states"], strict=True
+    ):  # the taming first stage has two (autoencoder, discriminator)
+        for ref_state, res_state in zip(
+            ref_optimizer["state"].values(), res_optimizer["state"].values(), strict=True
+        ):
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(ref_state[key], res_state[key]), key
     assert resumed["lr_schedulers"] == reference["lr_schedulers"]
     loader = "combined_loader"
     fit_loop = "fit_loop"
@@ -116,12 +118,14 @@ def single_run(client: MlflowClient, run_name: str):
     return runs[0]
 
 
-def assert_same_metrics(client: MlflowClient, run_name: str, reference_id: str) -> None:
+def assert_same_metrics(
+    client: MlflowClient, run_name: str, reference_id: str, loss_key: str = "train/loss"
+) -> None:
     run = single_run(client, run_name)
     assert run.info.status == "FINISHED"
     reference, resumed = metric_history(client, reference_id), metric_history(client, run.info.run_id)
     assert sorted(resumed) == sorted(reference)
-    assert sorted(reference["train/loss"]) == list(range(MAX_STEPS))
+    assert sorted(reference[loss_key]) == list(range(MAX_STEPS))
     for key, steps in reference.items():
         assert resumed[key] == steps, key  # every step present, every recorded value the reference's
 
@@ -154,6 +158,50 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(reference):
     assert_same_training_state(load(folder / "checkpoints/last.ckpt"), final)
     assert_same_metrics(MlflowClient(f"sqlite:///{root}/outputs/mlflow.db"), "killed", reference_id)
     assert not list((folder / "checkpoints").glob(".*.tmp"))
+
+
+GAN_ARGS = [
+    "model=autoencoder",
+    "model/loss=taming",
+    *TINY_FIRST_STAGE,
+    *TINY_DATA,
+    *TINY_TRAINER,
+    "model.loss.perceptual_weight=0",  # offline; LPIPS's own path is tested in test_first_stage_loss
+    "model.loss.disc_ndf=8",
+    "model.loss.disc_start=3",  # the GAN terms switch on mid-run, before the kill
+    "model.base_learning_rate=1e-4",
+    f"trainer.max_steps={MAX_STEPS}",
+    "trainer.deterministic=true",
+]
+
+
+def test_two_optimizer_first_stage_resumes_exactly_after_sigkill(tmp_path):
+    """The taming stage (autoencoder + discriminator optimizers, BatchNorm statistics, manual
+    optimisation): killed mid-epoch and resumed, it ends where the uninterrupted run ends."""
+    train([*GAN_ARGS, "hydra.run.dir=${paths.output_root}/gan_reference", "run_name=gan_reference"], tmp_path)
+    final = load(tmp_path / "outputs/gan_reference/checkpoints/last.ckpt")
+    assert (
+        len(final["optimizer_states"]) == 2 and final["global_step"] == MAX_STEPS
+    )  # steps = autoencoder steps
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    reference_id = single_run(client, "gan_reference").info.run_id
+    logged = set(client.get_run(reference_id).data.metrics)
+    assert {
+        "train/aeloss", "train/discloss", "train/nll_loss", "train/g_loss", "train/d_weight", "train/disc_factor",
+        "train/quant_loss", "train/p_loss", "train/logits_real", "train/logits_fake", "val/rec_loss",
+    } <= logged  # fmt: skip
+    d_weights = {m.step: m.value for m in client.get_metric_history(reference_id, "train/d_weight")}
+    factors = {m.step: m.value for m in client.get_metric_history(reference_id, "train/disc_factor")}
+    assert factors[2] == 0.0 and factors[3] == 1.0 and d_weights[5] > 0
+
+    command = [*GAN_ARGS, "run_name=gan_killed", "resume=auto"]
+    folder = tmp_path / "outputs/runs/train/gan_killed"
+    proc = start_train(command, tmp_path)
+    output = signal_when(proc, folder / "checkpoints/step0000006.ckpt", signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, output[-3000:]
+    train(command, tmp_path)
+    assert_same_training_state(load(folder / "checkpoints/last.ckpt"), final)
+    assert_same_metrics(client, "gan_killed", reference_id, loss_key="train/aeloss")
 
 
 @pytest.mark.slow

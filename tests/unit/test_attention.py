@@ -23,7 +23,9 @@ def test_fallback_computes_the_same_attention_and_is_remembered(monkeypatch):
     real = F.scaled_dot_product_attention
     calls = []
 
-    def fused_fails_once(*args, **kwargs):  # the error PyTorch 2.14 raises on AMX with ATEN_CPU_CAPABILITY=avx2
+    def fused_fails_once(
+        *args, **kwargs
+    ):  # the error PyTorch 2.14 raises on AMX with ATEN_CPU_CAPABILITY=avx2
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("pack_vnni2 is only supported when avx512 is supported")

@@ -577,15 +577,21 @@ def test_little_free_space_warns_at_start(tmp_path):
 )
 def test_a_lightning_without_the_internals_exact_resume_reads_fails_at_start_up(monkeypatch, owner, name):
     """Exact resume reads private Lightning state; a release that renamed it must stop before training."""
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
     check_lightning_internals(trainer)  # the pinned Lightning has them all
     monkeypatch.delattr(owner, name)
-    with pytest.raises(RuntimeError, match=rf"lightning .* lacks trainer\S*\.{name}, which segldm's exact resume"):
+    with pytest.raises(
+        RuntimeError, match=rf"lightning .* lacks trainer\S*\.{name}, which segldm's exact resume"
+    ):
         check_lightning_internals(trainer)
 
 
 def test_a_lightning_without_an_instance_attribute_exact_resume_reads_fails_at_start_up():
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
     del trainer.fit_loop.epoch_loop._batches_that_stepped
     with pytest.raises(RuntimeError, match=r"lacks trainer.fit_loop.epoch_loop._batches_that_stepped"):
         check_lightning_internals(trainer)

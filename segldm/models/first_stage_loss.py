@@ -1,0 +1,152 @@
+"""The first stage's training loss as taming-transformers trains CompVis's VQ-f4.
+
+``VQLPIPSWithDiscriminator``: L1 reconstruction + LPIPS perceptual loss + PatchGAN adversarial loss
+with taming's adaptive weight, plus the codebook loss. Attribute names are taming's
+(``perceptual_loss``, ``discriminator``), so held by the training module as ``loss`` its state_dict
+keys are a taming/CompVis VQ checkpoint's ``loss.*``. The math is in small functions below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segldm.models.discriminator import NLayerDiscriminator, weights_init
+from segldm.models.perceptual import LPIPS
+
+GAN_LOSSES = ("hinge", "vanilla")
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """0.5 (E[relu(1 - D(x))] + E[relu(1 + D(x_rec))])."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """0.5 (E[softplus(-D(x))] + E[softplus(D(x_rec))]): the non-saturating GAN's discriminator loss."""
+    return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+
+
+def adopt_weight(weight: float, global_step: int, threshold: int = 0, value: float = 0.0) -> float:
+    """``weight`` from step ``threshold`` on, ``value`` before (taming's disc_start switch)."""
+    return value if global_step < threshold else weight
+
+
+def adaptive_weight(
+    nll_grads: torch.Tensor, g_grads: torch.Tensor, disc_weight: float = 1.0, max_weight: float = 1e4
+) -> torch.Tensor:
+    """taming's balance: ||grad nll|| / (||grad g|| + 1e-4), clamped to [0, 1e4], times disc_weight,
+    both gradients taken at the decoder's last layer."""
+    weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
+    return torch.clamp(weight, 0.0, max_weight).detach() * disc_weight
+
+
+class VQLPIPSWithDiscriminator(nn.Module):
+    """taming's ``VQLPIPSWithDiscriminator`` (same arguments, same terms, same logged names).
+
+    ``perceptual_weight: 0`` builds no LPIPS network (fully offline); ``vgg16_path`` and
+    ``lpips_checkpoint`` say where its backbone may come from (``segldm.models.perceptual``).
+    """
+
+    def __init__(
+        self,
+        disc_start: int,
+        codebook_weight: float = 1.0,
+        pixelloss_weight: float = 1.0,
+        disc_num_layers: int = 3,
+        disc_in_channels: int = 3,
+        disc_factor: float = 1.0,
+        disc_weight: float = 1.0,
+        perceptual_weight: float = 1.0,
+        use_actnorm: bool = False,
+        disc_conditional: bool = False,
+        disc_ndf: int = 64,
+        disc_loss: str = "hinge",
+        vgg16_path: str | Path | None = None,
+        lpips_checkpoint: str | Path | None = None,
+        perceptual_dropout: bool = True,
+    ) -> None:
+        super().__init__()
+        if disc_loss not in GAN_LOSSES:
+            raise ValueError(f"model.loss.disc_loss={disc_loss!r}; expected one of {GAN_LOSSES}")
+        if disc_conditional:
+            raise ValueError(
+                "model.loss.disc_conditional=true is not supported (the VQ-f4 recipe is unconditional)"
+            )
+        self.codebook_weight = codebook_weight
+        self.pixel_weight = pixelloss_weight
+        self.perceptual_weight = perceptual_weight
+        self.perceptual_loss = (
+            LPIPS(vgg16_path, lpips_checkpoint, perceptual_dropout) if perceptual_weight > 0 else None
+        )
+        self.discriminator = NLayerDiscriminator(
+            input_nc=disc_in_channels, n_layers=disc_num_layers, use_actnorm=use_actnorm, ndf=disc_ndf
+        ).apply(weights_init)
+        self.discriminator_iter_start = disc_start
+        self.disc_loss = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
+        self.disc_factor = disc_factor
+        self.discriminator_weight = disc_weight
+
+    def reconstruction_terms(
+        self, inputs: torch.Tensor, reconstructions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(nll_loss, rec_loss map, p_loss): mean of |x - x_rec| + perceptual_weight * LPIPS."""
+        rec_loss = torch.abs(inputs.contiguous() - reconstructions.contiguous())
+        if self.perceptual_loss is not None:
+            p_loss = self.perceptual_loss(inputs.contiguous(), reconstructions.contiguous())
+            rec_loss = rec_loss + self.perceptual_weight * p_loss
+        else:
+            p_loss = torch.zeros((), device=inputs.device)
+        return rec_loss.mean(), rec_loss, p_loss
+
+    def generator_loss(
+        self,
+        codebook_loss: torch.Tensor,
+        inputs: torch.Tensor,
+        reconstructions: torch.Tensor,
+        global_step: int,
+        last_layer: torch.Tensor | None,
+        split: str = "train",
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The autoencoder's loss (taming's optimizer_idx 0). Without `last_layer` (validation) the
+        adaptive weight is 0, as taming's fallback outside training."""
+        nll_loss, rec_loss, p_loss = self.reconstruction_terms(inputs, reconstructions)
+        logits_fake = self.discriminator(reconstructions.contiguous())
+        g_loss = -torch.mean(logits_fake)
+        if last_layer is not None and torch.is_grad_enabled():
+            nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+            g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+            d_weight = adaptive_weight(nll_grads, g_grads, self.discriminator_weight)
+        else:
+            d_weight = torch.zeros((), device=inputs.device)
+        disc_factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
+        loss = nll_loss + d_weight * disc_factor * g_loss + self.codebook_weight * codebook_loss.mean()
+        logs = {
+            f"{split}/total_loss": loss.detach(),
+            f"{split}/quant_loss": codebook_loss.detach().mean(),
+            f"{split}/nll_loss": nll_loss.detach(),
+            f"{split}/rec_loss": rec_loss.detach().mean(),
+            f"{split}/p_loss": p_loss.detach().mean(),
+            f"{split}/d_weight": d_weight.detach(),
+            f"{split}/disc_factor": torch.tensor(float(disc_factor)),
+            f"{split}/g_loss": g_loss.detach(),
+        }
+        return loss, logs
+
+    def discriminator_loss(
+        self, inputs: torch.Tensor, reconstructions: torch.Tensor, global_step: int, split: str = "train"
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The discriminator's loss (taming's optimizer_idx 1), on detached images."""
+        logits_real = self.discriminator(inputs.contiguous().detach())
+        logits_fake = self.discriminator(reconstructions.contiguous().detach())
+        disc_factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
+        d_loss = disc_factor * self.disc_loss(logits_real, logits_fake)
+        logs = {
+            f"{split}/disc_loss": d_loss.detach(),
+            f"{split}/logits_real": logits_real.detach().mean(),
+            f"{split}/logits_fake": logits_fake.detach().mean(),
+        }
+        return d_loss, logs
