@@ -143,7 +143,7 @@ def _first_stage_loss_problems(cfg: DictConfig, loss: DictConfig) -> list[str]:
         )
     if loss.get("disc_loss", "hinge") not in GAN_LOSSES:
         problems.append(f"model.loss.disc_loss={loss.get('disc_loss')!r}; use one of {list(GAN_LOSSES)}")
-    if float(loss.get("perceptual_weight", 1.0)) > 0:
+    if float(loss.get("perceptual_weight", 1.0)) > 0 and loss.get("perceptual_required", True):
         try:
             found = find_vgg16_weights(loss.get("vgg16_path"), loss.get("lpips_checkpoint"))
         except PerceptualWeightsError as err:

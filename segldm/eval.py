@@ -26,45 +26,57 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
 import segldm  # noqa: F401  (config resolvers)
-from segldm.checkpoints import ldm_from_checkpoint, read_checkpoint
+from segldm.checkpoints import checkpoint_kind, ldm_from_checkpoint, read_checkpoint
+from segldm.compat.compvis import load_compvis
 from segldm.data.transforms import one_hot
+from segldm.eval_common import instantiate_plain, log_eval_run, real_feature_key, select_pairs
+from segldm.eval_first_stage import evaluate_first_stage
 from segldm.metrics.fid import (
     EXTRACTOR_NAME,
     InceptionFeatures,
-    InceptionWeights,
     cached_features,
     fid_kid,
     kid_plan,
     resolve_inception_weights,
 )
 from segldm.metrics.miou import SegmentationScores
-from segldm.metrics.segmenters import RealPair, Segmenter, real_pairs, segment_scores
+from segldm.metrics.reconstruction import reconstruct
+from segldm.metrics.segmenters import RealPair, Segmenter, segment_scores
 from segldm.models.ldm import LatentDiffusion
 from segldm.sample import Mask, check_mask, resolve_device, size_multiple, to_uint8
-from segldm.tracking import check_tracking_uri, git_commit
 from segldm.visualize import colorize_labels, save_grid
 
 log = logging.getLogger(__name__)
-METRIC_KEYS = ("fid", "kid_mean", "kid_std", "miou", "pixel_accuracy", "miou_real", "pixel_accuracy_real")
+METRIC_KEYS = (
+    "fid",
+    "kid_mean",
+    "kid_std",
+    "first_stage_rfid",
+    "miou",
+    "pixel_accuracy",
+    "miou_real",
+    "pixel_accuracy_real",
+)
 
 
-def load_checkpoint_model(cfg: DictConfig, device: torch.device) -> tuple[LatentDiffusion, int | None]:
+def load_checkpoint_model(
+    cfg: DictConfig, device: torch.device, checkpoint: Mapping[str, Any] | None = None
+) -> tuple[LatentDiffusion, int | None]:
     """The LDM (native, or CompVis with ``compvis_config``) and the training step it was saved at."""
     if cfg.get("compvis_config"):
-        from segldm.compat.compvis import load_compvis
-
         model = load_compvis(
             cfg.compvis_config, cfg.ckpt, trust_checkpoint=bool(cfg.trust_checkpoint), device=device
         )
         return model, None
-    checkpoint = read_checkpoint(cfg.ckpt, what="LDM checkpoint", trust_checkpoint=bool(cfg.trust_checkpoint))
+    if checkpoint is None:
+        checkpoint = read_checkpoint(
+            cfg.ckpt, what="LDM checkpoint", trust_checkpoint=bool(cfg.trust_checkpoint)
+        )
     model = ldm_from_checkpoint(checkpoint, cfg.ckpt, device)
     step = checkpoint.get("global_step")
     return model, int(step) if isinstance(step, int) else None
@@ -81,26 +93,6 @@ def data_config(cfg: DictConfig, model: LatentDiffusion) -> DictConfig:
             "e.g. data=sflckr data.root=<folder>"
         )
     return OmegaConf.create(dict(stored))
-
-
-def select_pairs(dataset: Any, num_samples: int | None, need_images: bool) -> list[RealPair]:
-    """The first ``num_samples`` validation samples (all when None), checked for masks and images."""
-    total = len(dataset)
-    if num_samples is not None and not 0 < int(num_samples) <= total:
-        raise ValueError(
-            f"eval.num_samples={num_samples}, but the validation split has {total} samples; use 1..{total} "
-            "or eval.num_samples=null (all)"
-        )
-    count = total if num_samples is None else int(num_samples)
-    pairs = list(real_pairs(dataset, count, log=log))
-    if not pairs:
-        raise ValueError(f"none of the first {count} validation samples could be read (all skipped)")
-    if need_images and any(p.image is None for p in pairs):
-        raise ValueError(
-            f"{type(dataset).__name__} yields masks without real images ('image' key): FID/KID and the "
-            "real-image mIoU need them; use a dataset with images or eval.fid.backend=none"
-        )
-    return pairs
 
 
 @torch.no_grad()
@@ -186,28 +178,6 @@ def run_segmenter(
         )
 
 
-def real_feature_key(
-    data_cfg: DictConfig, pairs: Sequence[RealPair], weights: InceptionWeights
-) -> dict[str, Any]:
-    """What the cached real-image features depend on: dataset config, split, the sample indices, sizes, weights."""
-    from segldm.metrics.fid import file_sha256
-
-    data = OmegaConf.to_container(data_cfg, resolve=True)
-    relevant = {
-        k: v
-        for k, v in data.items()
-        if k not in ("batch_size", "num_workers", "pin_memory", "persistent_workers")
-    }
-    return {
-        "data": relevant,
-        "split": "validation",
-        "indices": [p.index for p in pairs],
-        "sizes": sorted({tuple(p.image.shape) for p in pairs if p.image is not None}),
-        "extractor": EXTRACTOR_NAME,
-        "weights_sha256": file_sha256(weights.path),
-    }
-
-
 def per_class_rows(
     generated: SegmentationScores,
     real: SegmentationScores,
@@ -257,6 +227,8 @@ def write_report(out_dir: Path, metrics: Mapping[str, Any], grid: Path | None) -
         f"| mIoU | {fmt(metrics['miou'])} | {fmt(metrics['miou_real'])} |",
         f"| pixel accuracy | {fmt(metrics['pixel_accuracy'])} | {fmt(metrics['pixel_accuracy_real'])} |",
         f"| FID | {fmt(metrics.get('fid'), 2)} | |",
+        f"| first-stage rFID (the ceiling: its reconstructions of the same real images) | "
+        f"{fmt(metrics.get('first_stage_rfid'), 2)} | |",
         f"| KID (x1000) | {fmt(None if metrics.get('kid_mean') is None else 1000 * metrics['kid_mean'], 2)}"
         f" ± {fmt(None if metrics.get('kid_std') is None else 1000 * metrics['kid_std'], 2)} | |",
         "",
@@ -287,83 +259,10 @@ def write_report(out_dir: Path, metrics: Mapping[str, Any], grid: Path | None) -
     return path
 
 
-def find_source_run(client: Any, ckpt: Path) -> Any | None:
-    """The training run that wrote this checkpoint: its ``segldm.checkpoint_dir`` tag is the file's folder."""
-    folder = str(ckpt.resolve().parent)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    if not experiments:
-        return None
-    runs = client.search_runs(
-        experiments,
-        filter_string=f"tags.`segldm.checkpoint_dir` = '{folder}'",
-        order_by=["attributes.start_time DESC"],
-    )
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    return (finished or runs or [None])[0]
-
-
-def flat_params(cfg: DictConfig) -> dict[str, str]:
-    """Eval settings as MLflow params (values as strings, MLflow's 6000-char limit)."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    out: dict[str, str] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, Mapping):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        else:
-            out[prefix] = str(value)[:6000]
-
-    for key in ("ckpt", "eval", "segmenter", "device"):
-        walk(key, container.get(key))
-    data = container.get("data")
-    if isinstance(data, Mapping):
-        walk("data._target_", data.get("_target_"))
-    return out
-
-
 def log_to_mlflow(
     cfg: DictConfig, out_dir: Path, metrics: dict[str, Any], files: Sequence[Path]
 ) -> dict[str, str] | None:
-    """An MLflow run with the metrics, params, report files, and tags naming the checkpoint and its run."""
-    logger_cfg = (cfg.get("logger") or {}).get("mlflow")
-    if (
-        not logger_cfg or "tracking_uri" not in logger_cfg
-    ):  # logger=none (only eval.yaml's experiment_name left)
-        return None
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
-
-    uri = str(logger_cfg.tracking_uri)
-    check_tracking_uri(uri)
-    client = MlflowClient(tracking_uri=uri)
-    ckpt = Path(str(cfg.ckpt))
-    source = find_source_run(client, ckpt)
-    name = logger_cfg.get("experiment_name") or (
-        client.get_experiment(source.info.experiment_id).name if source else "eval"
-    )
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        artifact_location = logger_cfg.get("artifact_location") if not uri.startswith("http") else None
-        experiment_id = client.create_experiment(
-            name, artifact_location=f"{artifact_location}/{name}" if artifact_location else None
-        )
-    else:
-        experiment_id = experiment.experiment_id
-    tags = {
-        "segldm.task": "eval",
-        "segldm.source_checkpoint": str(ckpt.resolve()),
-        "segldm.output_dir": str(out_dir),
-        "mlflow.source.git.commit": git_commit(cfg.paths.root_dir),
-    }
-    if source is not None:
-        tags["segldm.source_run_id"] = source.info.run_id
-    if metrics.get("global_step") is not None:
-        tags["segldm.source_step"] = str(metrics["global_step"])
-    run = client.create_run(experiment_id, run_name=cfg.get("run_name") or f"eval-{ckpt.stem}", tags=tags)
-    run_id = run.info.run_id
-    now = int(time.time() * 1000)
-    step = int(metrics.get("global_step") or 0)
+    """An MLflow run with the metrics (and per-class IoUs), params, report files, tagged with the checkpoint."""
     values = {
         k: metrics[k] for k in METRIC_KEYS if isinstance(metrics.get(k), float) and math.isfinite(metrics[k])
     }
@@ -371,41 +270,23 @@ def log_to_mlflow(
         for which in ("generated", "real"):
             if row[f"iou_{which}"] is not None:
                 values[f"iou_{which}/{row['name']}"] = float(row[f"iou_{which}"])
-    client.log_batch(
-        run_id,
-        metrics=[Metric(k, v, now, step) for k, v in values.items()],
-        params=[Param(k, v) for k, v in flat_params(cfg).items()],
-    )
-    for path in files:
-        client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id)
-    if source is not None and cfg.eval.log_to_source_run:
-        headline = {f"eval/{k}": v for k, v in values.items() if k in METRIC_KEYS}
-        client.log_batch(source.info.run_id, metrics=[Metric(k, v, now, step) for k, v in headline.items()])
-    return {
-        "run_id": run_id,
-        "experiment": name,
-        "tracking_uri": uri,
-        **({"source_run_id": source.info.run_id} if source else {}),
-    }
-
-
-def instantiate_plain(config: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` that raises the target's own error (missing file, wrong kind) unwrapped."""
-    try:
-        return instantiate(config, **kwargs)
-    except InstantiationException as err:
-        if err.__cause__ is not None:
-            raise err.__cause__ from None
-        raise
+    return log_eval_run(cfg, out_dir, values, metrics.get("global_step"), files, METRIC_KEYS)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Generate, segment, measure; returns the metrics dict also written to ``metrics.json``."""
+    """Generate, segment, measure; returns the metrics dict also written to ``metrics.json``.
+
+    A first-stage checkpoint is scored on its reconstructions instead (:mod:`segldm.eval_first_stage`).
+    """
     started = time.time()
     device = resolve_device(str(cfg.device))
     out_dir = Path(cfg.paths.output_dir)
-    model, global_step = load_checkpoint_model(cfg, device)
+    checkpoint = None
+    if not cfg.get("compvis_config"):
+        checkpoint = read_checkpoint(cfg.ckpt, what="checkpoint", trust_checkpoint=bool(cfg.trust_checkpoint))
+        if checkpoint_kind(checkpoint) == "segldm-autoencoder":
+            return evaluate_first_stage(cfg, checkpoint)
+    model, global_step = load_checkpoint_model(cfg, device, checkpoint)
     data_cfg = data_config(cfg, model)
     datamodule = instantiate_plain(data_cfg)
     n_labels, ignore_label = int(datamodule.n_labels), datamodule.ignore_label
@@ -476,6 +357,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             lambda: extractor(real_images, desc="Inception features (real)"),
         )
         fid_metrics = fid_kid(fake, real, int(cfg.eval.fid.kid_subsets), int(cfg.eval.fid.kid_subset_size))
+        # the ceiling: the first stage's own reconstructions of the same real images, at the same N
+        reconstructed = reconstruct(
+            model.first_stage_model,
+            real_images,
+            int(cfg.eval.batch_size),
+            device,
+            desc="first-stage reconstructions",
+        )
+        rfid = fid_kid(
+            extractor(reconstructed, desc="Inception features (reconstructed)"),
+            real,
+            int(cfg.eval.fid.kid_subsets),
+            int(cfg.eval.fid.kid_subset_size),
+        )
+        fid_metrics["first_stage_rfid"] = rfid["fid"]
         fid_info |= {
             "implementation": f"torch-fidelity {torch_fidelity.__version__} {EXTRACTOR_NAME} pool3 (2048-d)",
             "weights": weights.describe(),
@@ -551,7 +447,8 @@ def print_summary(metrics: Mapping[str, Any]) -> None:
         f"{metrics['num_samples']} samples ({s['name']} {s['steps']} steps, eta {s['eta']}) from {metrics['checkpoint']}",
         f"mIoU            {fmt(metrics['miou'])} (real images: {fmt(metrics['miou_real'])})",
         f"pixel accuracy  {fmt(metrics['pixel_accuracy'])} (real images: {fmt(metrics['pixel_accuracy_real'])})",
-        f"FID             {fmt(metrics.get('fid'), 3)}",
+        f"FID             {fmt(metrics.get('fid'), 3)} (its first stage's rFID at this N, the ceiling: "
+        f"{fmt(metrics.get('first_stage_rfid'), 3)})",
         f"KID             {fmt(metrics.get('kid_mean'), 5)} ± {fmt(metrics.get('kid_std'), 5)}",
         f"outputs:        {metrics['output_dir']} (metrics.json, report.md)",
     ]

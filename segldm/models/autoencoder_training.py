@@ -97,6 +97,13 @@ class VQAutoencoderModule(L.LightningModule):
         opt_ae.step()
         self.untoggle_optimizer(opt_ae)
         step = self.global_step - 1  # the generator step just counted; taming used one step for both
+        if not self.loss.discriminator_active(step):
+            self.step_schedulers()
+            self.log("train/aeloss", ae_loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+            self.log_dict(
+                logs | codebook_usage(indices, self.vq.quantize.n_e, "train"), on_step=True, on_epoch=False
+            )
+            return ae_loss
         # taming runs the discriminator's step on a fresh forward of the updated autoencoder
         with torch.no_grad():
             reconstruction_after = self(x)[0]
@@ -105,14 +112,18 @@ class VQAutoencoderModule(L.LightningModule):
         disc.zero_grad()
         self.manual_backward(d_loss)
         disc.step()  # the raw optimizer: not counted as a training step
-        schedulers = self.lr_schedulers()
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
-            scheduler.step()
+        self.step_schedulers()
         logs |= d_logs | codebook_usage(indices, self.vq.quantize.n_e, "train")
         self.log("train/aeloss", ae_loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/discloss", d_loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         self.log_dict(logs, on_step=True, on_epoch=False)
         return ae_loss
+
+    def step_schedulers(self) -> None:
+        """Manual optimisation steps the LR schedules itself, once per training step."""
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+            scheduler.step()
 
     def last_layer(self) -> torch.Tensor:
         """The decoder's output conv weight: where taming's adaptive weight compares gradients."""

@@ -8,6 +8,7 @@ keys are a taming/CompVis VQ checkpoint's ``loss.*``. The math is in small funct
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segldm.models.discriminator import NLayerDiscriminator, weights_init
-from segldm.models.perceptual import LPIPS
+from segldm.models.perceptual import LPIPS, find_vgg16_weights, missing_weights_message
 
 GAN_LOSSES = ("hinge", "vanilla")
 
@@ -68,6 +69,8 @@ class VQLPIPSWithDiscriminator(nn.Module):
         vgg16_path: str | Path | None = None,
         lpips_checkpoint: str | Path | None = None,
         perceptual_dropout: bool = True,
+        discriminator_before_start: bool = False,
+        perceptual_required: bool = True,
     ) -> None:
         super().__init__()
         if disc_loss not in GAN_LOSSES:
@@ -76,6 +79,18 @@ class VQLPIPSWithDiscriminator(nn.Module):
             raise ValueError(
                 "model.loss.disc_conditional=true is not supported (the VQ-f4 recipe is unconditional)"
             )
+        if (
+            perceptual_weight > 0
+            and not perceptual_required
+            and find_vgg16_weights(vgg16_path, lpips_checkpoint) is None
+        ):
+            warnings.warn(
+                "no VGG16 weights for LPIPS (model.loss.perceptual_required=false): training without the "
+                "perceptual term. " + missing_weights_message(),
+                UserWarning,
+                stacklevel=2,
+            )
+            perceptual_weight = 0.0
         self.codebook_weight = codebook_weight
         self.pixel_weight = pixelloss_weight
         self.perceptual_weight = perceptual_weight
@@ -89,6 +104,9 @@ class VQLPIPSWithDiscriminator(nn.Module):
         self.disc_loss = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
         self.disc_factor = disc_factor
         self.discriminator_weight = disc_weight
+        # taming runs the discriminator (forward, adaptive weight, its own step) also before disc_start,
+        # where every GAN term is multiplied by 0; skipping it leaves the autoencoder's update unchanged
+        self.discriminator_before_start = discriminator_before_start
 
     def reconstruction_terms(
         self, inputs: torch.Tensor, reconstructions: torch.Tensor
@@ -114,15 +132,18 @@ class VQLPIPSWithDiscriminator(nn.Module):
         """The autoencoder's loss (taming's optimizer_idx 0). Without `last_layer` (validation) the
         adaptive weight is 0, as taming's fallback outside training."""
         nll_loss, rec_loss, p_loss = self.reconstruction_terms(inputs, reconstructions)
-        logits_fake = self.discriminator(reconstructions.contiguous())
-        g_loss = -torch.mean(logits_fake)
-        if last_layer is not None and torch.is_grad_enabled():
+        disc_factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
+        if not self.discriminator_active(global_step):
+            g_loss = torch.zeros((), device=inputs.device)
+            d_weight = torch.zeros((), device=inputs.device)
+        elif last_layer is not None and torch.is_grad_enabled():
+            g_loss = -torch.mean(self.discriminator(reconstructions.contiguous()))
             nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
             g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
             d_weight = adaptive_weight(nll_grads, g_grads, self.discriminator_weight)
         else:
+            g_loss = -torch.mean(self.discriminator(reconstructions.contiguous()))
             d_weight = torch.zeros((), device=inputs.device)
-        disc_factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
         loss = nll_loss + d_weight * disc_factor * g_loss + self.codebook_weight * codebook_loss.mean()
         logs = {
             f"{split}/total_loss": loss.detach(),
@@ -135,6 +156,12 @@ class VQLPIPSWithDiscriminator(nn.Module):
             f"{split}/g_loss": g_loss.detach(),
         }
         return loss, logs
+
+    def discriminator_active(self, global_step: int) -> bool:
+        """Whether the GAN terms are computed at this step (always with discriminator_before_start)."""
+        if self.discriminator_before_start:
+            return True
+        return adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start) != 0
 
     def discriminator_loss(
         self, inputs: torch.Tensor, reconstructions: torch.Tensor, global_step: int, split: str = "train"

@@ -21,6 +21,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from PIL import Image
 from torch.utils.data import Dataset
 
 from segldm.checkpoints import CheckpointError, build_ldm, ldm_checkpoint, save_checkpoint
@@ -155,6 +156,7 @@ def test_eval_end_to_end(root: Path, ldm_ckpt: Path, inception: Path, segmenter_
     # 3 samples, kid_subset_size 1000: one KID over all 3, no std, and the user was told before sampling
     assert metrics["sampler"]["steps"] == 2 and metrics["sampler"]["unet_evaluations_per_image"] == 2
     assert metrics["kid_subset_size"] == 3 and metrics["kid_std"] is None
+    assert isinstance(metrics["first_stage_rfid"], float) and "first stage's rFID at this N" in proc.stdout
     assert "KID is computed once over all 3 images" in proc.stdout
     assert metrics["fid_backend"]["weights"]["path"] == str(inception)
     assert metrics["segmenter"]["real_miou_at_training"] is not None
@@ -269,3 +271,70 @@ def test_eval_config_composes_each_segmenter_and_requires_ckpt(option: str, targ
     with pytest.raises(MissingMandatoryValue, match="ckpt"):
         _ = cfg.ckpt
     assert compose_eval(["ckpt=x", "data=synthetic", "paths.output_dir=/tmp/x"]).data.n_labels == 8
+
+
+@pytest.fixture(scope="module")
+def autoencoder_ckpt(root: Path) -> Path:
+    """An untrained tiny first stage saved as segldm.train writes one (vq.* keys, its config, kind)."""
+    cfg = compose_train(
+        ["model=autoencoder", *TINY_DATA, *EVAL_DATA, *TINY_FIRST_STAGE, f"paths.root_dir={root}"]
+    )
+    torch.manual_seed(0)
+    vq = instantiate(cfg.model.first_stage)
+    config = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+    }
+    path = root / "outputs" / "ae_run" / "checkpoints" / "step0000005.ckpt"
+    state = {f"vq.{k}": v for k, v in vq.state_dict().items()}
+    save_checkpoint(
+        {"state_dict": state, "global_step": 5, "segldm": {"kind": "autoencoder", "config": config}}, path
+    )
+    return path
+
+
+def test_first_stage_checkpoint_is_scored_on_its_reconstructions(
+    root: Path, autoencoder_ckpt: Path, inception: Path, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from segldm.metrics.reconstruction import l1_error, psnr
+
+    client = MlflowClient(f"sqlite:///{root}/outputs/mlflow.db")
+    experiment_id = client.create_experiment("tiny-first-stage")
+    training = client.create_run(experiment_id, tags={"segldm.checkpoint_dir": str(autoencoder_ckpt.parent)})
+    client.set_terminated(training.info.run_id)
+    vgg = tmp_path / "vgg16.pth"
+    torch.save(__import__("torchvision").models.vgg16(weights=None).state_dict(), vgg)
+    out = tmp_path / "rfid"
+    args = [
+        f"ckpt={autoencoder_ckpt}",
+        f"eval.fid.weights_path={inception}",
+        f"eval.lpips_vgg16_path={vgg}",
+        f"hydra.run.dir={out}",
+    ]
+    proc = run("segldm.eval", args, root)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["kind"] == "first_stage" and metrics["num_samples"] == 3 and metrics["global_step"] == 5
+    for key in ("rfid", "l1", "psnr", "lpips"):
+        assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
+    names = [f"val_0000{i}.png" for i in range(3)]
+    assert sorted(p.name for p in (out / "reconstructed").iterdir()) == names
+    real = [np.asarray(Image.open(out / "real" / n)) for n in names]
+    reconstructed = [np.asarray(Image.open(out / "reconstructed" / n)) for n in names]
+    assert metrics["l1"] == pytest.approx(l1_error(real, reconstructed)) and metrics["l1"] > 0
+    assert metrics["psnr"] == pytest.approx(psnr(real, reconstructed))
+    assert "rFID" in proc.stdout and (out / "report.md").is_file() and (out / "grid.png").is_file()
+    source = client.get_run(training.info.run_id).data.metrics
+    assert source["eval/rfid"] == pytest.approx(metrics["rfid"]) and source["eval/psnr"] == pytest.approx(
+        metrics["psnr"]
+    )
+
+
+def test_reconstruction_metrics_are_their_closed_forms() -> None:
+    from segldm.metrics.reconstruction import l1_error, psnr
+
+    a = [np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 3), 100, np.uint8)]
+    b = [np.full((2, 2, 3), 10, np.uint8), np.full((2, 2, 3), 100, np.uint8)]
+    assert l1_error(a, b) == pytest.approx(5 / 127.5)  # mean |diff| 10 over half the pixels
+    assert psnr(a, b) == pytest.approx((10 * np.log10(255**2 / 100) + 100) / 2)  # identical image: 100 dB
