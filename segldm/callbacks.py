@@ -1,7 +1,10 @@
-"""Lightning callbacks of segldm: sample grids written to the run folder and to MLflow."""
+"""Lightning callbacks of segldm: sample grids written to the run folder and to MLflow, and a
+progress line in the run's log (visible also when the output is piped to a file)."""
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from segldm.data.transforms import collate_samples
 from segldm.visualize import colorize_labels, save_grid
+
+log = logging.getLogger(__name__)
 
 
 def log_artifact(trainer: L.Trainer, path: Path, artifact_path: str) -> None:
@@ -88,3 +93,47 @@ class SampleGridLogger(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.write(trainer, module)
+
+
+class ProgressLog(L.Callback):
+    """A log line every ``every_n_seconds``: step, share done, seconds per step, ETA, the progress-bar
+    metrics. Hydra sends it to the terminal and to the run's ``<task>.log``, so `make train > log`
+    shows progress too (the rich bar draws only on a terminal)."""
+
+    def __init__(self, every_n_seconds: float = 30.0) -> None:
+        self.every_n_seconds = every_n_seconds
+        self._started = 0.0
+        self._first_step = 0
+        self._last = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = self._last = time.monotonic()
+        self._first_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.every_n_seconds and trainer.is_global_zero:
+            self._last = now
+            log.info("%s", self.line(trainer, now))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            log.info("%s", self.line(trainer, time.monotonic()))
+
+    def line(self, trainer: L.Trainer, now: float) -> str:
+        step, total = trainer.global_step, trainer.max_steps
+        done = step - self._first_step
+        per_step = (now - self._started) / done if done > 0 else float("nan")
+        parts = [f"step {step}" + (f"/{total} ({100 * step / total:.0f}%)" if total and total > 0 else "")]
+        if done > 0:
+            parts.append(f"{per_step:.2f} s/step")
+            if total and total > 0:
+                parts.append(f"ETA {format_seconds(per_step * max(total - step, 0))}")
+        metrics = {k: v for k, v in trainer.progress_bar_metrics.items() if isinstance(v, float)}
+        parts += [f"{k} {v:.4f}" for k, v in sorted(metrics.items())]
+        return " | ".join(parts)
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
