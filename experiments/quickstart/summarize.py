@@ -28,7 +28,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def mask_accuracy(images: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean([(nearest_color_labels(i) == lab).mean() for i, lab in zip(images, labels, strict=True)]))
+    return float(
+        np.mean([(nearest_color_labels(i) == lab).mean() for i, lab in zip(images, labels, strict=True)])
+    )
 
 
 def main() -> None:
@@ -44,7 +46,9 @@ def main() -> None:
     rows = []
     for name in ("quickstart-autoencoder", "quickstart-ldm"):
         run = client.search_runs(
-            [experiment.experiment_id], f"attributes.run_name = '{name}'", order_by=["attributes.start_time DESC"]
+            [experiment.experiment_id],
+            f"attributes.run_name = '{name}'",
+            order_by=["attributes.start_time DESC"],
         )[0]
         seconds = (run.info.end_time - run.info.start_time) / 1000
         steps = int(run.data.params["trainer/max_steps"])

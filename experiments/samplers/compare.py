@@ -114,7 +114,11 @@ def count_unet_evaluations(setting: str) -> float:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             "train",
-            ["experiment=quickstart", "model.first_stage.ckpt_path=null", "model.require_pretrained_first_stage=false"],
+            [
+                "experiment=quickstart",
+                "model.first_stage.ckpt_path=null",
+                "model.require_pretrained_first_stage=false",
+            ],
         )
     model = instantiate(cfg.model).eval()
     calls: list[int] = []
@@ -172,7 +176,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default="outputs/samplers")
     parser.add_argument("--only", nargs="*", default=None)
-    parser.add_argument("--recount", action="store_true", help="recount UNet evaluations of results.json's rows")
+    parser.add_argument(
+        "--recount", action="store_true", help="recount UNet evaluations of results.json's rows"
+    )
     args = parser.parse_args()
     if args.recount:
         stored = json.loads((HERE / "results.json").read_text())

@@ -9,6 +9,7 @@ taming's `loss.*` keys as they are; `load_first_stage_weights` reads the VQ back
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -120,10 +121,13 @@ class VQAutoencoderModule(L.LightningModule):
         return ae_loss
 
     def step_schedulers(self) -> None:
-        """Manual optimisation steps the LR schedules itself, once per training step."""
+        """Manual optimisation steps the LR schedules itself, once per training step (both schedules,
+        also while the discriminator waits for disc_start, so its lr is the step's as in taming)."""
         schedulers = self.lr_schedulers()
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
-            scheduler.step()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+                scheduler.step()
 
     def last_layer(self) -> torch.Tensor:
         """The decoder's output conv weight: where taming's adaptive weight compares gradients."""

@@ -261,3 +261,16 @@ def test_taming_config_instantiates_the_training_module_with_two_optimizers(tmp_
     keys = set(module.state_dict())
     assert "loss.perceptual_loss.net.slice1.0.weight" in keys and "loss.discriminator.main.0.weight" in keys
     assert "loss.perceptual_loss.lin0.model.1.weight" in keys and "vq.decoder.conv_out.weight" in keys
+
+
+def test_quickstart_first_stage_trains_with_the_gan_and_lpips_only_when_weights_exist(
+    tmp_path, no_torchvision_cache, vgg16_file
+):
+    cfg = compose_train(["experiment=quickstart_autoencoder", f"paths.output_root={tmp_path}"])
+    validate_config(cfg)  # no VGG16 anywhere: still valid (perceptual_required: false)
+    assert cfg.model.loss.disc_start == cfg.trainer.max_steps // 2
+    with pytest.warns(UserWarning, match="training without the perceptual term"):
+        loss = instantiate(cfg.model.loss)
+    assert loss.perceptual_loss is None and loss.perceptual_weight == 0.0
+    cfg.model.loss.vgg16_path = str(vgg16_file)
+    assert instantiate(cfg.model.loss).perceptual_loss is not None

@@ -595,3 +595,17 @@ def test_a_lightning_without_an_instance_attribute_exact_resume_reads_fails_at_s
     del trainer.fit_loop.epoch_loop._batches_that_stepped
     with pytest.raises(RuntimeError, match=r"lacks trainer.fit_loop.epoch_loop._batches_that_stepped"):
         check_lightning_internals(trainer)
+
+
+def test_progress_log_line_names_step_rate_eta_and_metrics():
+    from types import SimpleNamespace
+
+    from segldm.callbacks import ProgressLog
+
+    callback = ProgressLog(every_n_seconds=30)
+    callback._started, callback._first_step = 100.0, 0
+    trainer = SimpleNamespace(
+        global_step=50, max_steps=200, progress_bar_metrics={"train/loss": 0.25, "v_num": "x"}
+    )
+    line = callback.line(trainer, now=125.0)
+    assert line == "step 50/200 (25%) | 0.50 s/step | ETA 1m15s | train/loss 0.2500"
