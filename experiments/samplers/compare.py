@@ -129,7 +129,7 @@ def count_unet_evaluations(setting: str) -> float:
     return sum(calls) / 1.0
 
 
-def write_tables(rows: list[dict], args: argparse.Namespace) -> None:
+def write_tables(rows: list[dict], args: argparse.Namespace, machine: dict | None = None) -> None:
     ref = next(r for r in rows if r["setting"] == REFERENCE)
     for r in rows:
         r["fid_vs_reference"] = r["fid"] / ref["fid"] - 1
@@ -141,7 +141,7 @@ def write_tables(rows: list[dict], args: argparse.Namespace) -> None:
         "checkpoint": args.ckpt,
         "samples": args.samples,
         "reference": REFERENCE,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine or {"cpu_count": os.cpu_count(), "platform": platform.platform()},
         "rows": rows,
     }
     (HERE / "results.json").write_text(json.dumps(out, indent=1) + "\n")
@@ -161,7 +161,7 @@ def write_tables(rows: list[dict], args: argparse.Namespace) -> None:
     ]
     for r in rows:
         lines.append(
-            f"| {r['sampler']} | {r['steps']} | {r['eta']:g} | {r['unet_evaluations_per_image']} | {r['fid']:.2f} | "
+            f"| {r['sampler']} | {r['steps']} | {r['eta']:g} | {r['unet_evaluations_per_image']:g} | {r['fid']:.2f} | "
             f"{100 * r['fid_vs_reference']:+.1f}% | {r['miou']:.4f} | {r['miou_vs_reference']:+.4f} | "
             f"{r['colour_accuracy']:.3f} | {r['generate_s']:.0f} | {'yes' if r['within_5pct_fid_and_0.02_miou'] else 'no'} |"
         )
@@ -185,7 +185,7 @@ def main() -> None:
         for row in stored["rows"]:
             row["unet_evaluations_per_image"] = count_unet_evaluations(row["setting"])
         args.ckpt, args.samples = stored["checkpoint"], stored["samples"]
-        write_tables(stored["rows"], args)
+        write_tables(stored["rows"], args, stored.get("machine"))  # the machine the evaluations ran on
         print((HERE / "results.md").read_text())
         return
     settings = args.only or SETTINGS
