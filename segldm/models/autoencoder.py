@@ -498,6 +498,15 @@ def load_first_stage_weights(
     prefixes = ("loss.", *ignore_keys)
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
     problems = state_dict_problems(module.state_dict(), state_dict)
+    codebook = state_dict.get("quantize.embedding.weight")
+    own_codebook = module.state_dict().get("quantize.embedding.weight")
+    if codebook is not None and own_codebook is not None and codebook.shape != own_codebook.shape:
+        problems.insert(
+            0,
+            f"its codebook has {codebook.shape[0]} codes of dimension {codebook.shape[1]}, the config "
+            f"{own_codebook.shape[0]} of {own_codebook.shape[1]} (set model.first_stage.n_embed / embed_dim to "
+            "the checkpoint's)",
+        )
     if problems:
         raise CheckpointError(
             f"first-stage checkpoint {path} (layout {layout!r}) does not match the autoencoder "

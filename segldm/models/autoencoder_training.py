@@ -126,7 +126,9 @@ class VQAutoencoderModule(L.LightningModule):
         schedulers = self.lr_schedulers()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-            for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+            for scheduler in (
+                schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []
+            ):
                 scheduler.step()
 
     def last_layer(self) -> torch.Tensor:

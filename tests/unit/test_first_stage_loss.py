@@ -274,3 +274,21 @@ def test_quickstart_first_stage_trains_with_the_gan_and_lpips_only_when_weights_
     assert loss.perceptual_loss is None and loss.perceptual_weight == 0.0
     cfg.model.loss.vgg16_path = str(vgg16_file)
     assert instantiate(cfg.model.loss).perceptual_loss is not None
+
+
+def test_a_vq_checkpoint_with_another_codebook_size_is_refused_naming_file_and_key(tmp_path):
+    from segldm.models.autoencoder import VQModel, load_first_stage_weights
+
+    ddconfig = {"double_z": False, "z_channels": 3, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}  # fmt: skip
+    path = tmp_path / "vq.ckpt"
+    torch.save({"state_dict": VQModel(ddconfig, n_embed=32, embed_dim=3).state_dict()}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_first_stage_weights(VQModel(ddconfig, n_embed=64, embed_dim=3), path)
+    message = str(err.value)
+    assert (
+        str(path) in message
+        and "its codebook has 32 codes" in message
+        and "model.first_stage.n_embed" in message
+    )
+    assert "quantize.embedding.weight: checkpoint (32, 3) vs model (64, 3)" in message
