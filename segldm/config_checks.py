@@ -268,6 +268,12 @@ def validate_config(cfg: DictConfig) -> None:
             )
 
     loss = model.get("loss")
+    if isinstance(loss, DictConfig) and "_target_" not in loss:
+        problems.append(
+            f"model.loss has settings ({', '.join(sorted(loss))}) but no _target_: values set for one loss "
+            "were left over after another was chosen (model/loss=...); choose the loss in the preset's "
+            "defaults list or drop those keys"
+        )
     if isinstance(loss, DictConfig) and str(loss.get("_target_", "")).endswith("VQLPIPSWithDiscriminator"):
         problems += _first_stage_loss_problems(cfg, loss)
 
