@@ -1,6 +1,6 @@
 """Summarise the last `make train` run: timings and losses from MLflow, and how well the final
 LDM's samples follow their masks on the built-in validation scenes (nearest-colour labelling,
-real images as the upper bound). Writes experiments/quickstart/results.md and samples.png.
+real images as the upper bound). Writes experiments/quickstart/quality.md and quality.png.
 
     .venv/bin/python experiments/quickstart/summarize.py [--root .] [--samples 32] [--steps 50]
 """
@@ -69,7 +69,7 @@ def main() -> None:
         f"LDM samples (DDIM {args.steps}, eta 1, EMA)": mask_accuracy(to_uint8(generated), labels),
         "chance (uniform over 8 classes)": 1 / 8,
     }
-    save_grid([colorize_labels(batch["label_map"][:8], 8), generated[:8], real[:8]], HERE / "samples.png")
+    save_grid([colorize_labels(batch["label_map"][:8], 8), generated[:8], real[:8]], HERE / "quality.png")
 
     lines = [
         "# Quickstart (`make train`) results",
@@ -92,10 +92,10 @@ def main() -> None:
         "|---|---|",
         *[f"| {k} | {v:.3f} |" for k, v in acc.items()],
         "",
-        "![mask | generated | real](samples.png)",
+        "![mask | generated | real](quality.png)",
         "",
     ]
-    (HERE / "results.md").write_text("\n".join(lines))
+    (HERE / "quality.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
