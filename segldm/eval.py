@@ -34,13 +34,17 @@ import segldm  # noqa: F401  (config resolvers)
 from segldm.checkpoints import checkpoint_kind, ldm_from_checkpoint, read_checkpoint
 from segldm.compat.compvis import load_compvis
 from segldm.data.transforms import one_hot
-from segldm.eval_common import instantiate_plain, log_eval_run, real_feature_key, select_pairs
+from segldm.eval_common import (
+    fid_against_real,
+    instantiate_plain,
+    log_eval_run,
+    real_image_features,
+    select_pairs,
+)
 from segldm.eval_first_stage import evaluate_first_stage
 from segldm.metrics.fid import (
     EXTRACTOR_NAME,
     InceptionFeatures,
-    cached_features,
-    fid_kid,
     kid_plan,
     resolve_inception_weights,
 )
@@ -351,12 +355,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
         extractor = InceptionFeatures(weights, device=device, batch_size=int(cfg.eval.fid.batch_size))
         fake = extractor(generated, desc="Inception features (generated)")
-        real, cache_file, hit = cached_features(
-            cfg.eval.fid.cache_dir,
-            real_feature_key(data_cfg, pairs, weights),
-            lambda: extractor(real_images, desc="Inception features (real)"),
-        )
-        fid_metrics = fid_kid(fake, real, int(cfg.eval.fid.kid_subsets), int(cfg.eval.fid.kid_subset_size))
+        real, cache_file, hit = real_image_features(cfg, data_cfg, pairs, weights, extractor, real_images)
+        fid_metrics = fid_against_real(cfg, fake, real)
         # the ceiling: the first stage's own reconstructions of the same real images, at the same N
         reconstructed = reconstruct(
             model.first_stage_model,
@@ -365,11 +365,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             device,
             desc="first-stage reconstructions",
         )
-        rfid = fid_kid(
-            extractor(reconstructed, desc="Inception features (reconstructed)"),
-            real,
-            int(cfg.eval.fid.kid_subsets),
-            int(cfg.eval.fid.kid_subset_size),
+        rfid = fid_against_real(
+            cfg, extractor(reconstructed, desc="Inception features (reconstructed)"), real
         )
         fid_metrics["first_stage_rfid"] = rfid["fid"]
         fid_info |= {

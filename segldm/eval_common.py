@@ -9,11 +9,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from segldm.metrics.fid import EXTRACTOR_NAME, InceptionWeights
+from segldm.metrics.fid import EXTRACTOR_NAME, InceptionFeatures, InceptionWeights, cached_features, fid_kid
 from segldm.metrics.segmenters import RealPair, real_pairs
 from segldm.tracking import check_tracking_uri, git_commit
 
@@ -173,3 +174,25 @@ def log_eval_run(
         "tracking_uri": uri,
         **({"source_run_id": source.info.run_id} if source else {}),
     }
+
+
+def real_image_features(
+    cfg: DictConfig,
+    data_cfg: DictConfig,
+    pairs: Sequence[RealPair],
+    weights: InceptionWeights,
+    extractor: InceptionFeatures,
+    real_images: Sequence[Any],
+) -> tuple[torch.Tensor, Path | None, bool]:
+    """Inception features of the real validation images, from eval.fid.cache_dir when this set was
+    measured before; returns (features, cache file, hit)."""
+    return cached_features(
+        cfg.eval.fid.cache_dir,
+        real_feature_key(data_cfg, pairs, weights),
+        lambda: extractor(real_images, desc="Inception features (real)"),
+    )
+
+
+def fid_against_real(cfg: DictConfig, fake: torch.Tensor, real: torch.Tensor) -> dict[str, Any]:
+    """FID and KID with the eval config's KID subsets (segldm.metrics.fid.fid_kid)."""
+    return fid_kid(fake, real, int(cfg.eval.fid.kid_subsets), int(cfg.eval.fid.kid_subset_size))

@@ -23,8 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from segldm.checkpoints import CheckpointError
-from segldm.eval_common import instantiate_plain, log_eval_run, real_feature_key, select_pairs
-from segldm.metrics.fid import InceptionFeatures, cached_features, fid_kid, resolve_inception_weights
+from segldm.eval_common import (
+    fid_against_real,
+    instantiate_plain,
+    log_eval_run,
+    real_image_features,
+    select_pairs,
+)
+from segldm.metrics.fid import InceptionFeatures, resolve_inception_weights
 from segldm.metrics.reconstruction import l1_error, mean_lpips, psnr, reconstruct
 from segldm.models.autoencoder import VQModel
 from segldm.models.perceptual import LPIPS, find_vgg16_weights
@@ -86,14 +92,8 @@ def evaluate_first_stage(cfg: DictConfig, checkpoint: Mapping[str, Any]) -> dict
     if weights is not None:
         extractor = InceptionFeatures(weights, device=device, batch_size=int(cfg.eval.fid.batch_size))
         fake = extractor(reconstructed, desc="Inception features (reconstructed)")
-        real_features, _, _ = cached_features(
-            cfg.eval.fid.cache_dir,
-            real_feature_key(data_cfg, pairs, weights),
-            lambda: extractor(real, desc="Inception features (real)"),
-        )
-        scores = fid_kid(
-            fake, real_features, int(cfg.eval.fid.kid_subsets), int(cfg.eval.fid.kid_subset_size)
-        )
+        real_features, _, _ = real_image_features(cfg, data_cfg, pairs, weights, extractor, real)
+        scores = fid_against_real(cfg, fake, real_features)
         metrics |= {"rfid": scores["fid"], "fid_backend": {"backend": backend, "weights": weights.describe()}}
     grid_n = min(int(cfg.eval.grid_samples), len(pairs))
     grid = None
