@@ -1,6 +1,6 @@
 """segldm: mask-conditioned latent diffusion (CompVis semantic synthesis) on Hydra, Lightning and MLflow."""
 
-from segldm.config import register_resolvers
+from segldm.config.resolvers import register_resolvers
 
 register_resolvers()
 

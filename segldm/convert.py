@@ -20,24 +20,23 @@ from typing import Any
 from omegaconf import OmegaConf
 
 import segldm  # noqa: F401  (config resolvers)
-from segldm.checkpoints import (
-    CheckpointError,
-    build_ldm,
-    ldm_checkpoint,
-    ldm_config_of,
-    load_strict,
-    read_checkpoint,
-    save_checkpoint,
-    state_dict_of,
-)
 from segldm.compat.compvis import (
     CompVisConfigError,
     Translation,
     compvis_config_from_segldm,
-    conf_dir,
     model_from_compvis,
     read_compvis_checkpoint,
     translate_config,
+)
+from segldm.compat.compvis.config import conf_dir
+from segldm.runtime.checks import validate_config
+from segldm.runtime.loading import build_ldm, ldm_checkpoint, ldm_config_of
+from segldm.storage.checkpoint_files import (
+    CheckpointError,
+    load_strict,
+    read_checkpoint,
+    save_checkpoint,
+    state_dict_of,
 )
 
 CONFIG_NAME = "config.yaml"
@@ -80,8 +79,6 @@ def hydra_config(
 def compose_run_config(config_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Compose ``config_dir/config.yaml`` over segldm's conf/ exactly as ``segldm.train`` would, resolved."""
     from hydra import compose, initialize_config_dir
-
-    from segldm.config_checks import validate_config
 
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         cfg = compose(

@@ -20,11 +20,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 import segldm  # noqa: F401  (registers the config resolvers)
-from segldm.checkpoints import apply_init_from
-from segldm.config_checks import validate_config
-from segldm.resume import check_lightning_internals, plan_resume, reliability_callbacks, write_run_record
-from segldm.sweeps import SweepJob, find_finished, record_finished, reuse_finished, tag_runs
-from segldm.tracking import build_loggers, log_checkpoints, log_run_metadata, mlflow_loggers
+from segldm.runtime.checks import validate_config
+from segldm.runtime.lightning_state import check_lightning_internals
+from segldm.runtime.loading import apply_init_from
+from segldm.runtime.resume import plan_resume, reliability_callbacks, write_run_record
+from segldm.sweeps.jobs import SweepJob, find_finished, record_finished, reuse_finished, tag_runs
+from segldm.tracking.logger import build_loggers, log_checkpoints, log_run_metadata, mlflow_loggers
 
 log = logging.getLogger(__name__)
 

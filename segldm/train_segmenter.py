@@ -24,10 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 import segldm  # noqa: F401  (config resolvers)
-from segldm.checkpoints import save_checkpoint
 from segldm.metrics.segmenters import real_pairs, segment_scores
 from segldm.metrics.segmenters.trained import SegmenterModule, TrainedSegmenter, segmenter_checkpoint
-from segldm.tracking import build_loggers, log_checkpoints, log_run_metadata, mlflow_loggers
+from segldm.storage.checkpoint_files import save_checkpoint
+from segldm.tracking.logger import build_loggers, log_checkpoints, log_run_metadata, mlflow_loggers
 
 log = logging.getLogger(__name__)
 

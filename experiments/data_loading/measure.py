@@ -26,7 +26,7 @@ from einops import rearrange
 from segldm.benchmarks.suite import write_sflckr_like
 from segldm.data.datamodule import SegmentationDataModule
 from segldm.data.sflckr import FlickrSegTrain
-from segldm.models.ldm import one_hot_from_label_map
+from segldm.models.cond_stage import one_hot_from_label_map
 
 N_LABELS = 182
 

@@ -16,9 +16,9 @@ import torch
 from einops import rearrange
 from mlflow.tracking import MlflowClient
 
-from segldm.checkpoints import load_ldm
 from segldm.data.synthetic import SyntheticScenes, nearest_color_labels
-from segldm.visualize import colorize_labels, save_grid
+from segldm.pipeline.visualize import colorize_labels, save_grid
+from segldm.runtime.loading import load_ldm
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,6 +1,6 @@
 """The ways one training step can be computed: the reference's, segldm's, and one switch at a time.
 
-A :class:`PerfMode` is applied to a built :class:`~segldm.models.ldm.LatentDiffusion` in place, so
+A :class:`PerfMode` is applied to a built :class:`~segldm.training.ldm.LatentDiffusion` in place, so
 every mode runs the same weights; :meth:`PerfMode.config_overrides` names the config keys that select
 the same choices for `python -m segldm.train`. The baseline is the CompVis code's way:
 
@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from segldm.models.autoencoder import AttnBlock
-from segldm.models.ldm import LatentDiffusion
-from segldm.models.performance import LatentCache
 from segldm.models.unet import AttentionBlock
+from segldm.training.latent_cache import LatentCache
+from segldm.training.ldm import LatentDiffusion
 
 MASK_PATHS = ("loader_one_hot", "device_one_hot", "label_map")
 PRECISIONS = ("fp32", "bf16")

@@ -44,8 +44,13 @@ from segldm.benchmarks.modes import (
     training_step,
     variant_modes,
 )
-from segldm.models.ldm import LatentDiffusion
+from segldm.benchmarks.report import render_markdown
+from segldm.data.datamodule import SegmentationDataModule
+from segldm.data.sflckr import FlickrSegTrain
+from segldm.metrics.fid import InceptionFeatures, resolve_inception_weights
+from segldm.metrics.segmenters.trained import SegNet, TrainedSegmenter
 from segldm.models.performance import label_histograms
+from segldm.training.ldm import LatentDiffusion
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -355,8 +360,6 @@ def write_sflckr_like(root: Path, n: int, n_labels: int, seed: int = 0, noise: i
 
 def bench_data(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     """Loader samples/s: the reference one-hot vs label maps, alone and up to the cond-stage input."""
-    from segldm.data.datamodule import SegmentationDataModule
-    from segldm.data.sflckr import FlickrSegTrain
 
     spec = cfg.data
     n_labels, size, cell = int(spec.n_labels), int(spec.size), int(spec.cell)
@@ -429,8 +432,6 @@ def bench_eval(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     out: dict[str, Any] = {"images": n, "image_size": size}
     runs: dict[str, Run] = {}
     try:
-        from segldm.metrics.fid import InceptionFeatures, resolve_inception_weights
-
         weights = resolve_inception_weights("auto", None, cfg.paths.model_dir, download=False)
         extractor = InceptionFeatures(weights, device=device, batch_size=int(spec.batch_size))
         runs["fid_inception_features"] = Run(lambda: extractor(images, desc="bench"), items=n)
@@ -455,7 +456,6 @@ def bench_eval(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
 def load_segmenter(cfg: DictConfig, device: torch.device) -> Any:
     """The built-in data's trained segmenter when its checkpoint exists, else the same SegNet
     architecture with random weights (throughput does not depend on the weights)."""
-    from segldm.metrics.segmenters.trained import SegNet, TrainedSegmenter
 
     ckpt = Path(str(cfg.eval.segmenter_ckpt))
     if ckpt.is_file():
@@ -531,7 +531,6 @@ def run_suite(cfg: DictConfig) -> dict[str, Any]:
 
 def write_results(results: dict[str, Any], out_dir: Path, started: float) -> None:
     """results.json and results.md (the sections run so far)."""
-    from segldm.benchmarks.report import render_markdown
 
     results["machine"]["load_average_end"] = load_average()
     results["wall_s"] = time.perf_counter() - started

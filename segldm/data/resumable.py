@@ -26,10 +26,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 log = logging.getLogger(__name__)
 
 
-def _replicas() -> tuple[int, int]:
+def rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) outside an initialised process group."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 class ResumableSampler(DistributedSampler):
@@ -40,7 +41,7 @@ class ResumableSampler(DistributedSampler):
     """
 
     def __init__(self, dataset: Dataset, shuffle: bool = True, seed: int = 0) -> None:
-        num_replicas, rank = _replicas()
+        rank, num_replicas = rank_and_world_size()
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed % 2**62)
         self.skip = 0
         self.started_epoch: int | None = None

@@ -116,6 +116,7 @@ class SyntheticScenes(Dataset):
     """
 
     n_labels = N_CLASSES
+    fixed_samples = True  # sample i is the same every read: LDM latents may be cached
     class_names = CLASS_NAMES
 
     def __init__(self, size: int = 64, length: int = 1000, seed: int = 0, one_hot: bool = True) -> None:

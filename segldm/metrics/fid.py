@@ -38,6 +38,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from segldm.storage.atomic import atomic_save
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch-fidelity", "fid-helper", "none")
@@ -249,10 +251,7 @@ def convert_torchscript_inception(torchscript: str | Path, out: str | Path) -> P
             f"{torchscript} is not the 2015-12-05 Inception pool3 export this converter knows: "
             + "; ".join(problems[:10])
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save({k: converted[k] for k in target}, tmp)
-    os.replace(tmp, out)
+    atomic_save({k: converted[k] for k in target}, out)
     (out.parent / f"{out.name}.json").write_text(
         json.dumps(
             {
@@ -486,10 +485,7 @@ def cached_features(
         except Exception as err:  # a corrupt cache entry is recomputed, not fatal
             log.warning("ignoring unreadable FID cache %s: %s", path, err)
     features = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"key": json.loads(json.dumps(key, sort_keys=True, default=str)), "features": features}, tmp)
-    os.replace(tmp, path)
+    atomic_save({"key": json.loads(json.dumps(key, sort_keys=True, default=str)), "features": features}, path)
     return features, path, False
 
 

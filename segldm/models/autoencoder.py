@@ -16,8 +16,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from segldm.checkpoints import CheckpointError, read_checkpoint, state_dict_of, state_dict_problems
 from segldm.models.attention import scaled_dot_product_attention
+from segldm.storage.checkpoint_files import (
+    CheckpointError,
+    read_checkpoint,
+    state_dict_of,
+    state_dict_problems,
+)
 
 ATTENTION_IMPLS: tuple[str, ...] = ("sdpa", "einsum")
 
@@ -462,7 +467,7 @@ class VQModel(nn.Module):
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """``state_dict`` of a checkpoint file (Lightning/CompVis ``{"state_dict": ...}`` or a bare one).
 
-    Read safely by :func:`segldm.checkpoints.read_checkpoint` (weights_only). Raises
+    Read safely by :func:`segldm.runtime.loading.read_checkpoint` (weights_only). Raises
     ``FileNotFoundError`` for a missing file and :class:`CheckpointError` (a ``ValueError``) naming the
     file when it is not a readable tensor checkpoint.
     """

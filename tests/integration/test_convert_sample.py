@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from segldm.checkpoints import load_ldm
+from segldm.runtime.loading import load_ldm
 from tests.compvis_fixtures import fixtures_dir, model_fixture_dirs
 from tests.conftest import REPO
 
@@ -82,7 +82,7 @@ def test_convert_writes_a_native_checkpoint_and_a_composable_config(chain):
     native = torch.load(conv / "model.ckpt", map_location="cpu", weights_only=True)
     assert native["segldm"]["kind"] == "ldm"
     config = native["segldm"]["config"]
-    assert config["model"]["_target_"] == "segldm.models.ldm.LatentDiffusion"
+    assert config["model"]["_target_"] == "segldm.training.ldm.LatentDiffusion"
     assert config["data"]["size"] == 32 and config["data"]["n_labels"] == 182
     assert config["init_from"] == str(conv / "model.ckpt")
     original = torch.load(folder / "model.ckpt", map_location="cpu", weights_only=True)["state_dict"]

@@ -13,7 +13,7 @@ rebuilds the same model from the same initial weights and replays both ranks' fo
 - after 2 AdamW steps (+ EMA) the weights and EMA shadows of both ranks, of the checkpoint and of
   the replay are bit-identical: with broadcast_buffers=False the EMA still agrees everywhere.
 
-The ranks draw different t/noise (segldm.distributed re-seeds rank r with seed + r), so
+The ranks draw different t/noise (segldm.runtime.distributed re-seeds rank r with seed + r), so
 equivalence with one process holds for the same draws, which the replay reuses.
 """
 

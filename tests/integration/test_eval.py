@@ -24,9 +24,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import Dataset
 
-from segldm.checkpoints import CheckpointError, build_ldm, ldm_checkpoint, save_checkpoint
 from segldm.metrics.fid import InceptionWeightsError
 from segldm.metrics.segmenters.trained import SegmenterModule, SegNet, segmenter_checkpoint
+from segldm.runtime.loading import build_ldm, ldm_checkpoint
+from segldm.storage.checkpoint_files import CheckpointError, save_checkpoint
 from tests.conftest import CONF, REPO, TINY_DATA, TINY_FIRST_STAGE, TINY_UNET, compose_train
 from tests.unit.test_metrics_fid import make_random_inception
 
@@ -178,19 +179,19 @@ def test_eval_end_to_end(root: Path, ldm_ckpt: Path, inception: Path, segmenter_
 
 
 def test_generated_images_do_not_depend_on_batch_size_or_num_samples(root: Path, ldm_ckpt: Path) -> None:
-    from segldm.checkpoints import load_ldm
-    from segldm.eval import generate_images, select_pairs
+    from segldm.evaluation.common import select_pairs
+    from segldm.pipeline.generation import SamplingSettings, generate
+    from segldm.runtime.loading import load_ldm
 
     model = load_ldm(ldm_ckpt)
     cfg = compose_train([*TINY_DATA, *EVAL_DATA])
     dataset = instantiate(cfg.data).val_dataset
     pairs = select_pairs(dataset, None, need_images=True)
-    settings = OmegaConf.create(
-        {"eval": {"batch_size": 3, "steps": 2, "eta": 1.0, "seed": 5, "use_ema": True, "sampler": None}}
-    )
-    together = generate_images(model, pairs, 8, None, settings)
-    settings.eval.batch_size = 1
-    alone = generate_images(model, pairs[1:], 8, None, settings)  # num_samples=... would drop the first
+    seeds = [5 + p.index for p in pairs]
+    masks = [p.labels for p in pairs]
+    together = generate(model, masks, seeds, SamplingSettings(steps=2, eta=1.0, batch_size=3)).uint8()
+    settings = SamplingSettings(steps=2, eta=1.0, batch_size=1)
+    alone = generate(model, masks[1:], seeds[1:], settings).uint8()  # num_samples=... would drop the first
     # Each image comes from its own generator, so batch size changes no random number; but the CPU
     # kernels may pick another reduction order for another batch size (oneDNN blocks by batch),
     # which moves the float images by rounding (~1e-6): a pixel on a .5 boundary of the uint8
@@ -217,7 +218,7 @@ def eval_overrides(root: Path, ckpt: Path, segmenter: Path, inception: Path, *ex
 def test_bad_inputs_fail_before_sampling(
     root: Path, ldm_ckpt: Path, inception: Path, segmenter_run: dict
 ) -> None:
-    from segldm.eval import evaluate
+    from segldm.evaluation.ldm import evaluate
 
     seg = segmenter_run["ckpt"]
     with pytest.raises(

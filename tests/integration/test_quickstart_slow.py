@@ -7,8 +7,8 @@ import pytest
 import torch
 from einops import rearrange
 
-from segldm.checkpoints import load_ldm
 from segldm.data.synthetic import SyntheticScenes, nearest_color_labels
+from segldm.runtime.loading import load_ldm
 from tests.conftest import run_train
 
 

@@ -23,7 +23,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from PIL import Image
 
-from segldm.sweeps import MARKER_NAME, SweepError, check_sweeper, job_key, prepare_tracking_store
+from segldm.sweeps.jobs import SweepError, check_sweeper, job_key, prepare_tracking_store
+from segldm.sweeps.markers import MARKER_NAME
 from tests.conftest import CONF, TINY_DATA, TINY_FIRST_STAGE, TINY_TRAINER, TINY_UNET, run_train
 
 TINY_LDM = [

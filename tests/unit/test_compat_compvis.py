@@ -23,29 +23,22 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from segldm.checkpoints import (
-    CheckpointError,
-    CheckpointWarning,
-    apply_init_from,
-    init_from_checkpoint,
-    ldm_checkpoint,
-    load_ldm,
-    save_checkpoint,
-)
 from segldm.compat.compvis import (
     CompVisConfigError,
     compvis_config_from_segldm,
-    config_diff,
     load_compvis,
     translate_config,
 )
+from segldm.compat.compvis.export import config_diff
 from segldm.convert import convert_compvis, export_compvis
 from segldm.diffusion.ddim import ddim_parameters, make_ddim_timesteps
 from segldm.models.autoencoder import VQModel
 from segldm.models.cond_stage import SpatialRescaler
-from segldm.models.ldm import LatentDiffusion
 from segldm.models.unet import UNetModel
+from segldm.runtime.loading import apply_init_from, init_from_checkpoint, ldm_checkpoint, load_ldm
 from segldm.sample import sample as run_sample
+from segldm.storage.checkpoint_files import CheckpointError, CheckpointWarning, save_checkpoint
+from segldm.training.ldm import LatentDiffusion
 from tests.compvis_fixtures import load_io, model_fixture_dirs
 from tests.conftest import CONF, TINY_DATA, TINY_UNET, compose_train
 
@@ -926,3 +919,19 @@ def test_train_hook_refuses_conflicts_and_points_weights_only_resumes_to_init_fr
         apply_init_from(model, {"init_from": None, "ckpt_path": str(native)})
     with pytest.raises(CheckpointError, match="needs model=ldm_seg"):
         apply_init_from(torch.nn.Linear(1, 1), {"init_from": str(native)})
+
+
+def test_checkpoints_written_before_the_layered_package_still_load(arch_files, tmp_path):
+    """A stored config naming segldm.models.ldm.LatentDiffusion (the path before docs/architecture.md's
+    restructuring) is read with the class's current path, and gives the same model."""
+    config_path, ckpt_path = arch_files
+    native = convert_compvis(config_path, ckpt_path, tmp_path / "native")["ckpt"]
+    checkpoint = torch.load(native, weights_only=True)
+    assert checkpoint["segldm"]["config"]["model"]["_target_"] == "segldm.training.ldm.LatentDiffusion"
+    checkpoint["segldm"]["config"]["model"]["_target_"] = "segldm.models.ldm.LatentDiffusion"
+    old = save_checkpoint(checkpoint, tmp_path / "old.ckpt")
+    model, reference = load_ldm(old), load_ldm(native)
+    assert isinstance(model, LatentDiffusion)
+    assert model.segldm_config["model"]["_target_"] == "segldm.training.ldm.LatentDiffusion"
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from segldm.config_checks import ConfigError, validate_config
+from segldm.runtime.checks import ConfigError, validate_config
 from tests.conftest import CONF, compose_train
 
 GROUPS = {

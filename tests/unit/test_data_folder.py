@@ -23,7 +23,8 @@ from segldm.data.transforms import (
     collate_samples,
     resize_smallest_side,
 )
-from segldm.models.ldm import LatentDiffusion, one_hot_from_label_map
+from segldm.models.cond_stage import one_hot_from_label_map
+from segldm.training.ldm import LatentDiffusion
 from tests.conftest import TINY_FIRST_STAGE, TINY_UNET, compose_train
 
 PALETTE = np.random.default_rng(0).integers(0, 256, size=(512, 3)).astype(np.uint8)

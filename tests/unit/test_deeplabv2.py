@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from segldm.checkpoints import CheckpointError
 from segldm.metrics.segmenters.deeplabv2 import (
     DeepLabV2Segmenter,
     deeplabv2_resnet101_msc,
@@ -24,6 +23,7 @@ from segldm.metrics.segmenters.deeplabv2 import (
     preprocess,
     read_keys_file,
 )
+from segldm.storage.checkpoint_files import CheckpointError
 from tests.conftest import REPO
 
 torch.set_num_threads(1)

@@ -12,9 +12,6 @@ import torch.nn.functional as F
 import torchvision
 from hydra.utils import instantiate
 
-from segldm.checkpoints import CheckpointError
-from segldm.config_checks import ConfigError, validate_config
-from segldm.models.autoencoder_training import load_loss_weights
 from segldm.models.discriminator import NLayerDiscriminator, min_input_size, output_size
 from segldm.models.first_stage_loss import (
     VQLPIPSWithDiscriminator,
@@ -24,6 +21,9 @@ from segldm.models.first_stage_loss import (
     vanilla_d_loss,
 )
 from segldm.models.perceptual import LPIPS, PerceptualWeightsError, lpips_state_from
+from segldm.runtime.checks import ConfigError, validate_config
+from segldm.storage.checkpoint_files import CheckpointError
+from segldm.training.autoencoder import load_loss_weights
 from tests.conftest import TINY_FIRST_STAGE, compose_train
 
 torch.set_num_threads(1)

@@ -14,8 +14,8 @@ from segldm.data.datamodule import SegmentationDataModule
 from segldm.data.synthetic import SyntheticScenes
 from segldm.models.autoencoder import VQModel
 from segldm.models.cond_stage import SpatialRescaler
-from segldm.models.ldm import LatentDiffusion
 from segldm.models.unet import UNetModel
+from segldm.training.ldm import LatentDiffusion
 from tests.compvis_fixtures import assert_close_rel, load_config, load_io, load_state_dict, model_fixture_dirs
 from tests.conftest import TINY_DATA, TINY_FIRST_STAGE, TINY_UNET, compose_train
 

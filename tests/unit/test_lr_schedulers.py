@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from segldm.lr_schedulers import ConstantScheduler, CosineScheduler, LambdaLinearScheduler
+from segldm.training.lr_schedulers import ConstantScheduler, CosineScheduler, LambdaLinearScheduler
 from tests.compvis_fixtures import load_io, model_fixture_dirs
 
 SEED = dict(warm_up_steps=[10000], cycle_lengths=[10000000000000], f_start=[1e-6], f_max=[1.0], f_min=[1.0])

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from segldm.checkpoints import CheckpointError, save_checkpoint
 from segldm.data.synthetic import SyntheticScenes
 from segldm.metrics.segmenters import image_to_uint8, real_pairs, segment_scores
 from segldm.metrics.segmenters.trained import SegmenterModule, SegNet, TrainedSegmenter, segmenter_checkpoint
+from segldm.storage.checkpoint_files import CheckpointError, save_checkpoint
 
 torch.set_num_threads(1)
 

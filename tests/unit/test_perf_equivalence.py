@@ -18,9 +18,10 @@ from segldm.benchmarks.modes import (
 from segldm.benchmarks.suite import write_sflckr_like
 from segldm.data.sflckr import FlickrSegEval, FlickrSegTrain
 from segldm.data.synthetic import SyntheticScenes
-from segldm.models.cond_stage import SpatialRescaler
-from segldm.models.ldm import LatentDiffusion, one_hot_from_label_map
-from segldm.models.performance import has_fixed_samples, label_histograms, label_map_conditioning
+from segldm.models.cond_stage import SpatialRescaler, one_hot_from_label_map
+from segldm.models.performance import label_histograms, label_map_conditioning
+from segldm.training.latent_cache import has_fixed_samples
+from segldm.training.ldm import LatentDiffusion
 from tests.conftest import TINY_FIRST_STAGE, TINY_UNET, compose_train
 
 N_LABELS = 12

@@ -30,32 +30,20 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.tracking import MlflowClient
 
-from segldm.checkpoint_io import (
-    AtomicCheckpointIO,
-    CheckpointWriteError,
-    atomic_save,
-    remove_stale_temp_files,
-    stale_temp_files,
-)
-from segldm.checkpoints import CheckpointError, save_checkpoint
-from segldm.config_checks import ConfigError, ConfigWarning, validate_config
+from segldm.config.run_folder import comparable_overrides, matching_run_folder, run_dir
 from segldm.data.datamodule import SegmentationDataModule
 from segldm.data.resumable import ResumableDataLoader
 from segldm.data.synthetic import SyntheticScenes
-from segldm.guards import FiniteGradients, nonfinite_gradients
-from segldm.preemption import Preempted, PreemptionCheckpoint, parse_signals
-from segldm.resilient_tracking import ResilientMLFlowLogger, RetryingClient, TrackingWarning
-from segldm.resume import (
-    TrainingState,
-    capture_rng,
-    check_lightning_internals,
-    comparable_overrides,
-    matching_run_folder,
-    plan_resume,
-    restore_rng,
-    run_dir,
-)
-from segldm.tracking import TrackingUnavailableError, build_loggers
+from segldm.runtime.checkpoint_io import AtomicCheckpointIO
+from segldm.runtime.checks import ConfigError, ConfigWarning, validate_config
+from segldm.runtime.lightning_state import check_lightning_internals
+from segldm.runtime.preemption import Preempted, PreemptionCheckpoint, parse_signals
+from segldm.runtime.resume import TrainingState, capture_rng, plan_resume, restore_rng
+from segldm.storage.atomic import CheckpointWriteError, atomic_save, remove_stale_temp_files, stale_temp_files
+from segldm.storage.checkpoint_files import CheckpointError, save_checkpoint
+from segldm.tracking.logger import TrackingUnavailableError, build_loggers
+from segldm.tracking.resilient import ResilientMLFlowLogger, RetryingClient, TrackingWarning
+from segldm.training.guards import FiniteGradients, nonfinite_gradients
 from tests.conftest import REPO, TINY_DATA, TINY_FIRST_STAGE, TINY_UNET, compose_train
 
 
@@ -109,7 +97,7 @@ def test_file_size_limit_is_a_real_write_error_and_keeps_the_previous_file(tmp_p
 
 WRITER = """
 import sys, torch
-from segldm.checkpoint_io import atomic_save
+from segldm.storage.atomic import atomic_save
 path, i = sys.argv[1], 0
 print("ready", flush=True)
 while True:
@@ -424,7 +412,7 @@ def test_continued_run_is_reopened_and_changed_params_become_a_tag(store):
     run = MlflowClient(f"sqlite:///{store}/mlflow.db").get_run(run_id)
     assert run.info.status == "RUNNING"
     assert run.data.params == {"lr": "0.1", "steps": "4", "new": "x"}
-    assert run.data.tags["segldm.resume.changed_params"] == "steps: 4 -> 8"
+    assert run.data.tags["segldm.runtime.resume.changed_params"] == "steps: 4 -> 8"
     resumed.mark_preempted("SIGTERM", 8, "last.ckpt")
     resumed.finalize("failed")
     assert MlflowClient(f"sqlite:///{store}/mlflow.db").get_run(run_id).info.status == "KILLED"
@@ -600,7 +588,7 @@ def test_a_lightning_without_an_instance_attribute_exact_resume_reads_fails_at_s
 def test_progress_log_line_names_step_rate_eta_and_metrics():
     from types import SimpleNamespace
 
-    from segldm.callbacks import ProgressLog
+    from segldm.training.callbacks import ProgressLog
 
     callback = ProgressLog(every_n_seconds=30)
     callback._started, callback._first_step = 100.0, 0

@@ -10,7 +10,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from segldm.report import (
+from segldm.sweeps.jobs import job_key
+from segldm.sweeps.markers import MANIFEST_NAME, MARKER_NAME, write_marker
+from segldm.sweeps.report import (
     REPORT_TAG,
     ReportError,
     Sweep,
@@ -21,7 +23,6 @@ from segldm.report import (
     parse_overrides,
     table_rows,
 )
-from segldm.sweeps import MANIFEST_NAME, MARKER_NAME, job_key, write_marker
 
 GRID = [(lr, warm) for lr in ("1e-05", "0.0001") for warm in ("0", "100")]
 FIXED = ["trainer=cpu", "trainer.max_steps=3"]
@@ -149,7 +150,7 @@ def test_sweep_folder_without_mlflow_reports_from_markers(tmp_path):
 
 def test_axes_default_to_lr_and_warm_up_else_the_swept_keys():
     def sweep_of(overrides: list[dict[str, str]]) -> Sweep:
-        from segldm.report import RunRecord
+        from segldm.sweeps.report import RunRecord
 
         runs = [RunRecord(name=str(i), status="FINISHED", overrides=o) for i, o in enumerate(overrides)]
         return Sweep("s", "val/loss", "train/loss", runs)

@@ -9,18 +9,17 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from segldm.config import num_devices
-from segldm.lr_schedulers import ConstantScheduler, CosineScheduler, LambdaLinearScheduler
-from segldm.sweeps import (
-    MARKER_NAME,
+from segldm.config.resolvers import num_devices
+from segldm.sweeps.jobs import (
     SweepJob,
     default_sweep_id,
     find_finished,
     job_key,
     prepare_tracking_store,
     reuse_finished,
-    write_marker,
 )
+from segldm.sweeps.markers import MARKER_NAME, write_marker
+from segldm.training.lr_schedulers import ConstantScheduler, CosineScheduler, LambdaLinearScheduler
 
 
 def test_job_key_ignores_order_spelling_and_how_to_run_keys():

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segldm.checkpoints import CheckpointError, read_checkpoint, state_dict_problems
+from segldm.storage.checkpoint_files import CheckpointError, read_checkpoint, state_dict_problems
 
 MEAN_BGR = (104.008, 116.669, 122.675)
 N_BLOCKS = (3, 4, 23, 3)

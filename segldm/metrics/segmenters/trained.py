@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segldm.checkpoints import (
+from segldm.metrics.miou import ConfusionMatrix
+from segldm.storage.checkpoint_files import (
     CheckpointError,
     checkpoint_kind,
     load_strict,
@@ -26,7 +27,6 @@ from segldm.checkpoints import (
     state_dict_of,
     wrong_kind,
 )
-from segldm.metrics.miou import ConfusionMatrix
 
 KIND = "segmenter"
 TRAIN_HELP = (

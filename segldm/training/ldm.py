@@ -10,7 +10,7 @@ The math itself lives in `segldm.diffusion`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import lightning as L
@@ -19,15 +19,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from segldm.diffusion import SAMPLER_NAMES
-from segldm.diffusion.ddim import (
-    check_ddim_steps,
-    ddim_parameters,
-    ddim_sample,
-    make_ddim_timesteps,
-    per_sample_randn,
-)
-from segldm.diffusion.dpm_solver import dpm_solver_pp_2m, dpm_solver_timesteps
+from segldm.diffusion.ddim import per_sample_randn
+from segldm.diffusion.samplers import Sampler, make_sampler
 from segldm.diffusion.schedule import (
     SCHEDULE_BUFFER_NAMES,
     lvlb_weights,
@@ -35,15 +28,15 @@ from segldm.diffusion.schedule import (
     q_sample,
     schedule_buffers,
 )
-from segldm.lr_schedulers import effective_learning_rate, learning_rate_factors, optimizer_config
+from segldm.models.cond_stage import one_hot_from_label_map
 from segldm.models.ema import LitEma
-from segldm.models.performance import (
-    LatentCache,
-    batch_sample_keys,
-    compile_module,
-    has_fixed_samples,
-    label_map_conditioning,
-    to_channels_last,
+from segldm.models.performance import compile_module, label_map_conditioning, to_channels_last
+from segldm.training.guards import check_finite
+from segldm.training.latent_cache import LatentCache, batch_sample_keys, has_fixed_samples
+from segldm.training.lr_schedulers import (
+    effective_learning_rate,
+    optimizer_config,
+    report_learning_rate,
 )
 
 CONDITIONING_KEYS = ("concat",)
@@ -373,18 +366,12 @@ class LatentDiffusion(L.LightningModule):
         return_intermediates: bool = False,
         sampler: str | None = None,
     ):
-        """Sample latents from encoded conditioning; DDIM (CompVis 'uniform' schedule) by default.
-
-        `sampler="dpm_solver++"` runs DPM-Solver++(2M) (deterministic; eta is not used);
-        `"dpm_solver++_sde"` its SDE form with noise scale eta (1: the reverse SDE). With
-        `generators` (one per sample), the initial noise and every step's noise of sample i come
-        from generator i only, so an image does not depend on its batch.
+        """Sample latents from encoded conditioning with a registered sampler (segldm.diffusion.samplers;
+        DDIM over CompVis's 'uniform' schedule by default). With `generators` (one per sample), the
+        initial noise and every step's noise of sample i come from generator i only, so an image does
+        not depend on its batch.
         """
-        steps = int(self.sampler_defaults["steps"] if steps is None else steps)
-        eta = float(self.sampler_defaults["eta"] if eta is None else eta)
-        sampler = str(self.sampler_defaults.get("name", "ddim") if sampler is None else sampler)
-        if sampler not in SAMPLER_NAMES:
-            raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLER_NAMES}")
+        sampler_obj = self.make_sampler(steps, eta, sampler)
         shape = (cond.shape[0], self.channels, cond.shape[2], cond.shape[3])
         if x_T is None:
             x_T = per_sample_randn(shape, generators, cond.device, torch.float32)
@@ -392,39 +379,32 @@ class LatentDiffusion(L.LightningModule):
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.apply_model(x, t, cond).float()  # the sampler's update stays float32
 
-        with self.ema_scope() if use_ema else _null_scope():
-            if sampler == "ddim":
-                timesteps = make_ddim_timesteps("uniform", steps, self.num_timesteps)
-                params = ddim_parameters(self.alphas_cumprod, timesteps, eta)
-                samples, intermediates = ddim_sample(model_fn, x_T, params, generators, progress)
-            else:
-                spacing = self.sampler_defaults.get("spacing", "logsnr")
-                timesteps = dpm_solver_timesteps(steps, self.alphas_cumprod, spacing)
-                samples, intermediates = dpm_solver_pp_2m(
-                    model_fn,
-                    x_T,
-                    self.alphas_cumprod,
-                    timesteps,
-                    progress,
-                    eta=eta if sampler == "dpm_solver++_sde" else 0.0,
-                    generators=generators,
-                )
+        with self.ema_scope() if use_ema else nullcontext():
+            samples, intermediates = sampler_obj.sample(
+                model_fn, x_T, self.alphas_cumprod, generators, progress
+            )
         return (samples, intermediates) if return_intermediates else samples
 
+    def make_sampler(
+        self, steps: int | None = None, eta: float | None = None, name: str | None = None
+    ) -> Sampler:
+        """The sampler object for these settings, each None taken from ``model.sampler`` (the defaults)."""
+        defaults = self.sampler_defaults
+        return make_sampler(
+            str(defaults.get("name", "ddim") if name is None else name),
+            int(defaults["steps"] if steps is None else steps),
+            float(defaults["eta"] if eta is None else eta),
+            spacing=defaults.get("spacing", "logsnr"),
+        )
+
     def check_sampler_settings(self, steps: int | None, sampler: str | None, steps_key: str) -> None:
-        """Before any sampling: the sampler exists and DDIM can run `steps` (None: the defaults) here.
+        """Before any sampling: the sampler exists and can run `steps` (None: the defaults) here.
 
         Raises ValueError naming `steps_key` (the config key the count came from).
         """
-        sampler = str(self.sampler_defaults.get("name", "ddim") if sampler is None else sampler)
-        if sampler not in SAMPLER_NAMES:
-            raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLER_NAMES}")
         if steps is None:
-            steps, steps_key = int(self.sampler_defaults["steps"]), "the checkpoint's model.sampler.steps"
-        if int(steps) <= 0:
-            raise ValueError(f"{steps_key}={steps} must be positive")
-        if sampler == "ddim":
-            check_ddim_steps(int(steps), self.num_timesteps, steps_key)
+            steps_key = "the checkpoint's model.sampler.steps"
+        self.make_sampler(steps, None, sampler).check(self.num_timesteps, steps_key)
 
     @torch.no_grad()
     def generate(
@@ -437,8 +417,11 @@ class LatentDiffusion(L.LightningModule):
         progress: bool = False,
         sampler: str | None = None,
     ) -> torch.Tensor:
-        """One-hot masks (B, n_labels, H, W) -> images (B, 3, H, W) in [-1, 1]."""
-        cond = self.get_learned_conditioning(segmentation.to(self.device, torch.float32))
+        """Masks -> images (B, 3, H, W) in [-1, 1]; masks are one-hot (B, n_labels, H, W) floats or integer
+        label maps (B, H, W), which take the fused conditioning path (no one-hot built)."""
+        if torch.is_floating_point(segmentation):
+            segmentation = segmentation.to(self.device, torch.float32)
+        cond = self.get_learned_conditioning(segmentation.to(self.device))
         generators = None
         if seeds is not None:
             generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
@@ -553,21 +536,6 @@ class LatentDiffusion(L.LightningModule):
         self._restarted_from_ckpt = True
 
 
-def report_learning_rate(module: L.LightningModule, lr: float) -> None:
-    """Print the effective lr and record it with the run (it depends on batch size and devices)."""
-    factors = (
-        learning_rate_factors(module._trainer) if module.scale_lr and module._trainer is not None else {}
-    )
-    product = " x ".join(f"{name} {value}" for name, value in factors.items())
-    module.print(
-        f"effective learning rate {lr:.4g} (base {module.base_learning_rate:.4g}, scale_lr={module.scale_lr}"
-        + (f": base x {product})" if product else ")")
-    )
-    if module._trainer is not None:
-        for logger in module.trainer.loggers:
-            logger.log_hyperparams({"effective_learning_rate": lr})
-
-
 def global_std(z: torch.Tensor, strategy: Any) -> torch.Tensor:
     """Unbiased std of z over all ranks' tensors together (two passes, as torch.std over their concatenation)."""
     z = z.flatten().double()
@@ -575,41 +543,3 @@ def global_std(z: torch.Tensor, strategy: Any) -> torch.Tensor:
     mean = stats[0] / stats[1]
     squares = strategy.reduce(((z - mean) ** 2).sum(), reduce_op="sum")
     return torch.sqrt(squares / (stats[1] - 1)).float()
-
-
-def one_hot_from_label_map(
-    label_map: torch.Tensor, n_labels: int, ignore_label: int | None = None
-) -> torch.Tensor:
-    """(B, H, W) integer ids -> (B, n_labels, H, W) float32 one-hot, built where `label_map` lives.
-
-    Equal to F.one_hot(ids, n_labels).permute(0, 3, 1, 2).float(), but scattered straight into the
-    float layout (no int64 one-hot in between: 8x less memory). Pixels equal to `ignore_label` get
-    an all-zero vector; any other id outside [0, n_labels) raises (never a silently wrong condition).
-    """
-    ids = label_map.long()
-    ignored = torch.zeros_like(ids, dtype=torch.bool) if ignore_label is None else ids == ignore_label
-    bad = ((ids < 0) | (ids >= n_labels)) & ~ignored
-    if bad.any():
-        values = torch.unique(ids[bad]).tolist()[:10]
-        raise ValueError(
-            f"label_map holds ids {values} outside [0, {n_labels}) (model.cond_stage.in_channels) and not "
-            f"model.ignore_label={ignore_label}; set data.n_labels / data.ignore_label to match the data"
-        )
-    out = torch.zeros((ids.shape[0], n_labels, *ids.shape[1:]), dtype=torch.float32, device=ids.device)
-    index = ids.masked_fill(ignored, 0).unsqueeze(1)
-    return out.scatter_(1, index, (~ignored).unsqueeze(1).to(torch.float32))
-
-
-def check_finite(loss: torch.Tensor, step: int, batch_idx: int) -> None:
-    """Stop training on a NaN/inf loss before it reaches the weights (and the next checkpoint)."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"non-finite training loss ({loss.item()}) at global step {step}, batch {batch_idx}; "
-            "training stopped, the last checkpoint written before this step is intact. "
-            "Lower the learning rate or run with trainer.detect_anomaly=true to find the source."
-        )
-
-
-@contextmanager
-def _null_scope() -> Iterator[None]:
-    yield

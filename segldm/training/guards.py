@@ -1,4 +1,4 @@
-"""Stop on non-finite gradients before the optimizer applies them (the loss check lives in models/ldm.py).
+"""Stop on non-finite gradients before the optimizer applies them (the loss check lives in training/ldm.py).
 
 A finite loss can still back-propagate inf/NaN (an overflow in one layer, a division by a tiny
 norm); one such step writes NaN into every weight and the EMA, and the next checkpoint would keep
@@ -10,7 +10,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from segldm.checkpoints import list_keys
+from segldm.storage.checkpoint_files import list_keys
 
 
 def nonfinite_gradients(named_params: list[tuple[str, torch.nn.Parameter]]) -> list[str]:
@@ -50,3 +50,13 @@ class FiniteGradients(L.Callback):
 
 
 __all__ = ["FiniteGradients", "nonfinite_gradients"]
+
+
+def check_finite(loss: torch.Tensor, step: int, batch_idx: int) -> None:
+    """Stop training on a NaN/inf loss before it reaches the weights (and the next checkpoint)."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite training loss ({loss.item()}) at global step {step}, batch {batch_idx}; "
+            "training stopped, the last checkpoint written before this step is intact. "
+            "Lower the learning rate or run with trainer.detect_anomaly=true to find the source."
+        )

@@ -14,7 +14,8 @@ from einops import rearrange
 from lightning.pytorch.loggers import MLFlowLogger
 
 from segldm.data.transforms import collate_samples
-from segldm.visualize import colorize_labels, save_grid
+from segldm.pipeline.generation import SamplingSettings, generate
+from segldm.pipeline.visualize import colorize_labels, save_grid
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,12 @@ class SampleGridLogger(L.Callback):
             if hasattr(module, "generate"):
                 # one-hot from the batch, or expanded from its label_map (the training default)
                 seg = module.get_input(batch, module.cond_stage_key).to(module.device)
+                # label maps take the model's fused conditioning path; one-hot batches go as they are
+                masks = list(batch["label_map"]) if "label_map" in batch else list(seg)
                 seeds = [self.seed + i for i in range(real.shape[0])]
-                fake = module.generate(seg, steps=self.ddim_steps, eta=self.eta, seeds=seeds)
+                settings = SamplingSettings(steps=self.ddim_steps, eta=self.eta, batch_size=len(masks))
+                fake = torch.stack(generate(module, masks, seeds, settings, progress=None).images)
+                fake = fake.to(module.device)
                 mask = colorize_labels(seg.argmax(1), seg.shape[1])
                 mask = mask.masked_fill(seg.sum(1, keepdim=True) == 0, -1.0)  # ignore pixels: black
                 rows, kind = [mask, fake, real], "samples"

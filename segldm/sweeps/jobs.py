@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shlex
 import sys
 import time
@@ -36,10 +35,12 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from segldm.sweeps.markers import MANIFEST_NAME, MARKER_NAME, read_marker, write_marker
+from segldm.sweeps.report import report_sweep_dir
+from segldm.tracking.logger import check_tracking_uri
+
 log = logging.getLogger(__name__)
 
-MARKER_NAME = "sweep_job.json"
-MANIFEST_NAME = "sweep.json"
 FINISHED = "FINISHED"
 # Keys that say how to run the sweep or resume a job, not what a job computes: not part of its key
 # (so a sweep re-run with resume=auto still finds its finished jobs).
@@ -142,13 +143,6 @@ class SweepJob:
 
 
 # ---------------------------------------------------------------------------------------- resume
-def read_marker(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def find_finished(job: SweepJob, cfg: DictConfig) -> dict[str, Any] | None:
     """The record of a FINISHED job with this sweep id and key: a marker file, else an MLflow run."""
     candidates = [Path(job.output_dir) / MARKER_NAME]
@@ -203,14 +197,6 @@ def _find_finished_mlflow(job: SweepJob, cfg: DictConfig) -> dict[str, Any] | No
         "output_dir": run.data.tags.get("segldm.output_dir"),
         "overrides": job.overrides,
     }
-
-
-def write_marker(path: Path, record: dict[str, Any]) -> None:
-    """Write atomically: a reader never sees half a marker, a crash never leaves one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def record_finished(job: SweepJob, result: dict[str, Any], duration_s: float) -> dict[str, Any]:
@@ -270,8 +256,6 @@ def prepare_tracking_store(tracking_uri: str, experiment_name: str, artifact_loc
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from segldm.tracking import check_tracking_uri
-
     check_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     for attempt in range(5):
@@ -296,7 +280,7 @@ def check_sweeper(config: DictConfig) -> None:
             f"hydra.sweeper.storage={sweeper.storage!r}: Optuna 2.10.1 (the newest hydra-optuna-sweeper "
             "1.3.0 allows) cannot use an RDB storage next to SQLAlchemy 2.x (which MLflow 3 needs). Keep "
             "hydra.sweeper.storage=null; to resume a search, run the same command with the same "
-            "hydra.sweep.dir (or sweep.id): finished trials are not trained again (segldm/sweeps.py)"
+            "hydra.sweep.dir (or sweep.id): finished trials are not trained again (segldm/sweeps/jobs.py)"
         )
 
 
@@ -332,8 +316,6 @@ class SweepCallback(Callback):
         sweep_cfg = config.get("sweep") or {}
         if not sweep_cfg.get("report", True):
             return
-        from segldm.report import report_sweep_dir
-
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         try:
             report_sweep_dir(sweep_dir, metric=sweep_cfg.get("objective") or "val/loss")

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 from omegaconf import OmegaConf
 
+from segldm.config.run_folder import run_dir
+
 
 def downsample_factor(ch_mult: Sequence[int]) -> int:
     """Spatial downsampling of a taming Encoder: one halving between consecutive levels."""
@@ -24,17 +26,6 @@ def num_devices(devices: object) -> int:
         f"trainer.devices={devices!r} is not a number of devices; the SLURM launcher reserves one task and "
         "one GPU per device, so set it, e.g. trainer=ddp trainer.devices=4"
     )
-
-
-def run_dir(
-    task_dir: str, timestamp: str, resume: object = None, ckpt_path: object = None, run_name: object = None
-) -> str:
-    """`hydra.run.dir`: timestamped, or the same command's folder with resume=auto (segldm.resume.run_dir)."""
-    if resume != "auto" and ckpt_path != "last":
-        return f"{task_dir}/{timestamp}"
-    from segldm.resume import run_dir as resolve
-
-    return resolve(task_dir, timestamp, resume, ckpt_path, run_name)  # type: ignore[arg-type]
 
 
 def register_resolvers() -> None:

@@ -17,11 +17,11 @@ import lightning as L
 import torch
 from einops import rearrange
 
-from segldm.checkpoints import CheckpointError
-from segldm.lr_schedulers import effective_learning_rate, optimizer_config
 from segldm.models.autoencoder import VQModel, read_state_dict
 from segldm.models.first_stage_loss import VQLPIPSWithDiscriminator
-from segldm.models.ldm import check_finite, report_learning_rate
+from segldm.storage.checkpoint_files import CheckpointError
+from segldm.training.guards import check_finite
+from segldm.training.lr_schedulers import effective_learning_rate, optimizer_config, report_learning_rate
 
 
 class VQAutoencoderModule(L.LightningModule):

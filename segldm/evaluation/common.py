@@ -14,9 +14,16 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from segldm.metrics.fid import EXTRACTOR_NAME, InceptionFeatures, InceptionWeights, cached_features, fid_kid
+from segldm.metrics.fid import (
+    EXTRACTOR_NAME,
+    InceptionFeatures,
+    InceptionWeights,
+    cached_features,
+    fid_kid,
+    file_sha256,
+)
 from segldm.metrics.segmenters import RealPair, real_pairs
-from segldm.tracking import check_tracking_uri, git_commit
+from segldm.tracking.logger import check_tracking_uri, git_commit
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +52,6 @@ def real_feature_key(
     data_cfg: DictConfig, pairs: Sequence[RealPair], weights: InceptionWeights
 ) -> dict[str, Any]:
     """What the cached real-image features depend on: dataset config, split, the sample indices, sizes, weights."""
-    from segldm.metrics.fid import file_sha256
-
     data = OmegaConf.to_container(data_cfg, resolve=True)
     relevant = {
         k: v

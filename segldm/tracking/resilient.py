@@ -196,7 +196,9 @@ class ResilientMLFlowLogger(MLFlowLogger):
             log.warning(
                 "resumed MLflow run %s: params changed since it started: %s", self.run_id, "; ".join(changed)
             )
-            self.experiment.set_tag(self.run_id, "segldm.resume.changed_params", "; ".join(changed)[:5000])
+            self.experiment.set_tag(
+                self.run_id, "segldm.runtime.resume.changed_params", "; ".join(changed)[:5000]
+            )
         if new:
             super().log_hyperparams(new)
 

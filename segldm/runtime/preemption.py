@@ -24,6 +24,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
+from segldm.runtime.lightning_state import validation_follows
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
@@ -118,8 +120,6 @@ class PreemptionCheckpoint(L.Callback):
         return self.received is not None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        from segldm.resume import validation_follows
-
         if self.should_preempt(trainer) and not validation_follows(trainer):  # else after the validation
             self.preempt(trainer)
 

@@ -1,7 +1,8 @@
-"""Checkpoint files that survive kills and full disks: atomic writes, and the choice of what to resume.
+"""The one atomic writer: files that survive kills and full disks.
 
-Every checkpoint segldm writes (Lightning's through :class:`AtomicCheckpointIO`, ``segldm.convert``'s
-through :func:`segldm.checkpoints.save_checkpoint`) goes through :func:`atomic_save`: the bytes go to a
+Every file segldm must not leave half-written goes through :func:`atomic_save` (checkpoints, both
+Lightning's through ``segldm.runtime.checkpoint_io.AtomicCheckpointIO`` and ``segldm.convert``'s;
+the FID feature cache; the Inception conversion; sweep markers): the bytes go to a
 temporary file beside the target, are fsync'ed, and only then renamed over it, so a kill at any moment
 leaves either the previous complete file or the new complete one, never a truncated ``last.ckpt``.
 A write that fails (disk full, permissions, quota) raises :class:`CheckpointWriteError` naming the
@@ -16,12 +17,11 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
 
 log = logging.getLogger(__name__)
 
@@ -141,35 +141,3 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     if removed:
         log.info("removed %d temporary file(s) of interrupted checkpoint writes in %s", len(removed), folder)
     return removed
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's CheckpointIO with atomic local writes (``trainer.plugins`` in conf/trainer/default.yaml).
-
-    Lightning's own writer builds the whole file in memory and writes it in place; a kill during the
-    write truncates the file, and a full disk loses the previous checkpoint. Remote (fsspec) paths
-    keep Lightning's writer.
-    """
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
-    ) -> None:
-        if storage_options is not None or "://" in str(path):
-            super().save_checkpoint(checkpoint, path, storage_options)
-            return
-        atomic_save(checkpoint, path)
-
-
-def is_resumable(checkpoint: Mapping[str, Any]) -> bool:
-    """A Lightning training checkpoint (optimizer and loop state), not a weights-only file."""
-    return "optimizer_states" in checkpoint and "loops" in checkpoint and "global_step" in checkpoint
-
-
-__all__ = [
-    "AtomicCheckpointIO",
-    "CheckpointWriteError",
-    "atomic_save",
-    "is_resumable",
-    "remove_stale_temp_files",
-    "stale_temp_files",
-]

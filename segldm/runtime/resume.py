@@ -9,7 +9,7 @@ checkpoint. The command's run folder must therefore be found again:
   (``.hydra/overrides.yaml``) equal this command's, ignoring ``resume`` and ``ckpt_path``;
   none: a new timestamped folder and a fresh start.
 
-(``conf/hydra/default.yaml`` computes the run folder through :func:`run_dir`.) In that folder the
+(``conf/hydra/default.yaml`` computes the run folder through :func:`segldm.config.run_folder.run_dir`.) In that folder the
 newest readable training checkpoint (``checkpoints/*.ckpt``, Lightning's ``hpc_ckpt_*.ckpt``) is
 resumed; a corrupt one is skipped with a warning. An explicit ``ckpt_path=<file>`` is read and checked
 first (:func:`plan_resume`) and refused with the reason when it cannot be resumed.
@@ -30,7 +30,7 @@ import json
 import logging
 import random
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,75 +43,23 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf
 
-from segldm.checkpoint_io import atomic_save, is_resumable, remove_stale_temp_files
-from segldm.checkpoints import CheckpointError, read_checkpoint
+from segldm.config.run_folder import ResumeWarning
+from segldm.data.resumable import rank_and_world_size
+from segldm.runtime.checkpoint_io import is_resumable
+from segldm.runtime.lightning_state import (
+    log_missing_metrics,
+    pending_step_metrics,
+    validation_follows,
+)
+from segldm.runtime.preemption import DEFAULT_SIGNALS, PreemptionCheckpoint
+from segldm.storage.atomic import atomic_save, remove_stale_temp_files
+from segldm.storage.checkpoint_files import CheckpointError, read_checkpoint
+from segldm.training.guards import FiniteGradients
 
 log = logging.getLogger(__name__)
 
-IGNORED_OVERRIDE_KEYS = ("resume", "ckpt_path")
 MLFLOW_RUN_FILE = "mlflow_run.json"
 MODEL_KINDS = {"LatentDiffusion": "ldm", "VQAutoencoderModule": "autoencoder"}
-
-
-class ResumeWarning(UserWarning):
-    """A checkpoint or run record was skipped while looking for what to resume."""
-
-
-# ------------------------------------------------------------------------------------ run folder
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def comparable_overrides(overrides: Sequence[str]) -> list[str]:
-    """The overrides that define "the same command": without resume/ckpt_path and hydra.* keys."""
-    return sorted(
-        o
-        for o in overrides
-        if _override_key(o) not in IGNORED_OVERRIDE_KEYS and not _override_key(o).startswith("hydra.")
-    )
-
-
-def matching_run_folder(task_dir: str | Path, overrides: Sequence[str]) -> Path | None:
-    """The newest folder under ``task_dir`` whose saved Hydra overrides are ``overrides``."""
-    wanted = comparable_overrides(overrides)
-    matches = []
-    for saved in Path(task_dir).glob("*/.hydra/overrides.yaml"):
-        try:
-            previous = [str(o) for o in OmegaConf.load(saved)]
-        except Exception as err:  # noqa: BLE001 (an unreadable record is skipped, never fatal)
-            warnings.warn(f"resume=auto: skipping {saved}: {err}", ResumeWarning, stacklevel=2)
-            continue
-        if comparable_overrides(previous) == wanted:
-            matches.append((saved.stat().st_mtime, saved.parent.parent))
-    return max(matches)[1] if matches else None
-
-
-def run_dir(
-    task_dir: str,
-    timestamp: str,
-    resume: str | None = None,
-    ckpt_path: str | None = None,
-    run_name: Any = None,
-) -> str:
-    """Resolver ``segldm.run_dir`` (conf/hydra/default.yaml): the run folder, stable when resuming.
-
-    Without resume=auto / ckpt_path=last: ``<task_dir>/<timestamp>`` as before. With them: the
-    folder of ``run_name``, else the newest folder of the same overrides, else a new timestamped one.
-    """
-    if resume != "auto" and ckpt_path != "last":
-        return f"{task_dir}/{timestamp}"
-    if run_name not in (None, ""):
-        name = str(run_name)
-        if "/" in name or name in (".", ".."):
-            raise ValueError(f"run_name={name!r} names the run folder with resume=auto; use a plain name")
-        return f"{task_dir}/{name}"
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        found = matching_run_folder(task_dir, list(HydraConfig.get().overrides.task))
-        if found is not None:
-            return str(found)
-    return f"{task_dir}/{timestamp}"
 
 
 # ------------------------------------------------------------------------------------ what to resume
@@ -189,7 +137,7 @@ def write_run_record(output_dir: str | Path, run_id: str, tracking_uri: str) -> 
 def plan_resume(cfg: DictConfig) -> ResumePlan:
     """Resolve resume=auto / ckpt_path=last / ckpt_path=<file> to a checked checkpoint, before anything is built.
 
-    An explicit file is read completely (segldm.checkpoints.read_checkpoint): a missing, truncated or
+    An explicit file is read completely (segldm.runtime.loading.read_checkpoint): a missing, truncated or
     corrupt file, a weights-only file or another stage's checkpoint is refused with the reason, never
     half-loaded. With resume=auto the newest readable checkpoint of the run folder is taken.
     """
@@ -271,88 +219,6 @@ def restore_rng(state: Mapping[str, Any]) -> None:
             )
 
 
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-# Lightning internals that exact resume reads (validation_follows, pending_step_metrics): a release
-# without them must stop the run at start-up, not resume it silently inexactly.
-LIGHTNING_INTERNALS: tuple[tuple[str, str], ...] = (
-    ("trainer.fit_loop", "_data_fetcher"),
-    ("trainer.fit_loop.epoch_loop", "_should_check_val_fx"),
-    ("trainer.fit_loop.epoch_loop", "_batches_that_stepped"),
-    ("trainer", "_logger_connector"),
-    ("trainer._logger_connector", "should_update_logs"),
-    ("trainer._logger_connector", "metrics"),
-    ("trainer", "_results"),
-)
-
-
-def check_lightning_internals(trainer: L.Trainer) -> None:
-    """Raise RuntimeError, naming what is missing, when this Lightning lacks what exact resume reads."""
-    missing = []
-    for owner_path, name in LIGHTNING_INTERNALS:
-        owner: Any = trainer
-        for part in owner_path.split(".")[1:]:
-            owner = getattr(owner, part, None)
-        if owner is None or not hasattr(type(owner), name) and name not in vars(owner):
-            missing.append(f"{owner_path}.{name}")
-    if missing:
-        raise RuntimeError(
-            f"lightning {L.__version__} lacks {', '.join(missing)}, which segldm's exact resume reads "
-            "(segldm/resume.py, written against lightning 2.6): install the pinned version "
-            "(pip install -e . gives lightning==2.6.6)"
-        )
-
-
-def validation_follows(trainer: L.Trainer) -> bool:
-    """Whether Lightning validates right after the current training batch (called in on_train_batch_end).
-
-    Lightning's own decision (a private method of its epoch loop, lightning 2.6); time-based
-    validation intervals are unpredictable and answer False.
-    """
-    loop = trainer.fit_loop
-    if getattr(trainer, "_val_check_time_interval", None) is not None or loop._data_fetcher is None:
-        return False
-    return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
-
-
-def pending_step_metrics(trainer: L.Trainer) -> dict[str, Any] | None:
-    """The current step's metrics Lightning will send to the loggers after on_train_batch_end.
-
-    A checkpoint written in on_train_batch_end precedes that logging; a run killed in between
-    would never log them, so they travel in the checkpoint (lightning 2.6 internals).
-    """
-    connector = trainer._logger_connector
-    if not trainer.loggers or not connector.should_update_logs or trainer._results is None:
-        return None
-    metrics = {
-        k: float(v) for k, v in connector.metrics["log"].items() if torch.is_tensor(v) and v.numel() == 1
-    }
-    if not metrics:
-        return None
-    metrics.setdefault("epoch", float(trainer.current_epoch))
-    return {"step": int(trainer.fit_loop.epoch_loop._batches_that_stepped), "metrics": metrics}
-
-
-def log_missing_metrics(trainer: L.Trainer, pending: Mapping[str, Any]) -> None:
-    """Log ``pending`` step metrics that the loggers do not hold yet (MLflow: checked against the history)."""
-    step, metrics = int(pending["step"]), dict(pending["metrics"])
-    for logger in trainer.loggers:
-        todo = metrics
-        if isinstance(logger, MLFlowLogger):
-            client, run_id = logger.experiment, logger.run_id
-            todo = {
-                k: v
-                for k, v in metrics.items()
-                if not any(m.step == step for m in (client.get_metric_history(run_id, k) or []))
-            }
-        if todo:
-            logger.log_metrics(todo, step=step)
-
-
 class StepCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose step checkpoints include the step's validation (conf/callbacks/default.yaml).
 
@@ -421,7 +287,7 @@ class TrainingState(L.Callback):
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        rank, world = _world()
+        rank, world = rank_and_world_size()
         states = [capture_rng()]
         if world > 1:  # every rank draws its own stream (per-rank seeds): keep all of them
             gathered: list[Any] = [None] * world
@@ -445,7 +311,7 @@ class TrainingState(L.Callback):
         self._pending_metrics = None
         if not self._pending:
             return
-        rank, world = _world()
+        rank, world = rank_and_world_size()
         if len(self._pending) != world:
             warnings.warn(
                 f"the checkpoint holds random states of {len(self._pending)} process(es), this run has {world}: "
@@ -475,9 +341,6 @@ class TrainingState(L.Callback):
 
 def reliability_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The callbacks ``segldm.train`` always adds (``reliability`` in conf/train.yaml), even with callbacks=none."""
-    from segldm.guards import FiniteGradients
-    from segldm.preemption import DEFAULT_SIGNALS, PreemptionCheckpoint
-
     settings = cfg.get("reliability") or {}
     callbacks: list[L.Callback] = [TrainingState()]
     signals = settings.get("checkpoint_signals", list(DEFAULT_SIGNALS))
@@ -491,17 +354,13 @@ def reliability_callbacks(cfg: DictConfig) -> list[L.Callback]:
 __all__ = [
     "MLFLOW_RUN_FILE",
     "ResumePlan",
-    "ResumeWarning",
     "StepCheckpoint",
     "TrainingState",
     "capture_rng",
     "check_resumable",
-    "comparable_overrides",
-    "matching_run_folder",
     "plan_resume",
     "read_run_record",
     "reliability_callbacks",
     "restore_rng",
-    "run_dir",
     "write_run_record",
 ]

@@ -22,8 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from segldm.checkpoints import CheckpointError
-from segldm.eval_common import (
+from segldm.evaluation.common import (
     fid_against_real,
     instantiate_plain,
     log_eval_run,
@@ -34,8 +33,9 @@ from segldm.metrics.fid import InceptionFeatures, resolve_inception_weights
 from segldm.metrics.reconstruction import l1_error, mean_lpips, psnr, reconstruct
 from segldm.models.autoencoder import VQModel
 from segldm.models.perceptual import LPIPS, find_vgg16_weights
-from segldm.sample import resolve_device
-from segldm.visualize import save_grid
+from segldm.pipeline.generation import resolve_device
+from segldm.pipeline.visualize import save_grid
+from segldm.storage.checkpoint_files import CheckpointError
 
 FIRST_STAGE_METRICS = ("rfid", "l1", "psnr", "lpips")
 

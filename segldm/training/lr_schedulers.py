@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import lightning as L
 import torch
 
 
@@ -143,3 +144,18 @@ def optimizer_config(
         "optimizer": optimizer,
         "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
     }
+
+
+def report_learning_rate(module: L.LightningModule, lr: float) -> None:
+    """Print the effective lr and record it with the run (it depends on batch size and devices)."""
+    factors = (
+        learning_rate_factors(module._trainer) if module.scale_lr and module._trainer is not None else {}
+    )
+    product = " x ".join(f"{name} {value}" for name, value in factors.items())
+    module.print(
+        f"effective learning rate {lr:.4g} (base {module.base_learning_rate:.4g}, scale_lr={module.scale_lr}"
+        + (f": base x {product})" if product else ")")
+    )
+    if module._trainer is not None:
+        for logger in module.trainer.loggers:
+            logger.log_hyperparams({"effective_learning_rate": lr})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,12 +11,15 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+from segldm.data.synthetic import CLASS_COLORS
+
+log = logging.getLogger(__name__)
+GRID_COLUMNS = 8
+
 
 def label_palette(n_labels: int) -> np.ndarray:
     """A fixed, well-spread RGB colour per label (uint8, n_labels x 3), the same in every run."""
     if n_labels == 8:  # the built-in scenes: their own base colours read best
-        from segldm.data.synthetic import CLASS_COLORS
-
         return CLASS_COLORS.astype(np.uint8)
     rng = np.random.default_rng(12345)
     return rng.integers(30, 256, size=(n_labels, 3), dtype=np.int64).astype(np.uint8)
@@ -36,4 +40,25 @@ def save_grid(rows: Sequence[torch.Tensor], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     Image.fromarray(array).save(path)
+    return path
+
+
+def save_grid_rows(conditions: list[torch.Tensor], samples: list[torch.Tensor], path: Path) -> Path | None:
+    """Rows of up to 8: conditions, then their samples below; skipped when the sizes differ."""
+    if len({tuple(t.shape) for t in conditions + samples}) != 1:
+        log.info("masks have different sizes: no grid written")
+        return None
+    blank = torch.ones_like(samples[0])
+    rows = []
+    for start in range(0, len(samples), GRID_COLUMNS):
+        chunk = slice(start, start + GRID_COLUMNS)
+        pad = [blank] * (GRID_COLUMNS - len(samples[chunk])) if len(samples) > GRID_COLUMNS else []
+        rows += [*conditions[chunk], *pad, *samples[chunk], *pad]
+    grid = make_grid(
+        (torch.stack(rows).clamp(-1, 1) + 1) / 2,
+        nrow=min(GRID_COLUMNS, len(samples)),
+        padding=2,
+        pad_value=1.0,
+    )
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
     return path

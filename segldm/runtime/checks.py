@@ -13,12 +13,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from segldm.config import downsample_factor
-from segldm.diffusion import SAMPLER_NAMES
+from segldm.config.resolvers import downsample_factor
 from segldm.diffusion.ddim import check_ddim_steps
+from segldm.diffusion.samplers import SAMPLER_NAMES
 from segldm.models.discriminator import min_input_size
 from segldm.models.first_stage_loss import GAN_LOSSES
 from segldm.models.perceptual import PerceptualWeightsError, find_vgg16_weights, missing_weights_message
+from segldm.runtime.preemption import parse_signals
 
 
 class ConfigError(ValueError):
@@ -85,8 +86,6 @@ def _output_problems(cfg: DictConfig, problems: list[str]) -> None:
 
 def _reliability_problems(cfg: DictConfig, problems: list[str]) -> None:
     """resume / ckpt_path / checkpoint_signals / logger on_unavailable values."""
-    from segldm.preemption import parse_signals
-
     resume, ckpt_path = cfg.get("resume"), cfg.get("ckpt_path")
     if resume not in (None, "auto"):
         problems.append(f"resume={resume!r} is not a resume mode; use resume=auto (or leave it null)")

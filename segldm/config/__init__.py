@@ -1,0 +1,1 @@
+"""Config plumbing below everything else: OmegaConf resolvers and the run-folder rule."""

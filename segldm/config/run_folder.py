@@ -1,0 +1,77 @@
+"""The run folder of a command, stable when resuming (resolver ``segldm.run_dir``, conf/hydra/default.yaml).
+
+``resume=auto`` (or ``ckpt_path=last``) continues "the same command", so its folder must be found
+again: ``run_name=<name>`` names it, else the newest folder under the task whose saved Hydra
+overrides equal this command's (ignoring ``resume`` and ``ckpt_path``), else a new timestamped one.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+IGNORED_OVERRIDE_KEYS = ("resume", "ckpt_path")
+
+
+class ResumeWarning(UserWarning):
+    """A checkpoint or run record was skipped while looking for what to resume."""
+
+
+# ------------------------------------------------------------------------------------ run folder
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def comparable_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides that define "the same command": without resume/ckpt_path and hydra.* keys."""
+    return sorted(
+        o
+        for o in overrides
+        if _override_key(o) not in IGNORED_OVERRIDE_KEYS and not _override_key(o).startswith("hydra.")
+    )
+
+
+def matching_run_folder(task_dir: str | Path, overrides: Sequence[str]) -> Path | None:
+    """The newest folder under ``task_dir`` whose saved Hydra overrides are ``overrides``."""
+    wanted = comparable_overrides(overrides)
+    matches = []
+    for saved in Path(task_dir).glob("*/.hydra/overrides.yaml"):
+        try:
+            previous = [str(o) for o in OmegaConf.load(saved)]
+        except Exception as err:  # noqa: BLE001 (an unreadable record is skipped, never fatal)
+            warnings.warn(f"resume=auto: skipping {saved}: {err}", ResumeWarning, stacklevel=2)
+            continue
+        if comparable_overrides(previous) == wanted:
+            matches.append((saved.stat().st_mtime, saved.parent.parent))
+    return max(matches)[1] if matches else None
+
+
+def run_dir(
+    task_dir: str,
+    timestamp: str,
+    resume: str | None = None,
+    ckpt_path: str | None = None,
+    run_name: Any = None,
+) -> str:
+    """Resolver ``segldm.run_dir`` (conf/hydra/default.yaml): the run folder, stable when resuming.
+
+    Without resume=auto / ckpt_path=last: ``<task_dir>/<timestamp>`` as before. With them: the
+    folder of ``run_name``, else the newest folder of the same overrides, else a new timestamped one.
+    """
+    if resume != "auto" and ckpt_path != "last":
+        return f"{task_dir}/{timestamp}"
+    if run_name not in (None, ""):
+        name = str(run_name)
+        if "/" in name or name in (".", ".."):
+            raise ValueError(f"run_name={name!r} names the run folder with resume=auto; use a plain name")
+        return f"{task_dir}/{name}"
+    if HydraConfig.initialized():
+        found = matching_run_folder(task_dir, list(HydraConfig.get().overrides.task))
+        if found is not None:
+            return str(found)
+    return f"{task_dir}/{timestamp}"

@@ -1,0 +1,1 @@
+"""Masks in, images out: one generation path (conditioning, sampler, decode, uint8) for grids, sample and eval."""

@@ -1,0 +1,1 @@
+"""Hydra multiruns as sweeps: job identity, resume by skipping, and the sweep report."""
