@@ -1,4 +1,4 @@
-"""Stop on non-finite gradients before the optimizer applies them (the loss check lives in training/ldm.py).
+"""Stop on a non-finite loss or non-finite gradients before the optimizer applies them.
 
 A finite loss can still back-propagate inf/NaN (an overflow in one layer, a division by a tiny
 norm); one such step writes NaN into every weight and the EMA, and the next checkpoint would keep

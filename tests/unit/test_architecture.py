@@ -49,3 +49,9 @@ def test_the_checker_sees_a_function_level_import(tmp_path: Path) -> None:
         "import segldm\n\ndef f():\n    from segldm.config import resolvers\n    return resolvers\n"
     )
     assert function_level_segldm_imports(probe, tmp_path) == ["probe.py:4 segldm.config"]
+
+
+def test_docs_architecture_tree_is_current() -> None:
+    script = REPO / "experiments" / "architecture" / "tree.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, f"docs/architecture.md is stale: run {script.relative_to(REPO)}"
