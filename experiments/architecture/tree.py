@@ -27,11 +27,15 @@ def purpose(path: Path) -> str:
 
 def tree() -> list[str]:
     lines = []
-    for path in sorted((ROOT / "segldm").rglob("*.py"), key=lambda p: (p.parent.parts, p.name != "__init__.py", p.name)):
+    for path in sorted(
+        (ROOT / "segldm").rglob("*.py"), key=lambda p: (p.parent.parts, p.name != "__init__.py", p.name)
+    ):
         rel = path.relative_to(ROOT)
         name = str(rel.parent) + "/" if path.name == "__init__.py" else str(rel)
         depth = len(rel.parts) - (2 if path.name == "__init__.py" else 1)
-        lines.append(f"{'  ' * depth}{name.split('/')[-2] + '/' if path.name == '__init__.py' else path.name:<28} {purpose(path)}")
+        lines.append(
+            f"{'  ' * depth}{name.split('/')[-2] + '/' if path.name == '__init__.py' else path.name:<28} {purpose(path)}"
+        )
     return lines
 
 
@@ -42,7 +46,15 @@ def layers() -> list[str]:
 
 
 def generated() -> str:
-    body = ["```", *tree(), "```", "", "Layers, top to bottom (`a | b`: independent rooms of one layer):", "", *layers()]
+    body = [
+        "```",
+        *tree(),
+        "```",
+        "",
+        "Layers, top to bottom (`a | b`: independent rooms of one layer):",
+        "",
+        *layers(),
+    ]
     return "\n".join([BEGIN, *body, END])
 
 

@@ -53,5 +53,7 @@ def test_the_checker_sees_a_function_level_import(tmp_path: Path) -> None:
 
 def test_docs_architecture_tree_is_current() -> None:
     script = REPO / "experiments" / "architecture" / "tree.py"
-    result = subprocess.run([sys.executable, str(script), "--check"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(script), "--check"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, f"docs/architecture.md is stale: run {script.relative_to(REPO)}"

@@ -30,7 +30,7 @@ X_T = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
 
 def test_the_registry_holds_the_three_samplers_by_name() -> None:
     assert set(SAMPLERS) >= {"ddim", "dpm_solver++", "dpm_solver++_sde"}
-    assert samplers.SAMPLER_NAMES == tuple(SAMPLERS)
+    assert tuple(SAMPLERS) == samplers.SAMPLER_NAMES
     for name in SAMPLERS:
         assert make_sampler(name, 10, 0.5).name == name
 
