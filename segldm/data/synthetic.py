@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from segldm.data.transforms import one_hot as label_one_hot
+
 CLASS_NAMES = ("sky", "cloud", "mountain", "grass", "tree", "water", "sand", "sun")
 N_CLASSES = len(CLASS_NAMES)
 SKY, CLOUD, MOUNTAIN, GRASS, TREE, WATER, SAND, SUN = range(N_CLASSES)
@@ -102,11 +104,6 @@ def nearest_color_labels(image: np.ndarray) -> np.ndarray:
     return dist.argmin(-1).astype(np.uint8)
 
 
-def one_hot(labels: np.ndarray, n_labels: int) -> np.ndarray:
-    """(H, W) integer labels -> (H, W, n_labels) float32 one-hot, the SFLCKR `segmentation` layout."""
-    return np.eye(n_labels, dtype=np.float32)[labels]
-
-
 class SyntheticScenes(Dataset):
     """Deterministic procedural scenes in the SFLCKR sample format.
 
@@ -145,5 +142,5 @@ class SyntheticScenes(Dataset):
             "index": index,
         }
         if self.one_hot:
-            sample["segmentation"] = torch.from_numpy(one_hot(labels, N_CLASSES))
+            sample["segmentation"] = torch.from_numpy(label_one_hot(labels, N_CLASSES))
         return sample

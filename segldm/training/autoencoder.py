@@ -181,6 +181,9 @@ class VQAutoencoderModule(L.LightningModule):
         return configs if self.lr_lambda is not None else [optimizer, discriminator]
 
     def on_fit_start(self) -> None:
+        # Lightning warns at every checkpoint of a manual-optimisation run that it holds the state after
+        # the step: that is the state exact resume needs (the next step starts from it), not a problem.
+        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
         precision = str(getattr(self._trainer, "precision", "32"))
         if self.loss is not None and precision.startswith("16"):
             raise ValueError(

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from segldm.diffusion.compvis_ddim import DDIMSampler
 from segldm.diffusion.ddim import per_sample_randn
 from segldm.diffusion.samplers import Sampler, make_sampler
 from segldm.diffusion.schedule import (
@@ -384,6 +385,24 @@ class LatentDiffusion(L.LightningModule):
                 model_fn, x_T, self.alphas_cumprod, generators, progress
             )
         return (samples, intermediates) if return_intermediates else samples
+
+    @torch.no_grad()
+    def sample_log(
+        self, cond: torch.Tensor, batch_size: int, ddim: bool, ddim_steps: int, **kwargs: Any
+    ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        """CompVis's ``LatentDiffusion.sample_log``: DDIM latents and intermediates for encoded conditioning.
+
+        Like the reference, it samples with the weights as they are (wrap it in ``model.ema_scope()``
+        for the EMA ones) and from the global random stream; ``kwargs`` go to
+        :class:`segldm.diffusion.compvis_ddim.DDIMSampler` (eta, x_T, guidance, log_every_t, ...).
+        """
+        if not ddim:
+            raise NotImplementedError(
+                "sample_log(ddim=False) runs CompVis's 1000-step ancestral DDPM sampler, which segldm does "
+                "not implement; use ddim=True (ddim_steps=num_timesteps with eta=1 is the closest)"
+            )
+        shape = (self.channels, int(cond.shape[-2]), int(cond.shape[-1]))
+        return DDIMSampler(self).sample(ddim_steps, batch_size, shape, cond, verbose=False, **kwargs)
 
     def make_sampler(
         self, steps: int | None = None, eta: float | None = None, name: str | None = None

@@ -28,11 +28,13 @@ from segldm.compat.compvis.config import (
 )
 from segldm.compat.compvis.export import compvis_config_from_segldm
 from segldm.compat.compvis.spec import COMPVIS_TARGETS, CompVisConfigError, CompVisWarning
+from segldm.diffusion.compvis_ddim import DDIMSampler
 
 __all__ = [
     "COMPVIS_TARGETS",
     "CompVisConfigError",
     "CompVisWarning",
+    "DDIMSampler",
     "Translation",
     "compvis_config_from_segldm",
     "compvis_state_dict",
