@@ -33,7 +33,7 @@ from segldm.models.unet import UNetModel
 
 def conf_dir() -> Path:
     """segldm's Hydra config tree (``conf/`` beside the package, as ``segldm.train`` finds it)."""
-    return Path(__file__).resolve().parents[2] / "conf"
+    return Path(__file__).resolve().parents[3] / "conf"
 
 
 def read_compvis_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
