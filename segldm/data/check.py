@@ -84,15 +84,8 @@ class _Inspect(Dataset):
         return self.dataset.inspect(index)
 
 
-class _Samples(Dataset):
+class _Samples(_Inspect):
     """Fallback for datasets without `inspect` (e.g. synthetic): load each sample, keep its labels."""
-
-    def __init__(self, dataset: Any, limit: int) -> None:
-        self.dataset = dataset
-        self.limit = limit
-
-    def __len__(self) -> int:
-        return self.limit
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         report: dict[str, Any] = {"problems": [], "histogram": None, "ignored": 0, "out_of_range": []}

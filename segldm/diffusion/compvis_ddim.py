@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from segldm.diffusion.ddim import check_ddim_steps, ddim_parameters, ddim_step, make_ddim_timesteps
+from segldm.diffusion.ddim import check_ddim_steps, ddim_parameters, make_ddim_timesteps
 
 UNSUPPORTED = {  # argument: (the reference's default, why segldm refuses another value)
     "mask": (None, "inpainting with a known-region mask"),
@@ -121,15 +121,7 @@ class DDIMSampler:
                 unconditional_conditioning,
             ).float()
             noise = torch.randn(img.shape, device=device, dtype=img.dtype)
-            img, pred_x0 = ddim_step(
-                img,
-                eps,
-                float(params.alphas[index]),
-                float(params.alphas_prev[index]),
-                float(params.sigmas[index]),
-                float(params.sqrt_one_minus_alphas[index]),
-                noise,
-            )
+            img, pred_x0 = params.step(img, eps, index, noise)
             if callback is not None:
                 callback(i)
             if img_callback is not None:

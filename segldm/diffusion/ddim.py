@@ -98,6 +98,20 @@ class DDIMParameters:
     def __len__(self) -> int:
         return int(self.timesteps.numel())
 
+    def step(
+        self, x: torch.Tensor, eps: torch.Tensor, index: int, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`ddim_step` with the coefficients of step ``index``; returns (x_prev, pred_x0)."""
+        return ddim_step(
+            x,
+            eps,
+            float(self.alphas[index]),
+            float(self.alphas_prev[index]),
+            float(self.sigmas[index]),
+            float(self.sqrt_one_minus_alphas[index]),
+            noise,
+        )
+
 
 def ddim_parameters(alphas_cumprod: torch.Tensor, timesteps: np.ndarray, eta: float) -> DDIMParameters:
     """Coefficients of the DDIM update for the given timesteps and stochasticity eta."""
@@ -174,15 +188,7 @@ def ddim_sample(
         t = torch.full((batch,), int(params.timesteps[index]), device=x.device, dtype=torch.long)
         eps = model_fn(x, t)
         noise = per_sample_randn(x.shape, generators, x.device, x.dtype)
-        x, pred_x0 = ddim_step(
-            x,
-            eps,
-            float(params.alphas[index]),
-            float(params.alphas_prev[index]),
-            float(params.sigmas[index]),
-            float(params.sqrt_one_minus_alphas[index]),
-            noise,
-        )
+        x, pred_x0 = params.step(x, eps, index, noise)
         intermediates["x_inter"].append(x)
         intermediates["pred_x0"].append(pred_x0)
     return x, intermediates

@@ -18,22 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from segldm.models.cond_stage import SpatialRescaler, one_hot_from_label_map
+from segldm.models.cond_stage import SpatialRescaler, check_label_ids, one_hot_from_label_map
 
 FUSABLE_METHODS = ("bilinear", "area")  # modes where a x0.5 stage is exactly a 2x2 mean
-
-
-def check_label_ids(ids: torch.Tensor, n_labels: int, ignore_label: int | None) -> torch.Tensor:
-    """Mask of ignored pixels; raises on ids outside [0, n_labels) that are not the ignore label."""
-    ignored = torch.zeros_like(ids, dtype=torch.bool) if ignore_label is None else ids == ignore_label
-    bad = ((ids < 0) | (ids >= n_labels)) & ~ignored
-    if bad.any():
-        values = torch.unique(ids[bad]).tolist()[:10]
-        raise ValueError(
-            f"label_map holds ids {values} outside [0, {n_labels}) (model.cond_stage.in_channels) and not "
-            f"model.ignore_label={ignore_label}; set data.n_labels / data.ignore_label to match the data"
-        )
-    return ignored
 
 
 def fused_cell_size(cond_stage: nn.Module, height: int, width: int) -> int | None:

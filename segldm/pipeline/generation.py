@@ -73,7 +73,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def as_condition(mask: np.ndarray | torch.Tensor) -> torch.Tensor:
     """A label map (H, W) as int64, or a one-hot (C, H, W) as float32."""
-    tensor = mask if torch.is_tensor(mask) else torch.from_numpy(np.array(mask))  # a copy: masks may be read-only
+    tensor = (
+        mask if torch.is_tensor(mask) else torch.from_numpy(np.array(mask))
+    )  # a copy: masks may be read-only
     if tensor.ndim == 2:
         return tensor.long()
     if tensor.ndim == 3:
