@@ -68,8 +68,16 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         eta=None if cfg.eta is None else float(cfg.eta),
         use_ema=bool(cfg.use_ema),
         batch_size=int(cfg.batch_size),
+        guidance_scale=None if cfg.get("guidance_scale") is None else float(cfg.guidance_scale),
     )
-    model.check_sampler_settings(settings.steps, None, "steps")
+    model.check_sampler_settings(
+        settings.steps,
+        None,
+        "steps",
+        settings.guidance_scale,
+        "guidance_scale",
+        bool(cfg.get("force_guidance", False)),
+    )
     for mask in masks:
         check_mask(mask, n_labels, ignore_label, multiple, why)
     if not masks:
@@ -95,6 +103,9 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         "steps": settings.steps if settings.steps is not None else model.sampler_defaults["steps"],
         "eta": settings.eta if settings.eta is not None else model.sampler_defaults["eta"],
         "use_ema": bool(cfg.use_ema and model.use_ema),
+        "guidance_scale": settings.guidance_scale
+        if settings.guidance_scale is not None
+        else model.sampler_defaults.get("guidance_scale", 1.0),
         "samples": [
             {"name": m.name, "source": m.source, "seed": s} for m, s in zip(masks, seeds, strict=True)
         ],

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from segldm.diffusion.ddim import check_ddim_steps, ddim_parameters, make_ddim_timesteps
+from segldm.diffusion.guidance import guided_eps
 
 UNSUPPORTED = {  # argument: (the reference's default, why segldm refuses another value)
     "mask": (None, "inpainting with a known-region mask"),
@@ -28,21 +29,6 @@ UNSUPPORTED = {  # argument: (the reference's default, why segldm refuses anothe
     "score_corrector": (None, "score correctors"),
     "normals_sequence": (None, "a given normals sequence"),
 }
-
-
-def guided_eps(
-    model: Any, x: torch.Tensor, t: torch.Tensor, cond: Any, scale: float, uncond: Any | None
-) -> torch.Tensor:
-    """eps_uncond + scale * (eps_cond - eps_uncond), both from one batched ``apply_model`` call."""
-    if uncond is None or scale == 1.0:
-        return model.apply_model(x, t, cond)
-    x_in, t_in = torch.cat([x] * 2), torch.cat([t] * 2)
-    if torch.is_tensor(cond):
-        c_in: Any = torch.cat([uncond, cond])
-    else:  # a list of concat maps, as CompVis's c_concat
-        c_in = [torch.cat([u, c]) for u, c in zip(uncond, cond, strict=True)]
-    eps_uncond, eps_cond = model.apply_model(x_in, t_in, c_in).chunk(2)
-    return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
 class DDIMSampler:
@@ -113,7 +99,7 @@ class DDIMSampler:
         for i, index in enumerate(reversed(range(total))):
             t = torch.full((batch_size,), int(params.timesteps[index]), device=device, dtype=torch.long)
             eps = guided_eps(
-                self.model,
+                self.model.apply_model,
                 img,
                 t,
                 conditioning,

@@ -107,6 +107,7 @@ def sampling_settings(cfg: DictConfig) -> SamplingSettings:
         eta=None if cfg.eval.eta is None else float(cfg.eval.eta),
         use_ema=bool(cfg.eval.use_ema),
         batch_size=int(cfg.eval.batch_size),
+        guidance_scale=None if cfg.eval.get("guidance_scale") is None else float(cfg.eval.guidance_scale),
     )
 
 
@@ -261,7 +262,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     class_names = list(datamodule.class_names or []) or None
     backend = str(cfg.eval.fid.backend)
     pairs = select_pairs(datamodule.val_dataset, cfg.eval.num_samples, need_images=backend != "none")
-    model.check_sampler_settings(cfg.eval.steps, cfg.eval.sampler, "eval.steps")
+    model.check_sampler_settings(
+        cfg.eval.steps,
+        cfg.eval.sampler,
+        "eval.steps",
+        cfg.eval.get("guidance_scale"),
+        "eval.guidance_scale",
+        bool(cfg.eval.get("force_guidance", False)),
+    )
     multiple, why = size_multiple(model)
     model_labels = int(model.cond_stage_model.in_channels)
     for pair in pairs:
@@ -370,6 +378,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "steps": int(cfg.eval.steps if cfg.eval.steps is not None else defaults["steps"]),
             "eta": float(cfg.eval.eta if cfg.eval.eta is not None else defaults["eta"]),
             "use_ema": bool(cfg.eval.use_ema and model.use_ema),
+            "guidance_scale": float(
+                cfg.eval.get("guidance_scale")
+                if cfg.eval.get("guidance_scale") is not None
+                else defaults.get("guidance_scale", 1.0)
+            ),
             "seed": int(cfg.eval.seed),
             "batch_size": int(cfg.eval.batch_size),
             # counted, not assumed: logSNR spacing merges steps, guidance doubles calls

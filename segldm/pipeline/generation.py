@@ -32,18 +32,20 @@ class MaskToImageModel(Protocol):
         use_ema: bool = ...,
         progress: bool = ...,
         sampler: str | None = ...,
+        guidance_scale: float | None = ...,
     ) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """Sampler name, steps and eta (None: the model's ``model.sampler`` defaults), EMA, batch size."""
+    """Sampler name, steps, eta and guidance (None: the model's ``model.sampler`` defaults), EMA, batch size."""
 
     sampler: str | None = None
     steps: int | None = None
     eta: float | None = None
     use_ema: bool = True
     batch_size: int = 16
+    guidance_scale: float | None = None  # classifier-free guidance (None: model.sampler.guidance_scale)
 
 
 @dataclass
@@ -127,6 +129,7 @@ def generate(
                     seeds=[int(seeds[i]) for i in batch],
                     use_ema=settings.use_ema,
                     sampler=settings.sampler,
+                    guidance_scale=settings.guidance_scale,
                 )
                 for row, i in enumerate(batch):
                     images[i] = out[row].float().cpu()

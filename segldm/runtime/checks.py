@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segldm.config.resolvers import downsample_factor
 from segldm.diffusion.ddim import check_ddim_steps
+from segldm.diffusion.guidance import check_guidance_scale
 from segldm.diffusion.samplers import SAMPLER_NAMES
 from segldm.models.discriminator import min_input_size
 from segldm.models.first_stage_loss import GAN_LOSSES
@@ -123,6 +124,30 @@ def _sampler_step_problems(cfg: DictConfig) -> list[str]:
             check_ddim_steps(int(steps), int(model.timesteps), key)
         except ValueError as err:
             problems.append(str(err))
+    return problems
+
+
+def _guidance_problems(cfg: DictConfig) -> list[str]:
+    """Condition dropout in [0, 1); guidance scales >= 1, and > 1 only for a model trained with dropout."""
+    model, problems = cfg.model, []
+    drop = float(model.get("cond_drop_prob", 0.0))
+    if not 0.0 <= drop < 1.0:
+        problems.append(f"model.cond_drop_prob={drop} must be in [0, 1) (0: no condition dropout)")
+    scales = {"model.sampler.guidance_scale": (model.get("sampler") or {}).get("guidance_scale", 1.0)}
+    grid = OmegaConf.select(cfg, "callbacks.sample_grid", default=None)
+    if isinstance(grid, DictConfig) and grid.get("guidance_scale") is not None:
+        scales["callbacks.sample_grid.guidance_scale"] = grid.guidance_scale
+    for key, scale in scales.items():
+        try:
+            check_guidance_scale(float(scale), key)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        if float(scale) != 1.0 and drop == 0.0:
+            problems.append(
+                f"{key}={scale} guides a model trained without condition dropout (model.cond_drop_prob=0): "
+                "set model.cond_drop_prob>0 (e.g. 0.1) or the scale to 1"
+            )
     return problems
 
 
@@ -236,6 +261,7 @@ def validate_config(cfg: DictConfig) -> None:
                 f"model.sampler.name={sampler.get('name')!r} is not a sampler; use one of {list(SAMPLER_NAMES)}"
             )
         problems += _sampler_step_problems(cfg)
+        problems += _guidance_problems(cfg)
         unet_factor = 2 ** (len(model.unet.channel_mult) - 1)
         if latent % unet_factor:
             multiple = factor * unet_factor

@@ -41,12 +41,14 @@ class SampleGridLogger(L.Callback):
         ddim_steps: int = 50,
         eta: float = 1.0,
         seed: int = 0,
+        guidance_scale: float | None = None,
     ) -> None:
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.ddim_steps = ddim_steps
         self.eta = eta
         self.seed = seed
+        self.guidance_scale = guidance_scale
         self.written: list[Path] = []
         self._last_step = -1
 
@@ -76,7 +78,12 @@ class SampleGridLogger(L.Callback):
                 # label maps take the model's fused conditioning path; one-hot batches go as they are
                 masks = list(batch["label_map"]) if "label_map" in batch else list(seg)
                 seeds = [self.seed + i for i in range(real.shape[0])]
-                settings = SamplingSettings(steps=self.ddim_steps, eta=self.eta, batch_size=len(masks))
+                settings = SamplingSettings(
+                    steps=self.ddim_steps,
+                    eta=self.eta,
+                    batch_size=len(masks),
+                    guidance_scale=self.guidance_scale,
+                )
                 fake = torch.stack(generate(module, masks, seeds, settings, progress=None).images)
                 fake = fake.to(module.device)
                 mask = colorize_labels(seg.argmax(1), seg.shape[1])

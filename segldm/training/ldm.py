@@ -21,6 +21,7 @@ from torch import nn
 
 from segldm.diffusion.compvis_ddim import DDIMSampler
 from segldm.diffusion.ddim import per_sample_randn
+from segldm.diffusion.guidance import check_guidance_scale, guided_eps
 from segldm.diffusion.samplers import Sampler, make_sampler
 from segldm.diffusion.schedule import (
     SCHEDULE_BUFFER_NAMES,
@@ -109,8 +110,14 @@ class LatentDiffusion(L.LightningModule):
         compile: bool | dict[str, Any] = False,
         cache_latents: bool = False,
         fused_optimizer: bool = True,
+        cond_drop_prob: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= float(cond_drop_prob) < 1.0:
+            raise ValueError(
+                f"model.cond_drop_prob={cond_drop_prob} must be in [0, 1): the fraction of training samples "
+                "whose mask is replaced by the null condition (0: off, the seed's recipe; SDM uses 0.2)"
+            )
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"model.loss_type={loss_type!r} is not supported; expected one of {LOSS_TYPES}")
         if parameterization not in PARAMETERIZATIONS:
@@ -141,7 +148,10 @@ class LatentDiffusion(L.LightningModule):
         self.weight_decay = weight_decay
         self.adam_betas = tuple(adam_betas)
         self.lr_lambda = scheduler
-        self.sampler_defaults = {"steps": 200, "eta": 1.0, **(sampler or {})}
+        self.sampler_defaults = {"steps": 200, "eta": 1.0, "guidance_scale": 1.0, **(sampler or {})}
+        # condition dropout for classifier-free guidance: the null condition is an all-zero conditioning
+        # map (what the cond stage gives for nothing; no weights of its own, so CompVis keys are unchanged)
+        self.cond_drop_prob = float(cond_drop_prob)
         self.segldm_config: dict[str, Any] | None = None  # resolved run config, saved in checkpoints
 
         self.model = DiffusionWrapper(unet, conditioning_key)
@@ -315,10 +325,14 @@ class LatentDiffusion(L.LightningModule):
         return loss, logs
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Draw t first, then encode c, then the noise (the reference's RNG order)."""
+        """Draw t first, then encode c, then (condition dropout) which masks to drop, then the noise
+        (the reference's RNG order)."""
         t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
         if self.cond_stage_trainable:
             c = self.get_learned_conditioning(c)
+        if self.training and self.cond_drop_prob > 0:  # drawn only when on: p = 0 keeps the reference's draws
+            keep = torch.rand(x.shape[0], device=self.device) >= self.cond_drop_prob
+            c = c * keep.view(-1, *[1] * (c.ndim - 1)).to(c.dtype)  # dropped rows: the null condition
         return self.p_losses(x, c, t)
 
     def get_batch_latents(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,6 +380,7 @@ class LatentDiffusion(L.LightningModule):
         progress: bool = False,
         return_intermediates: bool = False,
         sampler: str | None = None,
+        guidance_scale: float | None = None,
     ):
         """Sample latents from encoded conditioning with a registered sampler (segldm.diffusion.samplers;
         DDIM over CompVis's 'uniform' schedule by default). With `generators` (one per sample), the
@@ -377,8 +392,12 @@ class LatentDiffusion(L.LightningModule):
         if x_T is None:
             x_T = per_sample_randn(shape, generators, cond.device, torch.float32)
 
+        scale = float(self.sampler_defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
+        uncond = self.null_condition(cond) if scale != 1.0 else None
+
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.apply_model(x, t, cond).float()  # the sampler's update stays float32
+            # the sampler's update stays float32; with guidance, one UNet call on the doubled batch
+            return guided_eps(self.apply_model, x, t, cond, scale, uncond).float()
 
         with self.ema_scope() if use_ema else nullcontext():
             samples, intermediates = sampler_obj.sample(
@@ -416,14 +435,36 @@ class LatentDiffusion(L.LightningModule):
             spacing=defaults.get("spacing", "logsnr"),
         )
 
-    def check_sampler_settings(self, steps: int | None, sampler: str | None, steps_key: str) -> None:
-        """Before any sampling: the sampler exists and can run `steps` (None: the defaults) here.
+    def check_sampler_settings(
+        self,
+        steps: int | None,
+        sampler: str | None,
+        steps_key: str,
+        guidance_scale: float | None = None,
+        guidance_key: str = "guidance_scale",
+        force_guidance: bool = False,
+    ) -> None:
+        """Before any sampling: the sampler exists and can run `steps` (None: the defaults) here, and the
+        guidance scale is >= 1 and meets a model trained with condition dropout.
 
-        Raises ValueError naming `steps_key` (the config key the count came from).
+        Raises ValueError naming the config key the value came from.
         """
         if steps is None:
             steps_key = "the checkpoint's model.sampler.steps"
         self.make_sampler(steps, None, sampler).check(self.num_timesteps, steps_key)
+        scale = self.sampler_defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        check_guidance_scale(float(scale), guidance_key)
+        if float(scale) != 1.0 and self.cond_drop_prob == 0 and not force_guidance:
+            raise ValueError(
+                f"{guidance_key}={scale}: this model was trained without condition dropout "
+                "(model.cond_drop_prob=0), so it never learned the unconditional prediction guidance "
+                f"subtracts; train with model.cond_drop_prob>0 (e.g. 0.1), use {guidance_key}=1, or insist "
+                "with force_guidance=true"
+            )
+
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """The unconditional input guidance compares with: what condition dropout trained on (zeros)."""
+        return torch.zeros_like(cond)
 
     @torch.no_grad()
     def generate(
@@ -435,6 +476,7 @@ class LatentDiffusion(L.LightningModule):
         use_ema: bool = True,
         progress: bool = False,
         sampler: str | None = None,
+        guidance_scale: float | None = None,
     ) -> torch.Tensor:
         """Masks -> images (B, 3, H, W) in [-1, 1]; masks are one-hot (B, n_labels, H, W) floats or integer
         label maps (B, H, W), which take the fused conditioning path (no one-hot built)."""
@@ -445,7 +487,14 @@ class LatentDiffusion(L.LightningModule):
         if seeds is not None:
             generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
         latents = self.sample(
-            cond, steps, eta, generators=generators, use_ema=use_ema, progress=progress, sampler=sampler
+            cond,
+            steps,
+            eta,
+            generators=generators,
+            use_ema=use_ema,
+            progress=progress,
+            sampler=sampler,
+            guidance_scale=guidance_scale,
         )
         return self.decode_first_stage(latents).clamp(-1, 1)
 
