@@ -23,7 +23,15 @@ from PIL import Image
 import segldm  # noqa: F401  (config resolvers)
 from segldm.compat.compvis import load_compvis
 from segldm.pipeline.generation import SamplingSettings, generate, resolve_device, to_uint8
-from segldm.pipeline.masks import SPLITS, check_mask, folder_masks, size_multiple, split_masks
+from segldm.pipeline.masks import (
+    SPLITS,
+    check_mask,
+    fit_mask,
+    folder_masks,
+    model_resolution,
+    size_multiple,
+    split_masks,
+)
 from segldm.pipeline.visualize import save_grid_rows
 from segldm.runtime.loading import ldm_from_checkpoint
 from segldm.storage.checkpoint_files import read_checkpoint
@@ -62,7 +70,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
                 f"masks={masks_arg}: no such folder or file (or say masks=val / masks=train for the checkpoint's data)"
             )
         source = folder_masks(folder, limit)
-    masks = list(source)
+    resolution = model_resolution(model)
+    masks = [fit_mask(m, str(cfg.get("resize", "model")), resolution, multiple) for m in source]
     settings = SamplingSettings(
         steps=None if cfg.steps is None else int(cfg.steps),
         eta=None if cfg.eta is None else float(cfg.eta),

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from segldm.data.transforms import load_mask, out_of_range
+from segldm.data.transforms import crop_offsets, load_mask, out_of_range, resize_smallest_side
 
 log = logging.getLogger(__name__)
 SPLITS = {"val": "val_dataset", "validation": "val_dataset", "train": "train_dataset"}
@@ -79,6 +80,40 @@ def check_mask(mask: Mask, n_labels: int, ignore_label: int | None, multiple: in
             f"{mask.source}: mask size {width}x{height} is not divisible by {multiple} ({why}); crop or resize "
             f"it to e.g. {max(multiple, width - width % multiple)}x{max(multiple, height - height % multiple)}"
         )
+
+
+RESIZE_MODES = ("model", "round", "none")
+
+
+def model_resolution(model: Any) -> int:
+    """The image side the model was trained at: latent size x first-stage factor."""
+    return int(model.image_size) * int(getattr(model.first_stage_model, "downsample_factor", 1))
+
+
+def fit_mask(mask: Mask, mode: str, resolution: int, multiple: int) -> Mask:
+    """A label map sized for the model, never blending labels (nearest neighbour).
+
+    ``model``: scale the smaller side to the model's resolution and centre-crop a square, as the
+    evaluation loaders do (SmallestMaxSize + CenterCrop); ``round``: keep its own size, each side
+    rounded to the nearest multiple the first stage and UNet can take; ``none``: as given (a size
+    they cannot take is refused by :func:`check_mask`).
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize={mode!r}: use one of {list(RESIZE_MODES)}")
+    labels = mask.labels
+    if mode == "none" or labels.ndim != 2:
+        return mask
+    if mode == "model":
+        labels = resize_smallest_side(labels, resolution, cv2.INTER_NEAREST)
+        y, x = crop_offsets(labels.shape[0], labels.shape[1], resolution, random_crop=False)
+        labels = labels[y : y + resolution, x : x + resolution]
+    else:
+        height, width = (max(multiple, int(round(side / multiple)) * multiple) for side in labels.shape)
+        if (height, width) != labels.shape:
+            labels = cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST)
+    if labels.shape == mask.labels.shape:
+        return mask
+    return Mask(mask.name, np.ascontiguousarray(labels), f"{mask.source} (resized {mode})")
 
 
 def size_multiple(model: Any) -> tuple[int, str]:

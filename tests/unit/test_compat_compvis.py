@@ -35,6 +35,7 @@ from segldm.diffusion.ddim import ddim_parameters, make_ddim_timesteps
 from segldm.models.autoencoder import VQModel
 from segldm.models.cond_stage import SpatialRescaler
 from segldm.models.unet import UNetModel
+from segldm.pipeline.masks import Mask, fit_mask
 from segldm.runtime.loading import apply_init_from, init_from_checkpoint, ldm_checkpoint, load_ldm
 from segldm.sample import sample as run_sample
 from segldm.storage.checkpoint_files import CheckpointError, CheckpointWarning, save_checkpoint
@@ -901,9 +902,28 @@ def test_sample_refuses_bad_masks_naming_file_and_value(arch_files, tmp_path):
     with pytest.raises(
         ValueError, match=re.escape(str(odd / "odd.png")) + r": mask size 32x30 is not divisible by 16"
     ):
-        run_sample(_sample_cfg(tmp_path, ckpt=native, masks=odd))
+        run_sample(_sample_cfg(tmp_path, ckpt=native, masks=odd, resize="none"))
     with pytest.raises(ValueError, match="masks=val needs the data config"):
         run_sample(_sample_cfg(tmp_path, ckpt=ckpt_path, compvis_config=config_path, masks="val"))
+
+
+def test_sample_takes_masks_of_any_size(arch_files, tmp_path):
+    """A 75x50 label map: resized (nearest) and centre-cropped to the model's 32 px like the loaders,
+    or kept at its own size rounded to the model's multiple of 16; labels never blend."""
+    config_path, ckpt_path = arch_files
+    native = convert_compvis(config_path, ckpt_path, tmp_path / "native")["ckpt"]
+    labels = np.zeros((50, 75), dtype=np.uint8)
+    labels[:, 40:] = 2
+    masks = _masks(tmp_path / "any", {"wide": labels})
+    for mode, size in (("model", (32, 32)), ("round", (48, 80))):
+        out = run_sample(_sample_cfg(tmp_path / mode, ckpt=native, masks=masks, steps=2, resize=mode))
+        image = np.asarray(Image.open(out["out_dir"] / "samples" / "wide.png"))
+        assert image.shape[:2] == size, mode
+    fitted = fit_mask(Mask("wide", labels, "wide.png"), "model", 32, 16)
+    assert fitted.labels.shape == (32, 32) and set(np.unique(fitted.labels)) == {0, 2}
+    assert "resized model" in fitted.source
+    with pytest.raises(ValueError, match=r"resize='stretch': use one of \['model', 'round', 'none'\]"):
+        fit_mask(fitted, "stretch", 32, 16)
 
 
 def test_train_hook_refuses_conflicts_and_points_weights_only_resumes_to_init_from(arch_files, tmp_path):
