@@ -30,6 +30,7 @@ from segldm.diffusion.schedule import (
     q_sample,
     schedule_buffers,
 )
+from segldm.diffusion.validation import mean_and_standard_error, validation_draws
 from segldm.models.cond_stage import one_hot_from_label_map
 from segldm.models.ema import LitEma
 from segldm.models.performance import compile_module, label_map_conditioning, to_channels_last
@@ -111,6 +112,8 @@ class LatentDiffusion(L.LightningModule):
         cache_latents: bool = False,
         fused_optimizer: bool = True,
         cond_drop_prob: float = 0.0,
+        deterministic_validation: bool = True,
+        validation_seed: int = 0,
     ) -> None:
         super().__init__()
         if not 0.0 <= float(cond_drop_prob) < 1.0:
@@ -152,6 +155,10 @@ class LatentDiffusion(L.LightningModule):
         # condition dropout for classifier-free guidance: the null condition is an all-zero conditioning
         # map (what the cond stage gives for nothing; no weights of its own, so CompVis keys are unchanged)
         self.cond_drop_prob = float(cond_drop_prob)
+        # validation: the same timestep and noise per sample at every validation (false: CompVis's draws)
+        self.deterministic_validation = bool(deterministic_validation)
+        self.validation_seed = int(validation_seed)
+        self._validation_losses: dict[str, list[torch.Tensor]] = {}
         self.segldm_config: dict[str, Any] | None = None  # resolved run config, saved in checkpoints
 
         self.model = DiffusionWrapper(unet, conditioning_key)
@@ -314,6 +321,8 @@ class LatentDiffusion(L.LightningModule):
         with torch.autocast(x_start.device.type, enabled=False):
             loss_simple = self.get_loss(model_output, target).mean(dim=[1, 2, 3])
             logvar_t = self.logvar.to(t.device)[t]
+            per_sample = self.l_simple_weight * (loss_simple / torch.exp(logvar_t) + logvar_t)
+            per_sample = per_sample + self.original_elbo_weight * self.lvlb_weights[t] * loss_simple
             loss = self.l_simple_weight * (loss_simple / torch.exp(logvar_t) + logvar_t).mean()
             loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
             loss = loss + self.original_elbo_weight * loss_vlb
@@ -322,6 +331,8 @@ class LatentDiffusion(L.LightningModule):
             f"{prefix}/loss_vlb": loss_vlb,
             f"{prefix}/loss": loss,
         }
+        if not self.training:  # per-sample losses for the validation loss's standard error
+            logs[f"{prefix}/loss_per_sample"] = per_sample.detach()
         return loss, logs
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -574,13 +585,43 @@ class LatentDiffusion(L.LightningModule):
         if batch is None:  # every sample of this batch was skipped (data.on_error=skip)
             return
         batch_size = batch[self.first_stage_key].shape[0]
-        _, logs = self.shared_step(batch)
+        _, logs = self.validation_losses(batch, batch_idx)
         with self.ema_scope():
-            _, logs_ema = self.shared_step(batch)
+            _, logs_ema = self.validation_losses(batch, batch_idx)
         logs_ema = {f"{k}_ema": v for k, v in logs_ema.items()}
+        for key in ("val/loss_per_sample", "val/loss_per_sample_ema"):
+            values = {**logs, **logs_ema}.pop(key)
+            self._validation_losses.setdefault(key.replace("_per_sample", ""), []).append(values)
+        logs.pop("val/loss_per_sample")
+        logs_ema.pop("val/loss_per_sample_ema")
         self.log_dict(
             {**logs, **logs_ema}, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True
         )  # sync_dist: with DDP, the mean over every rank's validation shard, not rank 0's alone
+
+    def validation_losses(self, batch: dict[str, Any], batch_idx: int) -> tuple[torch.Tensor, dict]:
+        """The validation loss of a batch: with deterministic_validation, each sample's timestep and
+        noise come from its own key (segldm.diffusion.validation), else CompVis's random draws."""
+        if not self.deterministic_validation:
+            return self.shared_step(batch)
+        z, c = self.get_batch_latents(batch)
+        if self.cond_stage_trainable:
+            c = self.get_learned_conditioning(c)
+        keys = batch_sample_keys(batch) or [batch_idx * z.shape[0] + i for i in range(z.shape[0])]
+        t, noise = validation_draws(keys, z.shape[1:], self.num_timesteps, self.validation_seed, z.device)
+        return self.p_losses(z, c, t, noise)
+
+    def on_validation_epoch_end(self) -> None:
+        """val/loss_se (and _ema): the standard error of the validation loss over every sample seen."""
+        for name, chunks in self._validation_losses.items():
+            values = torch.cat(chunks)
+            if self.trainer.world_size > 1:
+                values = self.all_gather(values).flatten()
+            _, standard_error = mean_and_standard_error(values)
+            suffix = "_ema" if name.endswith("_ema") else ""
+            self.log(
+                f"val/loss_se{suffix}", standard_error, on_step=False, on_epoch=True, rank_zero_only=True
+            )
+        self._validation_losses = {}
 
     def configure_optimizers(self):
         self.learning_rate = effective_learning_rate(self.base_learning_rate, self._trainer, self.scale_lr)
