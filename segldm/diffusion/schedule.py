@@ -90,8 +90,10 @@ def lvlb_weights(buffers: dict[str, torch.Tensor], parameterization: str = "eps"
         weights = betas**2 / (2 * buffers["posterior_variance"] * (1.0 - betas) * (1 - alphas_cumprod))
     elif parameterization == "x0":
         weights = 0.5 * torch.sqrt(alphas_cumprod) / (2.0 * 1 - alphas_cumprod)
+    elif parameterization == "v":  # as CompVis's later (SD 2) code: uniform
+        weights = torch.ones_like(betas)
     else:
-        raise ValueError(f"unknown parameterization {parameterization!r}; expected 'eps' or 'x0'")
+        raise ValueError(f"unknown parameterization {parameterization!r}; expected 'eps', 'x0' or 'v'")
     weights[0] = weights[1]
     return weights
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from segldm.config.resolvers import downsample_factor
 from segldm.diffusion.ddim import check_ddim_steps
 from segldm.diffusion.guidance import check_guidance_scale
+from segldm.diffusion.objectives import LOSS_WEIGHTINGS, PARAMETERIZATIONS
 from segldm.diffusion.samplers import SAMPLER_NAMES
 from segldm.models.discriminator import min_input_size
 from segldm.models.first_stage_loss import GAN_LOSSES
@@ -124,6 +125,26 @@ def _sampler_step_problems(cfg: DictConfig) -> list[str]:
             check_ddim_steps(int(steps), int(model.timesteps), key)
         except ValueError as err:
             problems.append(str(err))
+    return problems
+
+
+def _objective_problems(model: DictConfig) -> list[str]:
+    """Parameterization and loss weighting the code knows, a positive min-SNR gamma."""
+    problems = []
+    parameterization = model.get("parameterization", "eps")
+    if parameterization not in PARAMETERIZATIONS:
+        problems.append(
+            f"model.parameterization={parameterization!r} is not supported; use one of {list(PARAMETERIZATIONS)}"
+        )
+    weighting = model.get("loss_weighting", "none")
+    if weighting not in LOSS_WEIGHTINGS:
+        problems.append(
+            f"model.loss_weighting={weighting!r} is not supported; use one of {list(LOSS_WEIGHTINGS)}"
+        )
+    elif weighting == "min_snr" and not float(model.get("min_snr_gamma", 5.0)) > 0:
+        problems.append(
+            f"model.min_snr_gamma={model.get('min_snr_gamma')} must be positive (the paper uses 5)"
+        )
     return problems
 
 
@@ -262,6 +283,7 @@ def validate_config(cfg: DictConfig) -> None:
             )
         problems += _sampler_step_problems(cfg)
         problems += _guidance_problems(cfg)
+        problems += _objective_problems(model)
         unet_factor = 2 ** (len(model.unet.channel_mult) - 1)
         if latent % unet_factor:
             multiple = factor * unet_factor

@@ -182,6 +182,14 @@ def init_from_checkpoint(model: LatentDiffusion, path: str | Path, trust_checkpo
             "file belongs in model.first_stage.ckpt_path.",
         )
     state_dict = state_dict_of(checkpoint, path, "init_from checkpoint")
+    stored = ((checkpoint.get("segldm") or {}).get("config") or {}).get("model") or {}
+    trained_as = stored.get("parameterization", "eps") if kind == "segldm-ldm" else None
+    if trained_as is not None and trained_as != model.parameterization:
+        raise CheckpointError(
+            f"{path} was trained with model.parameterization={trained_as!r} but this run's config says "
+            f"{model.parameterization!r}: the UNet's outputs would be read as the wrong quantity; set "
+            f"model.parameterization={trained_as} (or train from scratch)"
+        )
     weights, ema = split_ema(state_dict)
     if model.use_ema and not ema:
         warnings.warn(

@@ -22,6 +22,12 @@ from torch import nn
 from segldm.diffusion.compvis_ddim import DDIMSampler
 from segldm.diffusion.ddim import per_sample_randn
 from segldm.diffusion.guidance import check_guidance_scale, guided_eps
+from segldm.diffusion.objectives import (
+    PARAMETERIZATIONS,
+    eps_from_prediction,
+    loss_weights,
+    training_target,
+)
 from segldm.diffusion.samplers import Sampler, make_sampler
 from segldm.diffusion.schedule import (
     SCHEDULE_BUFFER_NAMES,
@@ -44,7 +50,6 @@ from segldm.training.lr_schedulers import (
 
 CONDITIONING_KEYS = ("concat",)
 LOSS_TYPES = ("l1", "l2")
-PARAMETERIZATIONS = ("eps", "x0")
 
 
 class DiffusionWrapper(nn.Module):
@@ -114,6 +119,8 @@ class LatentDiffusion(L.LightningModule):
         cond_drop_prob: float = 0.0,
         deterministic_validation: bool = True,
         validation_seed: int = 0,
+        loss_weighting: str = "none",
+        min_snr_gamma: float = 5.0,
     ) -> None:
         super().__init__()
         if not 0.0 <= float(cond_drop_prob) < 1.0:
@@ -121,6 +128,12 @@ class LatentDiffusion(L.LightningModule):
                 f"model.cond_drop_prob={cond_drop_prob} must be in [0, 1): the fraction of training samples "
                 "whose mask is replaced by the null condition (0: off, the seed's recipe; SDM uses 0.2)"
             )
+        loss_weights(
+            loss_weighting,
+            parameterization if parameterization in PARAMETERIZATIONS else "eps",
+            torch.tensor([0.5]),
+            min_snr_gamma,
+        )  # raises naming a bad weighting or gamma
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"model.loss_type={loss_type!r} is not supported; expected one of {LOSS_TYPES}")
         if parameterization not in PARAMETERIZATIONS:
@@ -137,6 +150,8 @@ class LatentDiffusion(L.LightningModule):
         self.num_timesteps = int(timesteps)
         self.loss_type = loss_type
         self.parameterization = parameterization
+        self.loss_weighting = loss_weighting
+        self.min_snr_gamma = float(min_snr_gamma)
         self.l_simple_weight = l_simple_weight
         self.original_elbo_weight = original_elbo_weight
         self.first_stage_key = first_stage_key
@@ -316,10 +331,12 @@ class LatentDiffusion(L.LightningModule):
         with torch.autocast(x_start.device.type, enabled=False):
             x_noisy = self.q_sample(x_start, t, noise)
         model_output = self.apply_model(x_noisy, t, cond).float()
-        target = noise if self.parameterization == "eps" else x_start
         prefix = "train" if self.training else "val"
         with torch.autocast(x_start.device.type, enabled=False):
-            loss_simple = self.get_loss(model_output, target).mean(dim=[1, 2, 3])
+            a_t = self.alphas_cumprod[t]
+            target = training_target(self.parameterization, x_start, noise, a_t)
+            weights = loss_weights(self.loss_weighting, self.parameterization, a_t, self.min_snr_gamma)
+            loss_simple = self.get_loss(model_output, target).mean(dim=[1, 2, 3]) * weights
             logvar_t = self.logvar.to(t.device)[t]
             per_sample = self.l_simple_weight * (loss_simple / torch.exp(logvar_t) + logvar_t)
             per_sample = per_sample + self.original_elbo_weight * self.lvlb_weights[t] * loss_simple
@@ -408,7 +425,8 @@ class LatentDiffusion(L.LightningModule):
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             # the sampler's update stays float32; with guidance, one UNet call on the doubled batch
-            return guided_eps(self.apply_model, x, t, cond, scale, uncond).float()
+            prediction = guided_eps(self.apply_model, x, t, cond, scale, uncond).float()
+            return eps_from_prediction(self.parameterization, prediction, x, self.alphas_cumprod[t])
 
         with self.ema_scope() if use_ema else nullcontext():
             samples, intermediates = sampler_obj.sample(

@@ -1,0 +1,75 @@
+"""What the UNet predicts and how each timestep's loss is weighted, as pure functions of alpha_bar_t.
+
+Parameterizations (x_t = sqrt(a) x0 + sqrt(1 - a) eps, a = alpha_bar_t):
+
+* ``eps``: the noise (DDPM, the seed's recipe);
+* ``x0``: the clean latent;
+* ``v``: v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022), well-conditioned at both ends.
+
+Every sampler works on eps, so a prediction is turned into eps with :func:`eps_from_prediction`.
+Min-SNR weighting (Hang et al. 2023) clamps each timestep's weight at ``gamma`` in SNR terms,
+SNR = a / (1 - a): expressed on the loss of each parameterization, min(SNR, gamma) / SNR for eps,
+min(SNR, gamma) for x0 and min(SNR, gamma) / (SNR + 1) for v.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PARAMETERIZATIONS = ("eps", "x0", "v")
+LOSS_WEIGHTINGS = ("none", "min_snr")
+
+
+def snr(alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
+    return alphas_cumprod_t / (1.0 - alphas_cumprod_t)
+
+
+def v_target(x0: torch.Tensor, eps: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
+    a = alphas_cumprod_t.view(-1, *[1] * (x0.ndim - 1))
+    return a.sqrt() * eps - (1.0 - a).sqrt() * x0
+
+
+def training_target(
+    parameterization: str, x0: torch.Tensor, eps: torch.Tensor, alphas_cumprod_t: torch.Tensor
+) -> torch.Tensor:
+    if parameterization == "eps":
+        return eps
+    if parameterization == "x0":
+        return x0
+    if parameterization == "v":
+        return v_target(x0, eps, alphas_cumprod_t)
+    raise ValueError(
+        f"unknown parameterization {parameterization!r}; expected one of {list(PARAMETERIZATIONS)}"
+    )
+
+
+def eps_from_prediction(
+    parameterization: str, prediction: torch.Tensor, x_t: torch.Tensor, alphas_cumprod_t: torch.Tensor
+) -> torch.Tensor:
+    """The noise a prediction implies at x_t (identity for eps)."""
+    if parameterization == "eps":
+        return prediction
+    a = alphas_cumprod_t.view(-1, *[1] * (x_t.ndim - 1)).to(x_t.dtype)
+    if parameterization == "x0":
+        return (x_t - a.sqrt() * prediction) / (1.0 - a).sqrt()
+    if parameterization == "v":
+        return a.sqrt() * prediction + (1.0 - a).sqrt() * x_t
+    raise ValueError(
+        f"unknown parameterization {parameterization!r}; expected one of {list(PARAMETERIZATIONS)}"
+    )
+
+
+def loss_weights(
+    weighting: str, parameterization: str, alphas_cumprod_t: torch.Tensor, gamma: float = 5.0
+) -> torch.Tensor:
+    """Per-sample weights of the simple loss (ones for ``none``)."""
+    if weighting == "none":
+        return torch.ones_like(alphas_cumprod_t)
+    if weighting != "min_snr":
+        raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {list(LOSS_WEIGHTINGS)}")
+    if not gamma > 0:
+        raise ValueError(f"min_snr_gamma={gamma} must be positive (the paper uses 5)")
+    s = snr(alphas_cumprod_t.double())
+    clamped = torch.clamp(s, max=float(gamma))
+    weights = {"eps": clamped / s, "x0": clamped, "v": clamped / (s + 1.0)}[parameterization]
+    return weights.to(alphas_cumprod_t.dtype)
