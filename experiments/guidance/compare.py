@@ -1,0 +1,200 @@
+"""Classifier-free guidance on the quickstart, and the seed recipe vs the modern one at equal steps.
+
+1. The quickstart first stage (`make train-autoencoder`, reused when present).
+2. Two LDMs on it, same steps and data: `experiment=quickstart` (the seed's objective: eps, L1; it
+   trains with condition dropout 0.1) and `experiment=quickstart_modern` (v, MSE + min-SNR, dropout 0.1).
+3. `python -m segldm.eval` of the quickstart LDM over guidance scales x samplers (DPM-Solver++ 20
+   steps, DDIM 50), and of both LDMs with DDIM 50 at scale 1 and at 1.5: FID, KID, mIoU, seconds of
+   generation. Writes experiments/guidance/results.{json,md} and guidance.png. Runs whose outputs
+   exist are reused.
+
+    .venv/bin/python experiments/guidance/compare.py [--samples 64] [--scales 1 1.5 2 3 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+FIRST_STAGE = ROOT / "outputs/quickstart/autoencoder/checkpoints/last.ckpt"
+SEGMENTER = ROOT / "outputs/segmenters/synthetic/segmenter.ckpt"
+SAMPLERS = {
+    "dpm_solver++ 20": ["eval.sampler=dpm_solver++", "eval.steps=20"],
+    "ddim 50": ["eval.sampler=ddim", "eval.steps=50", "eval.eta=1.0"],
+}
+RECIPES = {"seed (eps, L1)": "quickstart", "modern (v, min-SNR)": "quickstart_modern"}
+
+
+def run(module: str, args: list[str], log: Path) -> float:
+    started = time.monotonic()
+    with log.open("w") as out:
+        proc = subprocess.run(
+            [sys.executable, "-m", module, *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
+    if proc.returncode != 0:
+        sys.exit(f"{module} {' '.join(args)} failed; see {log}")
+    return time.monotonic() - started
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def train(experiment: str, out: Path) -> Path:
+    ckpt = out / experiment / "checkpoints/last.ckpt"
+    if not ckpt.exists():
+        (out / experiment).mkdir(parents=True, exist_ok=True)
+        run(
+            "segldm.train",
+            [f"experiment={experiment}", f"hydra.run.dir={out / experiment}"],
+            out / f"train_{experiment}.log",
+        )
+    return ckpt
+
+
+def evaluate(ckpt: Path, name: str, overrides: list[str], samples: int, out: Path) -> dict:
+    folder = out / "eval" / name
+    if not (folder / "metrics.json").exists():
+        run(
+            "segldm.eval",
+            [
+                f"ckpt={ckpt}",
+                "data=synthetic",
+                f"data.validation.length={samples}",
+                "eval.batch_size=32",
+                f"segmenter.ckpt={SEGMENTER}",
+                f"hydra.run.dir={folder}",
+                *overrides,
+            ],
+            out / "eval" / f"{name}.log",
+        )
+    m = json.loads((folder / "metrics.json").read_text())
+    return {
+        "fid": m["fid"],
+        "kid": m["kid_mean"],
+        "miou": m["miou"],
+        "miou_real": m["miou_real"],
+        "first_stage_rfid": m.get("first_stage_rfid"),
+        "generate_s": m["timings_s"]["generate"],
+        "unet_evaluations_per_image": m["sampler"]["unet_evaluations_per_image"],
+    }
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for sampler in SAMPLERS:
+        pts = sorted((r["scale"], r) for r in rows if r["sampler"] == sampler)
+        axes[0].plot([s for s, _ in pts], [r["fid"] for _, r in pts], "o-", label=sampler)
+        axes[1].plot([s for s, _ in pts], [r["miou"] for _, r in pts], "o-", label=sampler)
+    axes[0].set(xlabel="guidance scale", ylabel="FID (lower is better)")
+    axes[1].set(xlabel="guidance scale", ylabel="mIoU (higher is better)")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 5.0])
+    parser.add_argument("--out", default="outputs/guidance_compare")
+    args = parser.parse_args()
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval").mkdir(exist_ok=True)
+    if not FIRST_STAGE.exists():
+        subprocess.run(["make", "train-autoencoder"], cwd=ROOT, check=True)
+    if not SEGMENTER.exists():
+        subprocess.run(["make", "train-segmenter"], cwd=ROOT, check=True)
+    ckpts = {label: train(experiment, out) for label, experiment in RECIPES.items()}
+    seed_ckpt = ckpts["seed (eps, L1)"]
+    rows = []
+    for sampler, overrides in SAMPLERS.items():
+        for scale in args.scales:
+            name = f"seed_{sampler.split()[0]}_{scale:g}"
+            rows.append(
+                {
+                    "sampler": sampler,
+                    "scale": scale,
+                    **evaluate(
+                        seed_ckpt, name, [*overrides, f"eval.guidance_scale={scale}"], args.samples, out
+                    ),
+                }
+            )
+    recipes = []
+    for label, ckpt in ckpts.items():
+        for scale in (1.0, 1.5):
+            name = f"recipe_{RECIPES[label]}_{scale:g}"
+            recipes.append(
+                {
+                    "recipe": label,
+                    "scale": scale,
+                    **evaluate(
+                        ckpt, name, [*SAMPLERS["ddim 50"], f"eval.guidance_scale={scale}"], args.samples, out
+                    ),
+                }
+            )
+    result = {
+        "samples": args.samples,
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "guidance": rows,
+        "recipes": recipes,
+    }
+    (HERE / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(rows, HERE / "guidance.png")
+    lines = [
+        "# Classifier-free guidance on the quickstart (`experiments/guidance/compare.py`)",
+        "",
+        f"The quickstart LDM (`experiment=quickstart`: condition dropout 0.1) on the quickstart first stage; "
+        f"`python -m segldm.eval` at N = {args.samples} built-in validation scenes (FID/KID: torch-fidelity "
+        f"Inception; mIoU: the trained SegNet; EMA weights). Seconds: generation of all {args.samples} images. "
+        f"Machine: {result['cpu']}, {result['cores']} cores. At this N FID has a large floor and spread: "
+        "read differences of a few points as noise.",
+        "",
+        "| sampler | guidance scale | FID | KID x1000 | mIoU | UNet evals / image | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['sampler']} | {r['scale']:g} | {r['fid']:.1f} | {1000 * r['kid']:.1f} | {r['miou']:.3f} | "
+            f"{r['unet_evaluations_per_image']:.0f} | {r['generate_s']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Real images: mIoU {rows[0]['miou_real']:.3f}; the first stage's rFID at this N: {rows[0]['first_stage_rfid']:.1f}.",
+        "",
+        "![FID and mIoU against guidance scale](guidance.png)",
+        "",
+        "## Seed recipe vs modern recipe, same steps and data (DDIM 50)",
+        "",
+        "| recipe | guidance scale | FID | KID x1000 | mIoU |",
+        "|---|---|---|---|---|",
+    ]
+    for r in recipes:
+        lines.append(
+            f"| {r['recipe']} | {r['scale']:g} | {r['fid']:.1f} | {1000 * r['kid']:.1f} | {r['miou']:.3f} |"
+        )
+    (HERE / "results.md").write_text("\n".join(lines) + "\n")
+    print((HERE / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
