@@ -119,10 +119,10 @@ def main() -> None:
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval").mkdir(exist_ok=True)
-    if not FIRST_STAGE.exists():
-        subprocess.run(["make", "train-autoencoder"], cwd=ROOT, check=True)
-    if not SEGMENTER.exists():
-        subprocess.run(["make", "train-segmenter"], cwd=ROOT, check=True)
+    if not FIRST_STAGE.exists():  # what `make train-autoencoder` runs
+        run("segldm.train", ["experiment=quickstart_autoencoder"], out / "train_autoencoder.log")
+    if not SEGMENTER.exists():  # what `make train-segmenter` runs
+        run("segldm.train_segmenter", [], out / "train_segmenter.log")
     ckpts = {label: train(experiment, out) for label, experiment in RECIPES.items()}
     seed_ckpt = ckpts["seed (eps, L1)"]
     rows = []
