@@ -1,0 +1,162 @@
+"""Sampling of a LatentDiffusion: the registered samplers, classifier-free guidance, CompVis's
+``sample_log``, and masks -> images (``generate``). A mixin, so LatentDiffusion keeps CompVis's method
+names while this concern lives in its own module."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from segldm.diffusion.compvis_ddim import DDIMSampler
+from segldm.diffusion.ddim import per_sample_randn
+from segldm.diffusion.guidance import check_guidance_scale, guided_eps
+from segldm.diffusion.objectives import eps_from_prediction
+from segldm.diffusion.samplers import Sampler, make_sampler
+
+
+class Sampling:
+    """Sampling methods of :class:`segldm.training.ldm.LatentDiffusion` (they use its attributes)."""
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: torch.Tensor,
+        steps: int | None = None,
+        eta: float | None = None,
+        x_T: torch.Tensor | None = None,
+        generators: Sequence[torch.Generator] | None = None,
+        use_ema: bool = True,
+        progress: bool = False,
+        return_intermediates: bool = False,
+        sampler: str | None = None,
+        guidance_scale: float | None = None,
+    ):
+        """Sample latents from encoded conditioning with a registered sampler (segldm.diffusion.samplers;
+        DDIM over CompVis's 'uniform' schedule by default). With `generators` (one per sample), the
+        initial noise and every step's noise of sample i come from generator i only, so an image does
+        not depend on its batch.
+        """
+        sampler_obj = self.make_sampler(steps, eta, sampler)
+        shape = (cond.shape[0], self.channels, cond.shape[2], cond.shape[3])
+        if x_T is None:
+            x_T = per_sample_randn(shape, generators, cond.device, torch.float32)
+
+        scale = float(self.sampler_defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
+        uncond = self.null_condition(cond) if scale != 1.0 else None
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            # the sampler's update stays float32; with guidance, one UNet call on the doubled batch
+            prediction = guided_eps(self.apply_model, x, t, cond, scale, uncond).float()
+            return eps_from_prediction(self.parameterization, prediction, x, self.alphas_cumprod[t])
+
+        with self.ema_scope() if use_ema else nullcontext():
+            samples, intermediates = sampler_obj.sample(
+                model_fn, x_T, self.alphas_cumprod, generators, progress
+            )
+        return (samples, intermediates) if return_intermediates else samples
+
+    @torch.no_grad()
+    def sample_log(
+        self, cond: torch.Tensor, batch_size: int, ddim: bool, ddim_steps: int, **kwargs: Any
+    ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        """CompVis's ``LatentDiffusion.sample_log``: DDIM latents and intermediates for encoded conditioning.
+
+        Like the reference, it samples with the weights as they are (wrap it in ``model.ema_scope()``
+        for the EMA ones) and from the global random stream; ``kwargs`` go to
+        :class:`segldm.diffusion.compvis_ddim.DDIMSampler` (eta, x_T, guidance, log_every_t, ...).
+        """
+        if not ddim:
+            raise NotImplementedError(
+                "sample_log(ddim=False) runs CompVis's 1000-step ancestral DDPM sampler, which segldm does "
+                "not implement; use ddim=True (ddim_steps=num_timesteps with eta=1 is the closest)"
+            )
+        shape = (self.channels, int(cond.shape[-2]), int(cond.shape[-1]))
+        return DDIMSampler(self).sample(ddim_steps, batch_size, shape, cond, verbose=False, **kwargs)
+
+    def make_sampler(
+        self, steps: int | None = None, eta: float | None = None, name: str | None = None
+    ) -> Sampler:
+        """The sampler object for these settings, each None taken from ``model.sampler`` (the defaults)."""
+        defaults = self.sampler_defaults
+        return make_sampler(
+            str(defaults.get("name", "ddim") if name is None else name),
+            int(defaults["steps"] if steps is None else steps),
+            float(defaults["eta"] if eta is None else eta),
+            spacing=defaults.get("spacing", "logsnr"),
+        )
+
+    def check_sampler_settings(
+        self,
+        steps: int | None,
+        sampler: str | None,
+        steps_key: str,
+        guidance_scale: float | None = None,
+        guidance_key: str = "guidance_scale",
+        force_guidance: bool = False,
+    ) -> None:
+        """Before any sampling: the sampler exists and can run `steps` (None: the defaults) here, and the
+        guidance scale is >= 1 and meets a model trained with condition dropout.
+
+        Raises ValueError naming the config key the value came from.
+        """
+        if steps is None:
+            steps_key = "the checkpoint's model.sampler.steps"
+        self.make_sampler(steps, None, sampler).check(self.num_timesteps, steps_key)
+        scale = self.sampler_defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        check_guidance_scale(float(scale), guidance_key)
+        if float(scale) != 1.0 and self.cond_drop_prob == 0 and not force_guidance:
+            raise ValueError(
+                f"{guidance_key}={scale}: this model was trained without condition dropout "
+                "(model.cond_drop_prob=0), so it never learned the unconditional prediction guidance "
+                f"subtracts; train with model.cond_drop_prob>0 (e.g. 0.1), use {guidance_key}=1, or insist "
+                "with force_guidance=true"
+            )
+
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """The unconditional input guidance compares with: what condition dropout trained on (zeros)."""
+        return torch.zeros_like(cond)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        segmentation: torch.Tensor,
+        steps: int | None = None,
+        eta: float | None = None,
+        seeds: Sequence[int] | None = None,
+        use_ema: bool = True,
+        progress: bool = False,
+        sampler: str | None = None,
+        guidance_scale: float | None = None,
+    ) -> torch.Tensor:
+        """Masks -> images (B, 3, H, W) in [-1, 1]; masks are one-hot (B, n_labels, H, W) floats or integer
+        label maps (B, H, W), which take the fused conditioning path (no one-hot built)."""
+        if torch.is_floating_point(segmentation):
+            segmentation = segmentation.to(self.device, torch.float32)
+        cond = self.get_learned_conditioning(segmentation.to(self.device))
+        generators = None
+        if seeds is not None:
+            generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+        latents = self.sample(
+            cond,
+            steps,
+            eta,
+            generators=generators,
+            use_ema=use_ema,
+            progress=progress,
+            sampler=sampler,
+            guidance_scale=guidance_scale,
+        )
+        return self.decode_first_stage(latents).clamp(-1, 1)
+
+    @torch.no_grad()
+    def to_rgb(self, x: torch.Tensor) -> torch.Tensor:
+        """CompVis's mask visualisation: a random 3 x C projection, min-max scaled over the batch."""
+        x = x.float()
+        if self.colorize is None or self.colorize.shape[1] != x.shape[1]:
+            self.colorize = torch.randn(3, x.shape[1], 1, 1).to(x)
+        x = F.conv2d(x, weight=self.colorize.to(x))
+        return 2.0 * (x - x.min()) / (x.max() - x.min()) - 1.0
