@@ -90,6 +90,23 @@ def evaluate(ckpt: Path, name: str, overrides: list[str], samples: int, out: Pat
     }
 
 
+def validation_curves(out: Path) -> dict[str, list[tuple[int, float, float]]]:
+    """(step, val/loss, val/loss_se) of each LDM's training run, from its MLflow run (outputs/mlflow.db)."""
+    from mlflow.tracking import MlflowClient
+
+    curves = {}
+    for label, experiment in RECIPES.items():
+        record = out / experiment / "mlflow_run.json"
+        if not record.exists():
+            continue
+        run = json.loads(record.read_text())
+        client = MlflowClient(run["tracking_uri"])
+        loss = {m.step: m.value for m in client.get_metric_history(run["run_id"], "val/loss")}
+        se = {m.step: m.value for m in client.get_metric_history(run["run_id"], "val/loss_se")}
+        curves[label] = [(step, loss[step], se.get(step, float("nan"))) for step in sorted(loss)]
+    return curves
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -151,12 +168,14 @@ def main() -> None:
                     ),
                 }
             )
+    curves = validation_curves(out)
     result = {
         "samples": args.samples,
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "guidance": rows,
         "recipes": recipes,
+        "validation": curves,
     }
     (HERE / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(rows, HERE / "guidance.png")
@@ -192,6 +211,19 @@ def main() -> None:
         lines.append(
             f"| {r['recipe']} | {r['scale']:g} | {r['fid']:.1f} | {1000 * r['kid']:.1f} | {r['miou']:.3f} |"
         )
+    lines += [
+        "",
+        "## Deterministic validation loss during training (val/loss +- its standard error, MLflow)",
+        "",
+        "Each validation sample keeps its timestep and noise (model.deterministic_validation), so the curve "
+        "moves only when the model does. The two recipes' losses are different quantities (eps L1 vs "
+        "min-SNR-weighted v MSE): compare each curve with itself.",
+        "",
+        "| recipe | step | val/loss | standard error |",
+        "|---|---|---|---|",
+    ]
+    for label, points in curves.items():
+        lines += [f"| {label} | {step} | {loss:.4f} | {se:.4f} |" for step, loss, se in points]
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
     print((HERE / "results.md").read_text())
 
