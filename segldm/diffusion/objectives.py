@@ -59,16 +59,21 @@ def eps_from_prediction(
     )
 
 
+def check_loss_weighting(weighting: str, gamma: float) -> None:
+    """ValueError for a weighting this module does not know, or min-SNR with a non-positive gamma."""
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {list(LOSS_WEIGHTINGS)}")
+    if weighting == "min_snr" and not gamma > 0:
+        raise ValueError(f"min_snr_gamma={gamma} must be positive (the paper uses 5)")
+
+
 def loss_weights(
     weighting: str, parameterization: str, alphas_cumprod_t: torch.Tensor, gamma: float = 5.0
 ) -> torch.Tensor:
     """Per-sample weights of the simple loss (ones for ``none``)."""
+    check_loss_weighting(weighting, gamma)
     if weighting == "none":
         return torch.ones_like(alphas_cumprod_t)
-    if weighting != "min_snr":
-        raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {list(LOSS_WEIGHTINGS)}")
-    if not gamma > 0:
-        raise ValueError(f"min_snr_gamma={gamma} must be positive (the paper uses 5)")
     s = snr(alphas_cumprod_t.double())
     clamped = torch.clamp(s, max=float(gamma))
     weights = {"eps": clamped / s, "x0": clamped, "v": clamped / (s + 1.0)}[parameterization]

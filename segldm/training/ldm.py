@@ -21,6 +21,7 @@ from torch import nn
 
 from segldm.diffusion.objectives import (
     PARAMETERIZATIONS,
+    check_loss_weighting,
     loss_weights,
     training_target,
 )
@@ -124,12 +125,7 @@ class LatentDiffusion(Sampling, L.LightningModule):
                 f"model.cond_drop_prob={cond_drop_prob} must be in [0, 1): the fraction of training samples "
                 "whose mask is replaced by the null condition (0: off, the seed's recipe; SDM uses 0.2)"
             )
-        loss_weights(
-            loss_weighting,
-            parameterization if parameterization in PARAMETERIZATIONS else "eps",
-            torch.tensor([0.5]),
-            min_snr_gamma,
-        )  # raises naming a bad weighting or gamma
+        check_loss_weighting(loss_weighting, float(min_snr_gamma))
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"model.loss_type={loss_type!r} is not supported; expected one of {LOSS_TYPES}")
         if parameterization not in PARAMETERIZATIONS:
@@ -461,12 +457,9 @@ class LatentDiffusion(Sampling, L.LightningModule):
         _, logs = self.validation_losses(batch, batch_idx)
         with self.ema_scope():
             _, logs_ema = self.validation_losses(batch, batch_idx)
+        self._validation_losses.setdefault("val/loss", []).append(logs.pop("val/loss_per_sample"))
+        self._validation_losses.setdefault("val/loss_ema", []).append(logs_ema.pop("val/loss_per_sample"))
         logs_ema = {f"{k}_ema": v for k, v in logs_ema.items()}
-        for key in ("val/loss_per_sample", "val/loss_per_sample_ema"):
-            values = {**logs, **logs_ema}.pop(key)
-            self._validation_losses.setdefault(key.replace("_per_sample", ""), []).append(values)
-        logs.pop("val/loss_per_sample")
-        logs_ema.pop("val/loss_per_sample_ema")
         self.log_dict(
             {**logs, **logs_ema}, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True
         )  # sync_dist: with DDP, the mean over every rank's validation shard, not rank 0's alone
