@@ -9,6 +9,7 @@ For each variant: `python -m segldm.train experiment=quickstart_autoencoder mode
 outputs exist are reused. Writes experiments/first_stage/results.json and results.md.
 
     .venv/bin/python experiments/first_stage/compare.py [--samples 256] [--variants l1 taming]
+        [--steps 2000]   # first-stage steps (default: the preset's); the GAN still starts halfway
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def cpu_model() -> str:
     return "unknown"
 
 
-def variant(name: str, samples: int, out: Path, timings: dict) -> dict:
+def variant(name: str, samples: int, out: Path, timings: dict, steps: int | None) -> dict:
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     ae_dir, ldm_dir = folder / "autoencoder", folder / "ldm"
@@ -60,6 +61,7 @@ def variant(name: str, samples: int, out: Path, timings: dict) -> dict:
             [
                 "experiment=quickstart_autoencoder",
                 *VARIANTS[name],
+                *([f"trainer.max_steps={steps}"] if steps else []),
                 f"hydra.run.dir={ae_dir}",
                 f"run_name=first-stage-{name}",
             ],
@@ -98,6 +100,7 @@ def variant(name: str, samples: int, out: Path, timings: dict) -> dict:
     return {
         "variant": name,
         "overrides": VARIANTS[name],
+        "first_stage_steps": first.get("global_step", steps),
         "rfid": first["rfid"],
         "l1": first["l1"],
         "psnr": first["psnr"],
@@ -140,7 +143,8 @@ def write(rows: list[dict], args: argparse.Namespace, timings: dict) -> None:
     lines = [
         "# First stage: L1 only vs taming's GAN loss (`experiments/first_stage/compare.py`)",
         "",
-        f"Both first stages: the quickstart preset (`experiment=quickstart_autoencoder`, same steps, data and seed), "
+        f"Both first stages: the quickstart preset (`experiment=quickstart_autoencoder`, same data and seed), "
+        f"{rows[0]['first_stage_steps']} steps each, "
         f"`l1` with `model/loss=l1` (L1 + L2 + codebook, the previous recipe), `taming` with the PatchGAN from "
         "halfway (no LPIPS: no VGG16 weights on this machine). Then the quickstart LDM on each. All metrics at "
         f"N = {args.samples} built-in validation scenes with `python -m segldm.eval` (FID: torch-fidelity "
@@ -191,6 +195,7 @@ def main() -> None:
     )
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=None, help="first-stage training steps")
     parser.add_argument("--out", default="outputs/first_stage_compare")
     args = parser.parse_args()
     previous = json.loads((HERE / "results.json").read_text()) if (HERE / "results.json").exists() else {}
@@ -199,7 +204,7 @@ def main() -> None:
     )  # a rewrite keeps the training runs' times
     if not SEGMENTER.exists():
         timings["segmenter"] = run("segldm.train_segmenter", [], ROOT / "outputs" / "train_segmenter.log")
-    rows = [variant(name, args.samples, ROOT / args.out, timings) for name in args.variants]
+    rows = [variant(name, args.samples, ROOT / args.out, timings, args.steps) for name in args.variants]
     write_reconstruction_grid(rows)
     write(rows, args, timings)
     print((HERE / "results.md").read_text())
