@@ -65,6 +65,8 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{'met' if goals['train_memory_met'] else 'NOT met'}).",
         ]
     sections = results["sections"]
+    if "reference" in sections:
+        lines += render_reference(sections["reference"])
     for name, r in (sections.get("train") or {}).items():
         lines += [
             "",
@@ -161,3 +163,47 @@ def render_markdown(results: dict[str, Any]) -> str:
             lines.append("")
             lines.append(f"Segmenter: {r['segmenter_name']}.")
     return "\n".join(lines) + "\n"
+
+
+def render_reference(section: dict[str, Any]) -> list[str]:
+    """The section against the real CompVis code: one table per configuration, the check above it."""
+    lines = ["", "## Against the real CompVis code (`reference` section)", ""]
+    if "skipped" in section:
+        return [*lines, f"Skipped: {section['skipped']}"]
+    lines += [
+        f"The reference's own modules (`{section['latent_diffusion']}`, `{section['taming_transformers']}`) and "
+        "segldm, each in its own process, built from one CompVis config and checkpoint; the sides take turns "
+        "round by round (order flipped every round). speed-up = reference time / segldm time, median over "
+        "rounds of the per-round ratio; peak memory = resident tensors (weights, EMA, optimizer state) + the "
+        "step's allocation peak, each in its own process.",
+    ]
+    for name, r in section["configs"].items():
+        w = r["workers"]["segldm"]
+        check = r["check"]
+        worst = max(check["relative_errors"].items(), key=lambda kv: kv[1])
+        lines += [
+            "",
+            f"### `{name}` — {r['description']}",
+            "",
+            f"Batch {r['batch_size']}, UNet {w['unet_params'] / 1e6:.1f} M parameters, first stage "
+            f"{w['first_stage_params'] / 1e6:.1f} M, {r['data_shape']['size']} px, {r['data_shape']['n_labels']} labels, "
+            f"{r['threads']} threads; {r['rounds']} rounds, load (1 min) {_load(r['load_during_rounds'])}. "
+            f"Checked equal before timing ({len(check['relative_errors'])} outputs: latents, conditioning, UNet "
+            f"output, loss, UNet gradients, DDIM samples): largest relative error {worst[1]:.1e} ({worst[0]}), "
+            f"tolerance {check['tolerance']:.0e}.",
+            "",
+            "| comparison | reference s | segldm s | speed-up | peak MiB reference / segldm | memory ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in r["comparisons"].values():
+            memory = f"{c['reference_mib']:.0f} / {c['segldm_mib']:.0f}" if "reference_mib" in c else "–"
+            extra = (
+                f" ({c['reference_unet_evals_per_s']:.1f} vs {c['segldm_unet_evals_per_s']:.1f} UNet evaluations/s)"
+                if "segldm_unet_evals_per_s" in c
+                else ""
+            )
+            lines.append(
+                f"| {c['what']}{extra} | {c['reference_s']:.3f} | {c['segldm_s']:.3f} | {c['speedup']:.2f}x | "
+                f"{memory} | {_f(c.get('memory_ratio'), 2, 'x')} |"
+            )
+    return lines

@@ -11,6 +11,8 @@ Sections (``bench.sections``):
 * ``data``: data-loader samples/s with the reference one-hot vs label maps, alone and up to the cond
   stage's input.
 * ``eval``: images/s through the FID Inception features and through the segmenter.
+* ``reference``: against the real CompVis code in its own process (:mod:`.reference`), when
+  checkouts are on disk.
 """
 
 from __future__ import annotations
@@ -20,18 +22,15 @@ import logging
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from segldm.benchmarks.building import build_model
 from segldm.benchmarks.machine import bf16_supported, describe_machine, gpu_bf16_peak_tflops, load_average
 from segldm.benchmarks.measure import Run, count_flops, interleave, peak_memory, resident_bytes
 from segldm.benchmarks.modes import (
@@ -40,10 +39,10 @@ from segldm.benchmarks.modes import (
     PerfMode,
     autocast,
     make_optimizers,
-    randomize_zero_parameters,
     training_step,
     variant_modes,
 )
+from segldm.benchmarks.reference import bench_reference
 from segldm.benchmarks.report import render_markdown
 from segldm.data.datamodule import SegmentationDataModule
 from segldm.data.sflckr import FlickrSegTrain
@@ -53,42 +52,7 @@ from segldm.models.performance import label_histograms
 from segldm.training.ldm import LatentDiffusion
 
 log = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 MiB = 2**20
-
-
-# ---------------------------------------------------------------------------- building
-@contextmanager
-def hydra_context() -> Iterator[None]:
-    """compose() needs an initialised Hydra: the running app's, or a temporary one over conf/."""
-    if GlobalHydra.instance().is_initialized():
-        yield
-    else:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            yield
-
-
-def compose_train(overrides: list[str]) -> DictConfig:
-    """The training config of a benchmark configuration (no first-stage checkpoint needed)."""
-    with hydra_context():
-        return compose(
-            config_name="train",
-            overrides=[
-                *overrides,
-                "model.require_pretrained_first_stage=false",
-                "model.first_stage.ckpt_path=null",
-                "logger=none",
-            ],
-        )
-
-
-def build_model(overrides: list[str], device: torch.device, seed: int) -> tuple[LatentDiffusion, DictConfig]:
-    """The LDM of a configuration with random weights (no zero layers), on `device`."""
-    cfg = compose_train(overrides)
-    torch.manual_seed(seed)
-    model = instantiate(cfg.model, scheduler=None)
-    randomize_zero_parameters(model, seed=seed)
-    return model.to(device), cfg
 
 
 class ModelCache:
@@ -516,6 +480,8 @@ def run_suite(cfg: DictConfig) -> dict[str, Any]:
             ]
             names = list(cfg[section].configs)
             results["sections"][section] = {n: fn(n, cfg, models) for n in names}
+        elif section == "reference":
+            results["sections"]["reference"] = bench_reference(cfg)
         elif section == "data":
             results["sections"]["data"] = bench_data(cfg, device)
         elif section == "eval":

@@ -21,8 +21,9 @@ def shadow_name(param_name: str) -> str:
 class LitEma(nn.Module):
     """EMA of ``model``'s trainable parameters; call ``ema(model)`` after every optimiser step.
 
-    Update (reference arithmetic, float32): ``n += 1; d = min(decay, (1 + n) / (10 + n));
-    shadow -= (1 - d) * (shadow - param)``. ``use_num_upates`` keeps the reference's misspelling;
+    Update (the reference's, float32): ``n += 1; d = min(decay, (1 + n) / (10 + n));
+    shadow -= (1 - d) * (shadow - param)``, computed as one in-place ``lerp`` per tensor (a third of
+    the memory traffic of the three-op form; equal to it within one rounding of the result). ``use_num_upates`` keeps the reference's misspelling;
     ``use_num_updates`` is accepted as an alias and wins when given.
     """
 
@@ -76,15 +77,12 @@ class LitEma(nn.Module):
         if self.num_updates >= 0:
             self.num_updates += 1
             decay = torch.minimum(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        one_minus_decay = 1.0 - decay
+        one_minus_decay = float(1.0 - decay)  # the float32 value the reference computes
         shadows, params = self._pairs(model)
-        chunk = 32  # bounds the temporary (shadow - param) memory, unlike one foreach over the whole model
-        for i in range(0, len(shadows), chunk):
-            s = shadows[i : i + chunk]
-            p = [param.to(shadow.dtype) for shadow, param in zip(s, params[i : i + chunk], strict=True)]
-            diff = torch._foreach_sub(s, p)
-            torch._foreach_mul_(diff, one_minus_decay.to(s[0].device))
-            torch._foreach_sub_(s, diff)
+        params = [param.to(shadow.dtype) for shadow, param in zip(shadows, params, strict=True)]
+        # one in-place pass per tensor (read shadow and param, write shadow): shadow + w (param - shadow),
+        # the reference's shadow - w (shadow - param) up to the last bit (lerp may fuse the multiply-add)
+        torch._foreach_lerp_(shadows, params, one_minus_decay)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -1,0 +1,295 @@
+"""The ``reference`` section of `make bench`: segldm against the real CompVis latent-diffusion code.
+
+For each configuration: segldm builds the model from its training config with random weights and
+exports it as a CompVis config + checkpoint (:func:`segldm.compat.compvis.compvis_config_from_segldm`);
+two worker processes load that same pair, segldm's through its CompVis loader and the reference's
+through its own ``instantiate_from_config`` (``experiments/bench/compvis_worker.py``, which stubs
+the reference's PyTorch Lightning 1.x imports in its process only). Both compute the same latents,
+conditioning, UNet output, loss, UNet gradients and DDIM samples from the same inputs; only when
+they agree within ``reference.tolerance`` is anything timed. Timing alternates the sides round by
+round (the order flips every round) and reports the median over rounds of the per-round ratio.
+
+Needs checkouts of CompVis/latent-diffusion and CompVis/taming-transformers
+(``bench.reference_dir=`` or ``SEGLDM_REF_DIR``); without them the section records why it was skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from segldm.benchmarks.building import build_model
+from segldm.benchmarks.machine import bf16_supported, load_average
+from segldm.benchmarks.modes import BatchSource
+from segldm.benchmarks.workers import WorkerProcess
+from segldm.compat.compvis import compvis_config_from_segldm
+
+log = logging.getLogger(__name__)
+MiB = 2**20
+LDM_MARKER = Path("ldm/models/diffusion/ddpm.py")
+TAMING_MARKER = Path("taming/modules/vqvae/quantize.py")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One row: the reference's task against segldm's task, timed in the same rounds."""
+
+    reference: str
+    segldm: str
+    what: str
+    bf16: bool = False  # only where the device has native bf16
+    memory: bool = False  # also compare peak memory
+
+
+COMPARISONS = {
+    "unet_fp32": Comparison("unet", "unet_fp32", "UNet alone (forward + L1 + backward), fp32 both", memory=True),
+    "unet_bf16": Comparison("unet", "unet_bf16", "UNet alone, segldm under bf16 autocast (reference fp32, as it runs)", bf16=True),
+    "step_fp32": Comparison("step", "step_fp32", "whole training step, fp32, the one-hot given to the reference for free", memory=True),
+    "step_fp32_loader": Comparison("step_loader_one_hot", "step_fp32", "whole training step, fp32, the reference building its one-hot as its loader does"),
+    "step_bf16": Comparison("step", "step_bf16", "whole training step, segldm under bf16 autocast (reference fp32, one-hot free)", bf16=True, memory=True),
+    "emulated_baseline": Comparison("step", "step_baseline", "segldm's emulated reference mode (`baseline` of the train section) vs the real reference: ~1.00x validates it"),
+    "sample_fp32": Comparison("sample", "sample_fp32", "DDIM sampling (eta 0, EMA weights), UNet evaluations, fp32 both"),
+    "sample_bf16": Comparison("sample", "sample_bf16", "DDIM sampling, segldm under bf16 autocast (reference fp32)", bf16=True),
+}  # fmt: skip
+
+
+def locate_reference(reference_dir: str | None) -> tuple[Path, Path]:
+    """(latent-diffusion checkout, taming-transformers checkout) under `reference_dir`: the folder
+    itself, its subfolders, their ``src/`` (where CompVis's environment installs taming) or siblings."""
+    if not reference_dir:
+        raise FileNotFoundError(
+            "no reference checkout: set bench.reference_dir=DIR or SEGLDM_REF_DIR to a folder holding "
+            "git clones of https://github.com/CompVis/latent-diffusion and "
+            "https://github.com/CompVis/taming-transformers"
+        )
+    root = Path(reference_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"bench.reference_dir={reference_dir}: no such folder")
+    candidates = [root]
+    for base in (root, root / "src", root.parent):
+        if base.is_dir():
+            candidates += sorted(p for p in base.iterdir() if p.is_dir())
+    candidates += [c / "src" / name for c in list(candidates) for name in ("taming-transformers",)]
+    ldm = next((c for c in candidates if (c / LDM_MARKER).is_file()), None)
+    taming = next((c for c in candidates if (c / TAMING_MARKER).is_file()), None)
+    missing = [
+        name
+        for name, found in (("CompVis/latent-diffusion", ldm), ("CompVis/taming-transformers", taming))
+        if not found
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"bench.reference_dir={reference_dir}: no checkout of {' or '.join(missing)} found in it, its "
+            f"subfolders, their src/ or its siblings (looked for {LDM_MARKER} and {TAMING_MARKER})"
+        )
+    assert ldm is not None and taming is not None
+    return ldm, taming
+
+
+def write_setup(name: str, cfg: DictConfig, spec: DictConfig, folder: Path, threads: int) -> dict[str, Any]:
+    """The CompVis config + checkpoint of the configuration (random weights, zero layers randomised)
+    and the fixed inputs both sides read."""
+    model, train_cfg = build_model(list(spec.overrides), torch.device("cpu"), int(cfg.seed))
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    if model.use_ema:  # EMA weights unlike the live ones: a side sampling with the wrong set disagrees
+        params = dict(model.model.named_parameters())
+        shadows = dict(model.model_ema.named_buffers())
+        with torch.no_grad():
+            for param_name, buffer_name in model.model_ema.m_name2s_name.items():
+                noise = torch.randn(params[param_name].shape, generator=generator)
+                shadows[buffer_name].copy_(
+                    params[param_name] + 0.01 * noise * params[param_name].std().nan_to_num(1.0)
+                )
+    compvis = compvis_config_from_segldm(
+        {k: OmegaConf.to_container(train_cfg[k], resolve=True) for k in ("model", "data", "scheduler")}
+    )
+    config_path, ckpt_path = folder / f"{name}.yaml", folder / f"{name}.ckpt"
+    OmegaConf.save(OmegaConf.create(compvis), config_path)
+    torch.save({"state_dict": model.state_dict()}, ckpt_path)
+    batch_size = int(spec.batch_size)
+    size, n_labels = int(train_cfg.data.size), int(train_cfg.data.n_labels)
+    data = BatchSource.make(batch_size, size, n_labels, int(cfg.seed))
+    with torch.no_grad():
+        latent_shape = model.first_stage_model.encode(data.images[:1].permute(0, 3, 1, 2)).shape[1:]
+    setup = {
+        "config_path": str(config_path),
+        "ckpt_path": str(ckpt_path),
+        "threads": threads,
+        "n_labels": n_labels,
+        "images": data.images,
+        "label_maps": data.label_maps,
+        "t": torch.randint(0, model.num_timesteps, (batch_size,), generator=generator),
+        "noise": torch.randn((batch_size, *latent_shape), generator=generator),
+        "x_T": torch.randn((batch_size, *latent_shape), generator=generator),
+        "sampler_steps": int(cfg.reference.sampler_steps),
+        "lr": float(cfg.reference.lr),
+    }
+    torch.save(setup, folder / f"{name}_setup.pt")
+    del model
+    return {"path": folder / f"{name}_setup.pt", "batch_size": batch_size, "size": size, "n_labels": n_labels}
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """||ours - theirs|| / ||theirs|| (inf for a shape mismatch)."""
+    if ours.shape != theirs.shape:
+        return float("inf")
+    return float((ours.double() - theirs.double()).norm() / theirs.double().norm().clamp_min(1e-30))
+
+
+def check_equal(ref: WorkerProcess, seg: WorkerProcess, folder: Path, tolerance: float) -> dict[str, float]:
+    """Each output's relative error between the sides; raises, naming the tensors, beyond tolerance."""
+    theirs = torch.load(
+        ref.call("check", out=str(folder / "reference_outputs.pt"))["path"], weights_only=True
+    )
+    ours = torch.load(seg.call("check", out=str(folder / "segldm_outputs.pt"))["path"], weights_only=True)
+    if set(ours) != set(theirs):
+        raise ValueError(
+            f"the sides computed different outputs: segldm {sorted(ours)}, reference {sorted(theirs)}"
+        )
+    errors = {k: relative_error(ours[k], theirs[k]) for k in sorted(theirs)}
+    bad = {k: v for k, v in errors.items() if not v <= tolerance}
+    if bad:
+        raise ValueError(
+            f"segldm and the reference disagree beyond bench.reference.tolerance={tolerance} (relative L2 "
+            f"error) in {bad}; nothing was timed. Outputs: {folder}"
+        )
+    return errors
+
+
+def bench_reference_config(
+    name: str, cfg: DictConfig, ldm: Path, taming: Path, worker_script: Path
+) -> dict[str, Any]:
+    spec = cfg.reference.configs[name]
+    threads = int(cfg.threads or torch.get_num_threads())
+    bf16 = bf16_supported(torch.device("cpu"))
+    wanted = [c for c in spec.comparisons if bf16 or not COMPARISONS[c].bf16]
+    unknown = sorted(set(spec.comparisons) - set(COMPARISONS))
+    if unknown:
+        raise ValueError(
+            f"reference.configs.{name}.comparisons: unknown {unknown}; known: {sorted(COMPARISONS)}"
+        )
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"segldm-bench-ref-{name}-") as tmp:
+        folder = Path(tmp)
+        setup = write_setup(name, cfg, spec, folder, threads)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+        log_dir = Path(str(cfg.reference.log_dir))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        ref = WorkerProcess(
+            "reference",
+            [sys.executable, str(worker_script), str(setup["path"]), str(ldm), str(taming)],
+            log_dir / f"{name}_reference.log", env,
+        )  # fmt: skip
+        seg = WorkerProcess(
+            "segldm",
+            [sys.executable, "-m", "segldm.benchmarks.segldm_worker", str(setup["path"])],
+            log_dir / f"{name}_segldm.log", env,
+        )  # fmt: skip
+        try:
+            errors = check_equal(ref, seg, folder, float(cfg.reference.tolerance))
+            log.info(
+                "bench reference %s: outputs agree (max relative error %.2e)", name, max(errors.values())
+            )
+            timing, load = time_alternating(ref, seg, [COMPARISONS[c] for c in wanted], int(spec.rounds))
+            memory = {
+                c: {
+                    "reference_mib": ref.call("memory", task=COMPARISONS[c].reference)["peak_bytes"] / MiB,
+                    "segldm_mib": seg.call("memory", task=COMPARISONS[c].segldm)["peak_bytes"] / MiB,
+                }
+                for c in wanted
+                if COMPARISONS[c].memory
+            }
+            infos = {"reference": ref.info, "segldm": seg.info}
+        finally:
+            ref.close()
+            seg.close()
+    rows = {}
+    for c in wanted:
+        comparison = COMPARISONS[c]
+        theirs, ours = timing["reference"][comparison.reference], timing["segldm"][comparison.segldm]
+        row = {
+            "what": comparison.what,
+            "reference_task": comparison.reference,
+            "segldm_task": comparison.segldm,
+            "reference_s": statistics.median(theirs),
+            "segldm_s": statistics.median(ours),
+            "speedup": statistics.median(t / o for t, o in zip(theirs, ours, strict=True)),
+            "reference_rounds_s": [round(v, 4) for v in theirs],
+            "segldm_rounds_s": [round(v, 4) for v in ours],
+        }
+        if c in memory:
+            row.update(memory[c], memory_ratio=memory[c]["segldm_mib"] / memory[c]["reference_mib"])
+        if comparison.reference == "sample":
+            evals = int(cfg.reference.sampler_steps) * setup["batch_size"]
+            row.update(
+                reference_unet_evals_per_s=evals / row["reference_s"],
+                segldm_unet_evals_per_s=evals / row["segldm_s"],
+            )
+        rows[c] = row
+    return {
+        "description": str(spec.description),
+        "overrides": list(spec.overrides),
+        "batch_size": setup["batch_size"],
+        "data_shape": {"size": setup["size"], "n_labels": setup["n_labels"]},
+        "threads": threads,
+        "workers": infos,
+        "check": {"tolerance": float(cfg.reference.tolerance), "relative_errors": errors},
+        "rounds": int(spec.rounds),
+        "load_during_rounds": load,
+        "comparisons": rows,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def time_alternating(
+    ref: WorkerProcess, seg: WorkerProcess, comparisons: list[Comparison], rounds: int
+) -> tuple[dict[str, dict[str, list[float]]], list[Any]]:
+    """Seconds per call of every task the comparisons need, one call per task per round; the sides
+    take turns, the reference first in even rounds and segldm first in odd ones."""
+    tasks = {
+        "reference": list(dict.fromkeys(c.reference for c in comparisons)),
+        "segldm": list(dict.fromkeys(c.segldm for c in comparisons)),
+    }
+    workers = {"reference": ref, "segldm": seg}
+    seconds: dict[str, dict[str, list[float]]] = {side: {t: [] for t in ts} for side, ts in tasks.items()}
+    for side, names in tasks.items():  # warm-up, untimed: kernels, allocator, optimizer state
+        for task in names:
+            workers[side].call("time", task=task)
+    load = []
+    for r in range(rounds):
+        load.append(load_average())
+        order = ["reference", "segldm"] if r % 2 == 0 else ["segldm", "reference"]
+        for side in order:
+            for task in tasks[side]:
+                seconds[side][task].append(workers[side].call("time", task=task)["seconds"])
+        log.info("bench reference: round %d/%d done", r + 1, rounds)
+    load.append(load_average())
+    return seconds, load
+
+
+def bench_reference(cfg: DictConfig) -> dict[str, Any]:
+    """The section: every configured comparison, or why it was skipped (no checkouts)."""
+    try:
+        ldm, taming = locate_reference(cfg.reference_dir)
+    except FileNotFoundError as err:
+        log.warning("bench reference: skipped: %s", err)
+        return {"skipped": str(err)}
+    worker_script = Path(str(cfg.reference.worker))
+    if not worker_script.is_file():
+        raise FileNotFoundError(
+            f"bench.reference.worker={worker_script}: the reference-side worker script is missing"
+        )
+    out: dict[str, Any] = {"latent_diffusion": str(ldm), "taming_transformers": str(taming), "configs": {}}
+    for name in cfg.reference.configs:
+        out["configs"][name] = bench_reference_config(name, cfg, ldm, taming, worker_script)
+    return out

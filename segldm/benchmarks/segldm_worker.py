@@ -1,0 +1,123 @@
+"""segldm's side of the comparison with the real CompVis code (`python -m segldm.benchmarks.segldm_worker SETUP`).
+
+Loads the CompVis config and checkpoint of the setup file with :func:`segldm.compat.compvis.load_compvis`
+(what a CompVis user does), then serves the tasks below; its counterpart for the reference code is
+``experiments/bench/compvis_worker.py``. Tasks (one call each):
+
+* ``unet_fp32`` / ``unet_bf16``: UNet forward at fixed noisy latents, timesteps and conditioning,
+  L1 to the noise, backward (the network alone);
+* ``step_fp32`` / ``step_bf16``: the whole training step as segldm runs it (label maps from the
+  loader, first stage under inference mode, loss, backward, fused AdamW, EMA update);
+* ``step_baseline``: the same step in the suite's emulated reference mode (its ratio to the real
+  reference is what validates, or not, the emulation);
+* ``sample_fp32`` / ``sample_bf16``: DDIM (eta 0) from fixed noise with the EMA weights.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from segldm.benchmarks.modes import ModeSwitch, PerfMode, autocast, training_step, variant_modes
+from segldm.benchmarks.workers import BenchWorker
+from segldm.compat.compvis import load_compvis
+from segldm.training.ldm import LatentDiffusion
+
+
+def checked_parameters(unet: torch.nn.Module) -> list[str]:
+    """UNet parameters whose gradients the check compares: the first two, the last two and the
+    first attention qkv (input conv, output conv, attention: where an implementation would differ)."""
+    names = [n for n, _ in unet.named_parameters()]
+    qkv = [n for n in names if ".qkv." in n][:2]
+    return list(dict.fromkeys(names[:2] + names[-2:] + qkv))
+
+
+class SegldmWorker(BenchWorker):
+    def __init__(self, setup_path: str) -> None:
+        super().__init__(setup_path)
+        s = self.setup
+        self.model: LatentDiffusion = load_compvis(s["config_path"], s["ckpt_path"]).train()
+        self.switch = ModeSwitch(self.model)
+        self.modes = variant_modes(self.device, bf16=True, channels_last=False)
+        self.optimizer: torch.optim.Optimizer | None = None
+        images, label_maps = s["images"], s["label_maps"]
+        one_hot = torch.nn.functional.one_hot(label_maps.long(), int(s["n_labels"])).float()
+        self.label_batch = {"image": images, "label_map": label_maps, "index": torch.arange(len(images))}
+        self.one_hot_batch = {**self.label_batch, "segmentation": one_hot}
+        self.switch.apply(self.modes["optimised_fp32"])
+        with torch.no_grad():
+            self.z = self.model.get_first_stage_encoding(
+                self.model.encode_first_stage(images.permute(0, 3, 1, 2).contiguous())
+            )
+            self.c = self.model.get_learned_conditioning(label_maps)
+            self.x_noisy = self.model.q_sample(self.z, s["t"], s["noise"])
+        self.tasks = {
+            "unet_fp32": lambda: self.unet_step(self.modes["optimised_fp32"]),
+            "unet_bf16": lambda: self.unet_step(self.modes["optimised"]),
+            "step_fp32": lambda: self.step(self.modes["optimised_fp32"]),
+            "step_bf16": lambda: self.step(self.modes["optimised"]),
+            "step_baseline": lambda: self.step(self.modes["baseline"]),
+            "sample_fp32": lambda: self.sample(self.modes["optimised_fp32"]),
+            "sample_bf16": lambda: self.sample(self.modes["optimised"]),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return {
+            "side": "segldm",
+            "unet_params": count(self.model.model),
+            "first_stage_params": count(self.model.first_stage_model),
+        }
+
+    def unet_step(self, mode: PerfMode) -> None:
+        self.switch.apply(mode)
+        with autocast(mode, self.device):
+            out = self.model.apply_model(self.x_noisy, self.setup["t"], self.c)
+        (self.setup["noise"] - out.float()).abs().mean().backward()
+        self.model.model.zero_grad(set_to_none=True)
+
+    def step(self, mode: PerfMode) -> None:
+        self.switch.apply(mode)
+        if self.optimizer is None:  # segldm's AdamW (fused) over what the reference optimises too
+            params = [*self.model.model.parameters(), *self.model.cond_stage_model.parameters()]
+            self.optimizer = torch.optim.AdamW(
+                params, lr=float(self.setup["lr"]), fused=bool(self.model.fused_optimizer)
+            )
+        batch = self.one_hot_batch if mode.masks == "loader_one_hot" else self.label_batch
+        training_step(self.model, self.optimizer, batch, mode, self.device)
+
+    def sample(self, mode: PerfMode) -> torch.Tensor:
+        self.switch.apply(mode)
+        steps = int(self.setup["sampler_steps"])
+        with autocast(mode, self.device):
+            return self.model.sample(self.c, steps=steps, eta=0.0, x_T=self.setup["x_T"], sampler="ddim")
+
+    def outputs(self) -> dict[str, torch.Tensor]:
+        s, model = self.setup, self.model
+        self.switch.apply(self.modes["optimised_fp32"])
+        with torch.no_grad():
+            loss, _ = model.p_losses(self.z, self.c, s["t"], s["noise"])
+            eps = model.apply_model(self.x_noisy, s["t"], self.c)
+        unet = model.model.diffusion_model
+        (s["noise"] - model.apply_model(self.x_noisy, s["t"], self.c)).abs().mean().backward()
+        grads = {
+            f"grad:{n}": p.grad.clone() for n, p in unet.named_parameters() if n in checked_parameters(unet)
+        }
+        model.model.zero_grad(set_to_none=True)
+        return {
+            "latent": self.z,
+            "conditioning": self.c,
+            "unet_output": eps,
+            "loss": loss.reshape(1),
+            **grads,
+            "ddim_samples": self.sample(self.modes["optimised_fp32"]),
+        }
+
+    def holders(self, task: str) -> tuple[list[torch.nn.Module], torch.optim.Optimizer | None]:
+        return [self.model], (self.optimizer if task.startswith("step") else None)
+
+
+if __name__ == "__main__":
+    SegldmWorker(sys.argv[1]).serve()

@@ -1,0 +1,167 @@
+"""Benchmark workers: one side of a comparison per process, driven over a line protocol.
+
+Comparing segldm with the real CompVis code means two model stacks that must not share a process
+(the reference needs its own imports, and neither side should inherit the other's allocator state,
+threads or kernel caches). The orchestrator (:mod:`segldm.benchmarks.reference`) starts one worker
+per side; both load the same CompVis config, checkpoint and inputs (a setup file), then answer
+commands one JSON line at a time on stdin; replies go to stdout behind :data:`REPLY` so that what
+the model code prints on its own is logged, not parsed.
+
+A worker subclasses :class:`BenchWorker` with its tasks (the timed work, one call each) and the
+tensors of its equality check; timing, warm-up and peak memory are the same code for both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from segldm.benchmarks.measure import peak_memory, resident_bytes
+
+REPLY = "@@segldm-bench@@ "
+
+
+class BenchWorker:
+    """Timed tasks over one model built from a setup file (see :func:`write_setup` in .reference).
+
+    Subclasses fill :attr:`tasks` (name -> one call of the work) and implement :meth:`outputs`
+    (named tensors the orchestrator compares between the sides before timing anything) and
+    :meth:`holders` (modules and optimizer whose tensors are resident during a task).
+    """
+
+    def __init__(self, setup_path: str | Path) -> None:
+        self.setup: dict[str, Any] = torch.load(setup_path, weights_only=True)
+        torch.set_num_threads(int(self.setup["threads"]))
+        self.device = torch.device("cpu")
+        self.tasks: dict[str, Callable[[], Any]] = {}
+        self.warm: set[str] = set()
+
+    # --------------------------------------------------------------- to implement
+    def outputs(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def holders(self, task: str) -> tuple[list[torch.nn.Module], torch.optim.Optimizer | None]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    # --------------------------------------------------------------- commands
+    def cmd_info(self) -> dict[str, Any]:
+        return {"tasks": sorted(self.tasks), "threads": torch.get_num_threads(), **self.describe()}
+
+    def cmd_check(self, out: str) -> dict[str, Any]:
+        torch.save({k: v.detach().float().cpu() for k, v in self.outputs().items()}, out)
+        return {"path": out}
+
+    def cmd_time(self, task: str, repeat: int = 1) -> dict[str, Any]:
+        """Seconds per call of `task` (its first call, untimed, warms kernels and optimizer state)."""
+        work = self._task(task)
+        if task not in self.warm:
+            work()
+            self.warm.add(task)
+        start = time.perf_counter()
+        for _ in range(repeat):
+            work()
+        return {"seconds": (time.perf_counter() - start) / repeat}
+
+    def cmd_memory(self, task: str) -> dict[str, Any]:
+        """Peak bytes of one call: resident tensors (weights, EMA, optimizer state) + the call's peak."""
+        work = self._task(task)
+        if task not in self.warm:  # the optimizer's state exists from the second call on
+            work()
+            self.warm.add(task)
+        modules, optimizer = self.holders(task)
+        return peak_memory(work, self.device, resident_bytes(modules, optimizer))
+
+    def _task(self, task: str) -> Callable[[], Any]:
+        if task not in self.tasks:
+            raise KeyError(f"unknown task {task!r}; this worker has {sorted(self.tasks)}")
+        return self.tasks[task]
+
+    # --------------------------------------------------------------- loop
+    def serve(self, stdin: IO[str] = sys.stdin, stdout: IO[str] = sys.stdout) -> None:
+        """Answer commands until 'quit' or end of input; a failing command replies with its error."""
+        reply(stdout, {"ok": True, "ready": True, **self.cmd_info()})
+        for line in stdin:
+            message = json.loads(line)
+            if message["cmd"] == "quit":
+                break
+            try:
+                handler = getattr(self, f"cmd_{message['cmd']}")
+                reply(stdout, {"ok": True, **handler(**message.get("args", {}))})
+            except Exception as err:  # noqa: BLE001 - reported to the orchestrator, which raises it
+                reply(
+                    stdout,
+                    {"ok": False, "error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()},
+                )
+
+
+def reply(stdout: IO[str], message: dict[str, Any]) -> None:
+    stdout.write(REPLY + json.dumps(message, default=str) + "\n")
+    stdout.flush()
+
+
+class WorkerError(RuntimeError):
+    """A worker failed to start or a command failed; the message names the side and its log."""
+
+
+class WorkerProcess:
+    """The orchestrator's handle on one worker: start it, send commands, read replies, log the rest."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.name, self.log_path = name, log_path
+        self.log = log_path.open("w")
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+            bufsize=1,
+        )
+        self.info = self._read()
+
+    def call(self, cmd: str, **args: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd, "args": args}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(REPLY):
+                message = json.loads(line[len(REPLY) :])
+                if not message.get("ok"):
+                    raise WorkerError(f"{self.name}: {message['error']}\n{message.get('trace', '')}")
+                return message
+            self.log.write(line)
+        self.proc.wait()
+        self.log.flush()
+        tail = "".join(self.log_path.read_text().splitlines(keepends=True)[-25:])
+        raise WorkerError(
+            f"{self.name} worker exited (code {self.proc.returncode}); log {self.log_path}:\n{tail}"
+        )
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.call_quit()
+            finally:
+                self.proc.wait(timeout=60)
+        self.log.close()
+
+    def call_quit(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+        self.proc.stdin.close()
