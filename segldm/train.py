@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 import segldm  # noqa: F401  (registers the config resolvers)
+from segldm.config.hardware import precision_message
 from segldm.runtime.checks import validate_config
 from segldm.runtime.lightning_state import check_lightning_internals
 from segldm.runtime.loading import apply_init_from
@@ -66,6 +67,7 @@ def train(cfg: DictConfig, sweep_job: SweepJob | None = None) -> dict[str, Any]:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_lightning_internals(trainer)  # exact resume reads a few of them; before any step
+    log.info("%s", precision_message(cfg.trainer))
 
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     log_run_metadata(loggers, cfg, overrides, str(output_dir))

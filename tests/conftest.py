@@ -42,6 +42,7 @@ TINY_UNET = [
 ]
 TINY_TRAINER = [
     "trainer=cpu",
+    "trainer.precision=32-true",  # tests assert fp32 arithmetic on every CPU (auto picks bf16 where native)
     "trainer.max_steps=4",
     "trainer.val_check_interval=2",
     "trainer.limit_val_batches=1",

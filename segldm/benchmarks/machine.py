@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from segldm.config.hardware import CPU_FLAGS, cpu_capability, cpu_has_native_bf16
+
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched against
 # torch.cuda.get_device_name() in order (first match wins). `bench.gpu_peak_tflops` overrides.
 GPU_BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -28,32 +30,6 @@ GPU_BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("RTX 4090", 165.2),
     ("RTX 3090", 71.0),
 )
-
-CPU_FLAGS = ("avx2", "avx512_f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni")
-
-
-def cpu_capability() -> dict[str, Any]:
-    """torch's own CPU feature probe (cpuinfo), or /proc/cpuinfo flags where it is unavailable."""
-    try:
-        return dict(torch._C._cpu._get_cpu_capability())
-    except (AttributeError, RuntimeError):
-        flags: set[str] = set()
-        name = platform.processor()
-        cpuinfo = Path("/proc/cpuinfo")
-        if cpuinfo.exists():
-            for line in cpuinfo.read_text().splitlines():
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                elif line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-        return {"cpu_name": name, **{f: f.replace("avx512_f", "avx512f") in flags for f in CPU_FLAGS}}
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where bf16 matmuls/convs run natively on the CPU (AVX512-BF16 or AMX); elsewhere bf16
-    autocast is emulated and slower than fp32, so it is never the CPU default there."""
-    caps = cpu_capability()
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
 def bf16_supported(device: torch.device) -> bool:

@@ -65,6 +65,8 @@ class PerfMode:
             out += ["+model.unet.attention_impl=einsum", "+model.first_stage.ddconfig.attention_impl=einsum"]
         if self.precision == "bf16":
             out.append("trainer=gpu" if device == "cuda" else "trainer=cpu_fast")
+        else:  # the default precision is picked from the hardware (bf16 where native)
+            out.append("trainer.precision=32-true")
         if self.channels_last:
             out.append("model.channels_last=true")
         if not self.first_stage_inference_mode:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from omegaconf import OmegaConf
 
+from segldm.config.hardware import auto_precision
 from segldm.config.run_folder import run_dir
 
 
@@ -37,6 +38,7 @@ def register_resolvers() -> None:
         "segldm.cwd": os.getcwd,
         "segldm.num_devices": num_devices,
         "segldm.run_dir": run_dir,
+        "segldm.auto_precision": auto_precision,
     }
     for name, fn in resolvers.items():
         OmegaConf.register_new_resolver(name, fn, replace=True)

@@ -97,6 +97,7 @@ def test_every_mode_is_a_training_config():
     assert BASELINE.config_overrides() == [
         "+model.unet.attention_impl=einsum",
         "+model.first_stage.ddconfig.attention_impl=einsum",
+        "trainer.precision=32-true",
         "model.first_stage_inference_mode=false",
         "data.one_hot_in_loader=true",
         "model.fused_optimizer=false",
