@@ -169,7 +169,8 @@ def check_equal(ref: WorkerProcess, seg: WorkerProcess, folder: Path, tolerance:
         )
     scale = gradient_scale(theirs)
     errors = {
-        k: relative_error(ours[k], theirs[k], scale if k.startswith("grad:") else None) for k in sorted(theirs)
+        k: relative_error(ours[k], theirs[k], scale if k.startswith("grad:") else None)
+        for k in sorted(theirs)
     }
     bad = {k: v for k, v in errors.items() if not v <= tolerance}
     if bad:

@@ -91,7 +91,9 @@ def test_segldm_side_serves_every_task_and_checks_gate_timing(toy_setup, tmp_pat
         errors = check_equal(one, two, tmp_path, tolerance=0.0)
         assert set(errors) >= {"latent", "conditioning", "unet_output", "loss", "ddim_samples"}
         assert any(k.startswith("grad:") for k in errors) and max(errors.values()) == 0.0
-        with pytest.raises(ValueError, match=r"disagree beyond .*tolerance=-1.0.*'latent'.*nothing was timed"):
+        with pytest.raises(
+            ValueError, match=r"disagree beyond .*tolerance=-1.0.*'latent'.*nothing was timed"
+        ):
             check_equal(one, two, tmp_path, tolerance=-1.0)
         for task in ("unet_fp32", "step_fp32", "sample_fp32"):
             assert one.call("time", task=task)["seconds"] > 0

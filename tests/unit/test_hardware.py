@@ -8,7 +8,13 @@ from segldm.config import hardware
 from tests.conftest import compose_train
 
 AMD = {"cpu_name": "AMD EPYC 7B13", "avx2": True, "avx512_f": False, "avx512_bf16": False, "amx_bf16": False}
-XEON = {"cpu_name": "Intel Xeon Platinum", "avx2": True, "avx512_f": True, "avx512_bf16": True, "amx_bf16": True}
+XEON = {
+    "cpu_name": "Intel Xeon Platinum",
+    "avx2": True,
+    "avx512_f": True,
+    "avx512_bf16": True,
+    "amx_bf16": True,
+}
 
 
 @pytest.fixture
