@@ -224,6 +224,14 @@ def bench_reference_config(
                 for c in wanted
                 if COMPARISONS[c].memory
             }
+            profiles = {
+                c: {
+                    "reference": ref.call("profile", task=COMPARISONS[c].reference)["seconds_by_kind"],
+                    "segldm": seg.call("profile", task=COMPARISONS[c].segldm)["seconds_by_kind"],
+                }
+                for c in wanted
+                if c in ("unet_fp32", "step_fp32")
+            }
             infos = {"reference": ref.info, "segldm": seg.info}
         finally:
             ref.close()
@@ -262,6 +270,7 @@ def bench_reference_config(
         "rounds": int(spec.rounds),
         "load_during_rounds": load,
         "comparisons": rows,
+        "profiles": profiles,
         "wall_s": time.perf_counter() - started,
     }
 

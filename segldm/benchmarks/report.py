@@ -206,4 +206,38 @@ def render_reference(section: dict[str, Any]) -> list[str]:
                 f"| {c['what']}{extra} | {c['reference_s']:.3f} | {c['segldm_s']:.3f} | {c['speedup']:.2f}x | "
                 f"{memory} | {_f(c.get('memory_ratio'), 2, 'x')} |"
             )
+        lines += render_profiles(r.get("profiles") or {}, r["comparisons"])
+    return lines
+
+
+def render_profiles(profiles: dict[str, Any], comparisons: dict[str, Any]) -> list[str]:
+    """Where each side's time goes (profiler self time by kernel kind), and the speed-up a change that
+    leaves the convolutions as they are could reach at most: reference time / segldm's convolution time."""
+    if not profiles:
+        return []
+    kinds = list(next(iter(profiles.values()))["reference"])
+    lines = [
+        "",
+        "Where the time goes (one profiled call, seconds of kernel self time by kind):",
+        "",
+        "| comparison | side | "
+        + " | ".join(kinds)
+        + " | convolution share | bound without faster convolutions |",
+        "|---|---|" + "---|" * len(kinds) + "---|---|",
+    ]
+    for name, sides in profiles.items():
+        for side in ("reference", "segldm"):
+            seconds = sides[side]
+            total = sum(seconds.values())
+            share = seconds["convolution"] / total if total else 0.0
+            bound = (
+                f"{sum(sides['reference'].values()) / seconds['convolution']:.2f}x"
+                if side == "segldm" and seconds["convolution"]
+                else "–"
+            )
+            lines.append(
+                f"| {comparisons[name]['what'].split(',')[0]} | {side} | "
+                + " | ".join(f"{seconds[k]:.3f}" for k in kinds)
+                + f" | {100 * share:.0f} % | {bound} |"
+            )
     return lines

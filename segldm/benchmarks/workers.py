@@ -29,6 +29,23 @@ from segldm.benchmarks.measure import peak_memory, resident_bytes
 REPLY = "@@segldm-bench@@ "
 
 
+KERNEL_KINDS = ("convolution", "attention", "matmul", "normalization", "other")
+
+
+def kernel_kind(op: str) -> str:
+    """The kind of an aten op, for the profile breakdown (which part of a step could get faster)."""
+    name = op.removeprefix("aten::")
+    if "convolution" in name or name.startswith("conv"):
+        return "convolution"
+    if "scaled_dot_product" in name or "softmax" in name or name in ("bmm", "baddbmm"):
+        return "attention"
+    if name in ("mm", "addmm", "linear", "matmul"):
+        return "matmul"
+    if "norm" in name:
+        return "normalization"
+    return "other"
+
+
 class BenchWorker:
     """Timed tasks over one model built from a setup file (see :func:`write_setup` in .reference).
 
@@ -81,6 +98,20 @@ class BenchWorker:
             self.warm.add(task)
         modules, optimizer = self.holders(task)
         return peak_memory(work, self.device, resident_bytes(modules, optimizer))
+
+    def cmd_profile(self, task: str) -> dict[str, Any]:
+        """Seconds of one call by kind of kernel (torch profiler, self time of the aten ops)."""
+        work = self._task(task)
+        if task not in self.warm:
+            work()
+            self.warm.add(task)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            work()
+        seconds: dict[str, float] = dict.fromkeys(KERNEL_KINDS, 0.0)
+        for event in prof.key_averages():
+            if event.key.startswith("aten::"):
+                seconds[kernel_kind(event.key)] += event.self_cpu_time_total / 1e6
+        return {"seconds_by_kind": seconds}
 
     def _task(self, task: str) -> Callable[[], Any]:
         if task not in self.tasks:

@@ -21,7 +21,7 @@ from segldm.benchmarks.reference import (
     relative_error,
     write_setup,
 )
-from segldm.benchmarks.workers import WorkerError, WorkerProcess
+from segldm.benchmarks.workers import KERNEL_KINDS, WorkerError, WorkerProcess, kernel_kind
 from tests.unit.test_bench import TOY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,6 +62,20 @@ def test_relative_error():
     assert relative_error(a[:1], a) == float("inf")
 
 
+def test_kernel_kinds():
+    kinds = {
+        "aten::mkldnn_convolution": "convolution",
+        "aten::convolution_backward": "convolution",
+        "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+        "aten::bmm": "attention",
+        "aten::_softmax": "attention",
+        "aten::addmm": "matmul",
+        "aten::native_group_norm_backward": "normalization",
+        "aten::silu": "other",
+    }
+    assert {op: kernel_kind(op) for op in kinds} == kinds
+
+
 def test_worker_that_dies_reports_its_log(tmp_path):
     script = "import sys; print('reference import failed: no module ldm', file=sys.stderr); sys.exit(3)"
     with pytest.raises(WorkerError, match=r"(?s)exited \(code 3\).*no module ldm"):
@@ -97,6 +111,8 @@ def test_segldm_side_serves_every_task_and_checks_gate_timing(toy_setup, tmp_pat
             check_equal(one, two, tmp_path, tolerance=-1.0)
         for task in ("unet_fp32", "step_fp32", "sample_fp32"):
             assert one.call("time", task=task)["seconds"] > 0
+        profile = one.call("profile", task="unet_fp32")["seconds_by_kind"]
+        assert set(profile) == set(KERNEL_KINDS) and profile["convolution"] > 0
         memory = one.call("memory", task="step_fp32")
         assert memory["peak_bytes"] > memory["resident_bytes"] > 0  # weights + EMA + AdamW state
         with pytest.raises(WorkerError, match="unknown task 'nope'"):
