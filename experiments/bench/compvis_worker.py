@@ -12,7 +12,8 @@ tasks as ``segldm/benchmarks/segldm_worker.py`` the way the reference runs them:
   its ``on_train_batch_end``;
 * ``step_loader_one_hot``: the same, with the one-hot built as its S-FLCKR loader does
   (``np.eye(n_labels)[segmentation]`` per sample, float64, collated, then ``.float()``);
-* ``sample``: its ``DDIMSampler`` (eta 0, fixed ``x_T``) under ``ema_scope``.
+* ``sample``: its ``DDIMSampler`` (eta 0, fixed ``x_T``) under ``ema_scope``;
+* ``ema``: its ``LitEma`` update alone.
 
 Only this process sees the reference's dependencies, and they are stubbed here, never in segldm:
 PyTorch Lightning 1.x (``LightningModule`` as a plain ``nn.Module`` with ``device`` and no-op
@@ -106,6 +107,7 @@ class CompVisWorker(BenchWorker):
             "step": lambda: self.step(self.batch),
             "step_loader_one_hot": lambda: self.step(self.loader_batch()),
             "sample": self.sample,
+            "ema": lambda: self.model.model_ema(self.model.model),
         }
 
     def describe(self) -> dict[str, Any]:

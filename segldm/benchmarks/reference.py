@@ -58,6 +58,7 @@ COMPARISONS = {
     "step_fp32_loader": Comparison("step_loader_one_hot", "step_fp32", "whole training step, fp32, the reference building its one-hot as its loader does"),
     "step_bf16": Comparison("step", "step_bf16", "whole training step, segldm under bf16 autocast (reference fp32, one-hot free)", bf16=True, memory=True),
     "emulated_baseline": Comparison("step", "step_baseline", "segldm's emulated reference mode (`baseline` of the train section) vs the real reference: ~1.00x validates it"),
+    "ema": Comparison("ema", "ema", "EMA update of the UNet weights (after every optimizer step)"),
     "sample_fp32": Comparison("sample", "sample_fp32", "DDIM sampling (eta 0, EMA weights), UNet evaluations, fp32 both"),
     "sample_bf16": Comparison("sample", "sample_bf16", "DDIM sampling, segldm under bf16 autocast (reference fp32)", bf16=True),
 }  # fmt: skip
@@ -252,6 +253,11 @@ def bench_reference_config(
         }
         if c in memory:
             row.update(memory[c], memory_ratio=memory[c]["segldm_mib"] / memory[c]["reference_mib"])
+        if c == "ema" and "step_fp32" in wanted:  # the budget: <= 5 % of the step
+            step = timing["segldm"]["step_fp32"]
+            row["segldm_share_of_step_fp32"] = statistics.median(
+                e / s for e, s in zip(ours, step, strict=True)
+            )
         if comparison.reference == "sample":
             evals = int(cfg.reference.sampler_steps) * setup["batch_size"]
             row.update(

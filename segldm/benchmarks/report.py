@@ -202,6 +202,8 @@ def render_reference(section: dict[str, Any]) -> list[str]:
                 if "segldm_unet_evals_per_s" in c
                 else ""
             )
+            if "segldm_share_of_step_fp32" in c:
+                extra += f" (segldm: {100 * c['segldm_share_of_step_fp32']:.1f} % of its fp32 step)"
             lines.append(
                 f"| {c['what']}{extra} | {c['reference_s']:.3f} | {c['segldm_s']:.3f} | {c['speedup']:.2f}x | "
                 f"{memory} | {_f(c.get('memory_ratio'), 2, 'x')} |"

@@ -10,7 +10,8 @@ Loads the CompVis config and checkpoint of the setup file with :func:`segldm.com
   loader, first stage under inference mode, loss, backward, fused AdamW, EMA update);
 * ``step_baseline``: the same step in the suite's emulated reference mode (its ratio to the real
   reference is what validates, or not, the emulation);
-* ``sample_fp32`` / ``sample_bf16``: DDIM (eta 0) from fixed noise with the EMA weights.
+* ``sample_fp32`` / ``sample_bf16``: DDIM (eta 0) from fixed noise with the EMA weights;
+* ``ema``: the EMA update of the UNet's weights alone (what follows every optimizer step).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class SegldmWorker(BenchWorker):
             "step_baseline": lambda: self.step(self.modes["baseline"]),
             "sample_fp32": lambda: self.sample(self.modes["optimised_fp32"]),
             "sample_bf16": lambda: self.sample(self.modes["optimised"]),
+            "ema": lambda: self.model.model_ema(self.model.model),
         }
 
     def describe(self) -> dict[str, Any]:
