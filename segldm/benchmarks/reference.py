@@ -322,4 +322,21 @@ def bench_reference(cfg: DictConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"latent_diffusion": str(ldm), "taming_transformers": str(taming), "configs": {}}
     for name in cfg.reference.configs:
         out["configs"][name] = bench_reference_config(name, cfg, ldm, taming, worker_script)
+    out["goals"] = check_reference_goals(out["configs"], cfg.reference.get("goals") or [])
+    return out
+
+
+def check_reference_goals(configs: dict[str, Any], goals: Any) -> list[dict[str, Any]]:
+    """Each goal of `reference.goals` read off this run (skipped where its row was not measured,
+    e.g. bf16 rows on a CPU without native bf16)."""
+    out = []
+    for goal in goals:
+        row = configs.get(goal.config, {}).get("comparisons", {}).get(goal.comparison, {})
+        value = row.get(goal.metric)
+        entry = {"config": goal.config, "comparison": goal.comparison, "metric": goal.metric, "value": value}
+        if "at_least" in goal:
+            entry.update(goal=f">= {goal.at_least}", met=None if value is None else value >= goal.at_least)
+        else:
+            entry.update(goal=f"<= {goal.at_most}", met=None if value is None else value <= goal.at_most)
+        out.append(entry)
     return out

@@ -177,6 +177,13 @@ def render_reference(section: dict[str, Any]) -> list[str]:
         "rounds of the per-round ratio; peak memory = resident tensors (weights, EMA, optimizer state) + the "
         "step's allocation peak, each in its own process.",
     ]
+    if section.get("goals"):
+        lines += ["", "| goal | this run | met |", "|---|---|---|"]
+        for g in section["goals"]:
+            met = "not measured" if g["met"] is None else ("met" if g["met"] else "**NOT met**")
+            lines.append(
+                f"| `{g['config']}` {g['comparison']} {g['metric']} {g['goal']} | {_f(g['value'], 3)} | {met} |"
+            )
     for name, r in section["configs"].items():
         w = r["workers"]["segldm"]
         check = r["check"]
