@@ -11,6 +11,7 @@ Loads the CompVis config and checkpoint of the setup file with :func:`segldm.com
 * ``step_baseline``: the same step in the suite's emulated reference mode (its ratio to the real
   reference is what validates, or not, the emulation);
 * ``sample_fp32`` / ``sample_bf16``: DDIM (eta 0) from fixed noise with the EMA weights;
+* ``*_channels_last``: the unet/step tasks with ``model.channels_last=true``;
 * ``ema``: the EMA update of the UNet's weights alone (what follows every optimizer step).
 """
 
@@ -54,16 +55,24 @@ class SegldmWorker(BenchWorker):
             )
             self.c = self.model.get_learned_conditioning(label_maps)
             self.x_noisy = self.model.q_sample(self.z, s["t"], s["noise"])
-        self.tasks = {
-            "unet_fp32": lambda: self.unet_step(self.modes["optimised_fp32"]),
-            "unet_bf16": lambda: self.unet_step(self.modes["optimised"]),
-            "step_fp32": lambda: self.step(self.modes["optimised_fp32"]),
-            "step_bf16": lambda: self.step(self.modes["optimised"]),
-            "step_baseline": lambda: self.step(self.modes["baseline"]),
-            "sample_fp32": lambda: self.sample(self.modes["optimised_fp32"]),
-            "sample_bf16": lambda: self.sample(self.modes["optimised"]),
-            "ema": lambda: self.model.model_ema(self.model.model),
+        modes = {
+            "unet_fp32": ("optimised_fp32", self.unet_step),
+            "unet_bf16": ("optimised", self.unet_step),
+            "step_fp32": ("optimised_fp32", self.step),
+            "step_bf16": ("optimised", self.step),
+            "step_baseline": ("baseline", self.step),
+            "sample_fp32": ("optimised_fp32", self.sample),
+            "sample_bf16": ("optimised", self.sample),
         }
+        for name in ("unet_fp32", "unet_bf16", "step_fp32", "step_bf16"):  # + model.channels_last=true
+            mode_name, work = modes[name]
+            modes[f"{name}_channels_last"] = (mode_name, work)
+        for name, (mode_name, work) in modes.items():
+            mode = self.modes[mode_name].replace(channels_last=name.endswith("_channels_last"))
+            # switching modes (memory format included) happens before the clock starts
+            self.prepare[name] = lambda mode=mode: self.switch.apply(mode)
+            self.tasks[name] = lambda work=work, mode=mode: work(mode)
+        self.tasks["ema"] = lambda: self.model.model_ema(self.model.model)
 
     def describe(self) -> dict[str, Any]:
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -74,14 +83,12 @@ class SegldmWorker(BenchWorker):
         }
 
     def unet_step(self, mode: PerfMode) -> None:
-        self.switch.apply(mode)
         with autocast(mode, self.device):
             out = self.model.apply_model(self.x_noisy, self.setup["t"], self.c)
         (self.setup["noise"] - out.float()).abs().mean().backward()
         self.model.model.zero_grad(set_to_none=True)
 
     def step(self, mode: PerfMode) -> None:
-        self.switch.apply(mode)
         if self.optimizer is None:  # segldm's AdamW (fused) over what the reference optimises too
             params = [*self.model.model.parameters(), *self.model.cond_stage_model.parameters()]
             self.optimizer = torch.optim.AdamW(
@@ -91,7 +98,6 @@ class SegldmWorker(BenchWorker):
         training_step(self.model, self.optimizer, batch, mode, self.device)
 
     def sample(self, mode: PerfMode) -> torch.Tensor:
-        self.switch.apply(mode)
         steps = int(self.setup["sampler_steps"])
         with autocast(mode, self.device):
             return self.model.sample(self.c, steps=steps, eta=0.0, x_T=self.setup["x_T"], sampler="ddim")
@@ -114,7 +120,7 @@ class SegldmWorker(BenchWorker):
             "unet_output": eps,
             "loss": loss.reshape(1),
             **grads,
-            "ddim_samples": self.sample(self.modes["optimised_fp32"]),
+            "ddim_samples": self.sample(self.modes["optimised_fp32"]),  # still in that mode
         }
 
     def holders(self, task: str) -> tuple[list[torch.nn.Module], torch.optim.Optimizer | None]:

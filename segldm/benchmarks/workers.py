@@ -59,6 +59,7 @@ class BenchWorker:
         torch.set_num_threads(int(self.setup["threads"]))
         self.device = torch.device("cpu")
         self.tasks: dict[str, Callable[[], Any]] = {}
+        self.prepare: dict[str, Callable[[], None]] = {}  # untimed, before a task (switch modes)
         self.warm: set[str] = set()
 
     # --------------------------------------------------------------- to implement
@@ -114,8 +115,11 @@ class BenchWorker:
         return {"seconds_by_kind": seconds}
 
     def _task(self, task: str) -> Callable[[], Any]:
+        """The task's work, after its untimed preparation."""
         if task not in self.tasks:
             raise KeyError(f"unknown task {task!r}; this worker has {sorted(self.tasks)}")
+        if task in self.prepare:
+            self.prepare[task]()
         return self.tasks[task]
 
     # --------------------------------------------------------------- loop

@@ -109,7 +109,7 @@ def test_segldm_side_serves_every_task_and_checks_gate_timing(toy_setup, tmp_pat
             ValueError, match=r"disagree beyond .*tolerance=-1.0.*'latent'.*nothing was timed"
         ):
             check_equal(one, two, tmp_path, tolerance=-1.0)
-        for task in ("unet_fp32", "step_fp32", "sample_fp32"):
+        for task in ("unet_fp32", "step_fp32", "step_fp32_channels_last", "step_fp32", "sample_fp32"):
             assert one.call("time", task=task)["seconds"] > 0
         profile = one.call("profile", task="unet_fp32")["seconds_by_kind"]
         assert set(profile) == set(KERNEL_KINDS) and profile["convolution"] > 0
