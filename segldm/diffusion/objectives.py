@@ -59,12 +59,28 @@ def eps_from_prediction(
     )
 
 
+def objective_problems(parameterization: str, weighting: str, gamma: float) -> list[str]:
+    """What is wrong with an objective, one sentence per problem naming its model.* key (empty: fine).
+    The start-up config check and :func:`check_loss_weighting` both use it."""
+    problems = []
+    if parameterization not in PARAMETERIZATIONS:
+        problems.append(
+            f"model.parameterization={parameterization!r} is not supported; use one of {list(PARAMETERIZATIONS)}"
+        )
+    if weighting not in LOSS_WEIGHTINGS:
+        problems.append(
+            f"model.loss_weighting={weighting!r} is not supported; use one of {list(LOSS_WEIGHTINGS)}"
+        )
+    elif weighting == "min_snr" and not float(gamma) > 0:
+        problems.append(f"model.min_snr_gamma={gamma} must be positive (the paper uses 5)")
+    return problems
+
+
 def check_loss_weighting(weighting: str, gamma: float) -> None:
     """ValueError for a weighting this module does not know, or min-SNR with a non-positive gamma."""
-    if weighting not in LOSS_WEIGHTINGS:
-        raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {list(LOSS_WEIGHTINGS)}")
-    if weighting == "min_snr" and not gamma > 0:
-        raise ValueError(f"min_snr_gamma={gamma} must be positive (the paper uses 5)")
+    problems = objective_problems(PARAMETERIZATIONS[0], weighting, gamma)
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def loss_weights(

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from segldm.config.resolvers import downsample_factor
 from segldm.diffusion.ddim import check_ddim_steps
 from segldm.diffusion.guidance import check_guidance_scale
-from segldm.diffusion.objectives import LOSS_WEIGHTINGS, PARAMETERIZATIONS
+from segldm.diffusion.objectives import objective_problems
 from segldm.diffusion.samplers import SAMPLER_NAMES
 from segldm.models.discriminator import min_input_size
 from segldm.models.first_stage_loss import GAN_LOSSES
@@ -130,22 +130,11 @@ def _sampler_step_problems(cfg: DictConfig) -> list[str]:
 
 def _objective_problems(model: DictConfig) -> list[str]:
     """Parameterization and loss weighting the code knows, a positive min-SNR gamma."""
-    problems = []
-    parameterization = model.get("parameterization", "eps")
-    if parameterization not in PARAMETERIZATIONS:
-        problems.append(
-            f"model.parameterization={parameterization!r} is not supported; use one of {list(PARAMETERIZATIONS)}"
-        )
-    weighting = model.get("loss_weighting", "none")
-    if weighting not in LOSS_WEIGHTINGS:
-        problems.append(
-            f"model.loss_weighting={weighting!r} is not supported; use one of {list(LOSS_WEIGHTINGS)}"
-        )
-    elif weighting == "min_snr" and not float(model.get("min_snr_gamma", 5.0)) > 0:
-        problems.append(
-            f"model.min_snr_gamma={model.get('min_snr_gamma')} must be positive (the paper uses 5)"
-        )
-    return problems
+    return objective_problems(
+        model.get("parameterization", "eps"),
+        model.get("loss_weighting", "none"),
+        model.get("min_snr_gamma", 5.0),
+    )
 
 
 def _guidance_problems(cfg: DictConfig) -> list[str]:

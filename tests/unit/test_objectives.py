@@ -49,7 +49,7 @@ def test_min_snr_weights_are_the_papers() -> None:
     assert loss_weights("min_snr", "eps", AC[-1:], 5.0).item() == 1.0  # SNR < gamma: unweighted
     with pytest.raises(ValueError, match="min_snr_gamma=0 must be positive"):
         loss_weights("min_snr", "eps", AC[T], 0)
-    with pytest.raises(ValueError, match="unknown loss weighting 'p2'"):
+    with pytest.raises(ValueError, match="model.loss_weighting='p2' is not supported"):
         loss_weights("p2", "eps", AC[T])
 
 
