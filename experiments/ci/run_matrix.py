@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from segldm.config.hardware import cpu_model
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
@@ -31,16 +33,6 @@ SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
     "avx2": (["taskset", "-c", "0,1"], {"ATEN_CPU_CAPABILITY": "avx2"}),
 }
 TIERS = {"fast": [], "slow": ["-m", "slow"]}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_flags() -> list[str]:

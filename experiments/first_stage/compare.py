@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from segldm.config.hardware import cpu_model
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 VARIANTS = {
@@ -40,13 +42,6 @@ def run(module: str, args: list[str], log: Path) -> float:
     if proc.returncode != 0:
         sys.exit(f"{module} {' '.join(args)} failed; see {log}")
     return time.monotonic() - started
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def variant(name: str, samples: int, out: Path, timings: dict, steps: int | None) -> dict:

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from segldm.config.hardware import cpu_model
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 FIRST_STAGE = ROOT / "outputs/quickstart/autoencoder/checkpoints/last.ckpt"
@@ -41,13 +43,6 @@ def run(module: str, args: list[str], log: Path) -> float:
     if proc.returncode != 0:
         sys.exit(f"{module} {' '.join(args)} failed; see {log}")
     return time.monotonic() - started
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def train(experiment: str, out: Path) -> Path:

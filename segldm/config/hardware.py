@@ -87,3 +87,14 @@ def precision_message(trainer_cfg: DictConfig) -> str:
         _, why = native_bf16(str(trainer_cfg.get("accelerator", "auto")))
         return f"precision: {chosen} (picked automatically: {why}; pin it with trainer.precision=...)"
     return f"precision: {chosen} (trainer.precision)"
+
+
+def cpu_model() -> str:
+    """The CPU's full model name (/proc/cpuinfo), for results that must say where they were measured."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
