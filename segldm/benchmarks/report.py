@@ -77,6 +77,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{r['rounds']} interleaved rounds, load (1 min) {_load(r['load_during_rounds'])}. "
             f"One step = {r['flops_per_step'] / 1e9:.1f} GFLOP (fwd+bwd).",
             "",
+            *baseline_validation(sections.get("reference") or {}, name),
             "| variant | what it is | config | s/step | images/s | speed-up | peak MiB | memory vs baseline | GFLOP/s | MFU |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -250,3 +251,27 @@ def render_profiles(profiles: dict[str, Any], comparisons: dict[str, Any]) -> li
                 + f" | {100 * share:.0f} % | {bound} |"
             )
     return lines
+
+
+def baseline_validation(reference: dict[str, Any], config: str) -> list[str]:
+    """The train section's baseline is segldm's emulation of the CompVis code; where this run also timed
+    the real code at the same config, say how close the emulation came (within 5 % validates it)."""
+    row = reference.get("configs", {}).get(config, {}).get("comparisons", {}).get("emulated_baseline")
+    if not row:
+        return [
+            "The baseline is segldm's emulation of the CompVis code, not validated against the real code in "
+            "this run (the `reference` section, with SEGLDM_REF_DIR, does that).",
+            "",
+        ]
+    ratio = row["speedup"]  # real reference time / emulated time
+    verdict = (
+        "within 5 %: the emulation stands for the reference here"
+        if abs(ratio - 1.0) <= 0.05
+        else "outside 5 %: the speed-ups below are against the emulation only; the `reference` section has "
+        "the figures against the real code"
+    )
+    return [
+        f"The baseline is segldm's emulation of the CompVis code; against the real code in this run (same "
+        f"config, own processes): real time / emulated time = {ratio:.2f} ({verdict}).",
+        "",
+    ]
