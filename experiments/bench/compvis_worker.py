@@ -34,7 +34,6 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from segldm.benchmarks.segldm_worker import checked_parameters
 from segldm.benchmarks.workers import BenchWorker
 
 
@@ -106,7 +105,7 @@ class CompVisWorker(BenchWorker):
             "unet": self.unet_step,
             "step": lambda: self.step(self.batch),
             "step_loader_one_hot": lambda: self.step(self.loader_batch()),
-            "sample": self.sample,
+            "sample": self.samples,
             "ema": lambda: self.model.model_ema(self.model.model),
         }
 
@@ -144,7 +143,7 @@ class CompVisWorker(BenchWorker):
         if model.use_ema:  # on_train_batch_end
             model.model_ema(model.model)
 
-    def sample(self) -> torch.Tensor:
+    def samples(self) -> torch.Tensor:
         s, model = self.setup, self.model
         shape = tuple(self.z.shape[1:])
         with torch.no_grad(), model.ema_scope():
@@ -153,29 +152,6 @@ class CompVisWorker(BenchWorker):
                 eta=0.0, x_T=s["x_T"], verbose=False,
             )  # fmt: skip
         return samples
-
-    def outputs(self) -> dict[str, torch.Tensor]:
-        s, model = self.setup, self.model
-        with torch.no_grad():
-            loss, _ = model.p_losses(self.z, self.c, s["t"], noise=s["noise"])
-            eps = model.apply_model(self.x_noisy, s["t"], self.c)
-        unet = model.model.diffusion_model
-        (s["noise"] - model.apply_model(self.x_noisy, s["t"], self.c)).abs().mean().backward()
-        grads = {
-            f"grad:{n}": p.grad.clone() for n, p in unet.named_parameters() if n in checked_parameters(unet)
-        }
-        model.model.zero_grad(set_to_none=True)
-        return {
-            "latent": self.z,
-            "conditioning": self.c,
-            "unet_output": eps,
-            "loss": loss.reshape(1),
-            **grads,
-            "ddim_samples": self.sample(),
-        }
-
-    def holders(self, task: str) -> tuple[list[torch.nn.Module], torch.optim.Optimizer | None]:
-        return [self.model], (self.optimizer if task.startswith("step") else None)
 
 
 if __name__ == "__main__":

@@ -28,14 +28,6 @@ from segldm.compat.compvis import load_compvis
 from segldm.training.ldm import LatentDiffusion
 
 
-def checked_parameters(unet: torch.nn.Module) -> list[str]:
-    """UNet parameters whose gradients the check compares: the first two, the last two and the
-    first attention qkv (input conv, output conv, attention: where an implementation would differ)."""
-    names = [n for n, _ in unet.named_parameters()]
-    qkv = [n for n in names if ".qkv." in n][:2]
-    return list(dict.fromkeys(names[:2] + names[-2:] + qkv))
-
-
 class SegldmWorker(BenchWorker):
     def __init__(self, setup_path: str) -> None:
         super().__init__(setup_path)
@@ -102,29 +94,12 @@ class SegldmWorker(BenchWorker):
         with autocast(mode, self.device):
             return self.model.sample(self.c, steps=steps, eta=0.0, x_T=self.setup["x_T"], sampler="ddim")
 
-    def outputs(self) -> dict[str, torch.Tensor]:
-        s, model = self.setup, self.model
-        self.switch.apply(self.modes["optimised_fp32"])
-        with torch.no_grad():
-            loss, _ = model.p_losses(self.z, self.c, s["t"], s["noise"])
-            eps = model.apply_model(self.x_noisy, s["t"], self.c)
-        unet = model.model.diffusion_model
-        (s["noise"] - model.apply_model(self.x_noisy, s["t"], self.c)).abs().mean().backward()
-        grads = {
-            f"grad:{n}": p.grad.clone() for n, p in unet.named_parameters() if n in checked_parameters(unet)
-        }
-        model.model.zero_grad(set_to_none=True)
-        return {
-            "latent": self.z,
-            "conditioning": self.c,
-            "unet_output": eps,
-            "loss": loss.reshape(1),
-            **grads,
-            "ddim_samples": self.sample(self.modes["optimised_fp32"]),  # still in that mode
-        }
+    def samples(self) -> torch.Tensor:
+        return self.sample(self.modes["optimised_fp32"])
 
-    def holders(self, task: str) -> tuple[list[torch.nn.Module], torch.optim.Optimizer | None]:
-        return [self.model], (self.optimizer if task.startswith("step") else None)
+    def outputs(self) -> dict[str, torch.Tensor]:
+        self.switch.apply(self.modes["optimised_fp32"])
+        return super().outputs()
 
 
 if __name__ == "__main__":

@@ -46,6 +46,14 @@ def kernel_kind(op: str) -> str:
     return "other"
 
 
+def checked_parameters(unet: torch.nn.Module) -> list[str]:
+    """UNet parameters whose gradients the check compares: the first two, the last two and the
+    first attention qkv (input conv, output conv, attention: where an implementation would differ)."""
+    names = [n for n, _ in unet.named_parameters()]
+    qkv = [n for n in names if ".qkv." in n][:2]
+    return list(dict.fromkeys(names[:2] + names[-2:] + qkv))
+
+
 class BenchWorker:
     """Timed tasks over one model built from a setup file (see :func:`write_setup` in .reference).
 
@@ -62,12 +70,42 @@ class BenchWorker:
         self.prepare: dict[str, Callable[[], None]] = {}  # untimed, before a task (switch modes)
         self.warm: set[str] = set()
 
-    # --------------------------------------------------------------- to implement
-    def outputs(self) -> dict[str, torch.Tensor]:
+    # --------------------------------------------------------------- the shared check
+    # Both sides expose CompVis's LatentDiffusion interface (p_losses, apply_model, model.diffusion_model)
+    # and set: model, optimizer (None until a step task ran), z (latents), c (conditioning), x_noisy.
+    model: Any
+    optimizer: torch.optim.Optimizer | None = None
+    z: torch.Tensor
+    c: torch.Tensor
+    x_noisy: torch.Tensor
+
+    def samples(self) -> torch.Tensor:
+        """DDIM (eta 0) from the setup's x_T with the EMA weights, fp32."""
         raise NotImplementedError
 
+    def outputs(self) -> dict[str, torch.Tensor]:
+        """What the sides must agree on: latents, conditioning, UNet output, loss, UNet gradients, samples."""
+        s, model = self.setup, self.model
+        with torch.no_grad():
+            loss, _ = model.p_losses(self.z, self.c, s["t"], noise=s["noise"])
+            eps = model.apply_model(self.x_noisy, s["t"], self.c)
+        unet = model.model.diffusion_model
+        (s["noise"] - model.apply_model(self.x_noisy, s["t"], self.c)).abs().mean().backward()
+        checked = checked_parameters(unet)
+        grads = {f"grad:{n}": p.grad.clone() for n, p in unet.named_parameters() if n in checked}
+        model.model.zero_grad(set_to_none=True)
+        return {
+            "latent": self.z,
+            "conditioning": self.c,
+            "unet_output": eps,
+            "loss": loss.reshape(1),
+            **grads,
+            "ddim_samples": self.samples(),
+        }
+
     def holders(self, task: str) -> tuple[list[torch.nn.Module], torch.optim.Optimizer | None]:
-        raise NotImplementedError
+        """Modules and optimizer whose tensors are resident while `task` runs."""
+        return [self.model], (self.optimizer if task.startswith("step") else None)
 
     def describe(self) -> dict[str, Any]:
         return {}
