@@ -173,7 +173,11 @@ def write(rows: list[dict], args: argparse.Namespace, timings: dict) -> None:
             f"{r['ldm_miou']:.4f} ({r['miou_real']:.4f}) |"
         )
     if timings:
-        lines += ["", "Training wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
+        lines += [
+            "",
+            "Training wall times of this invocation (s; the machine may have been shared): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
+        ]
     lines += ["", "![real | " + " | ".join(r["variant"] for r in rows) + "](reconstructions.png)"]
     if out["segmenter_training_min"] is not None:
         lines += [
@@ -207,10 +211,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="first-stage training steps")
     parser.add_argument("--out", default="outputs/first_stage_compare")
     args = parser.parse_args()
-    previous = json.loads((HERE / "results.json").read_text()) if (HERE / "results.json").exists() else {}
-    timings: dict[str, float] = dict(
-        previous.get("timings_s", {})
-    )  # a rewrite keeps the training runs' times
+    timings: dict[str, float] = {}  # wall times of the runs this invocation trained (reused runs: none)
     if not SEGMENTER.exists():
         timings["segmenter"] = run("segldm.train_segmenter", [], ROOT / "outputs" / "train_segmenter.log")
     rows = [variant(name, args.samples, ROOT / args.out, timings, args.steps) for name in args.variants]
