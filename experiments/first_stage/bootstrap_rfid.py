@@ -102,7 +102,9 @@ def main() -> None:
         "# rFID, paired bootstrap (`experiments/first_stage/bootstrap_rfid.py`)",
         "",
         f"{n} validation images of `{folder}`, {args.resamples} paired resamples (the same images for every "
-        f"variant, each real image with its own reconstruction); 95 % percentile intervals. Machine: {out['cpu']}.",
+        f"variant, each real image with its own reconstruction); 95 % percentile intervals. Machine: {out['cpu']}. "
+        "A draw repeats some images, which FID reads as less diverse, so the intervals of each rFID sit above its "
+        "full-set value; the paired difference is the comparison.",
         "",
         f"| first stage | rFID | 95 % interval | difference to {base} | its 95 % interval | draws lower than {base} |",
         "|---|---|---|---|---|---|",

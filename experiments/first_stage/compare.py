@@ -179,6 +179,10 @@ def write(rows: list[dict], args: argparse.Namespace, timings: dict) -> None:
             + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
         ]
     lines += ["", "![real | " + " | ".join(r["variant"] for r in rows) + "](reconstructions.png)"]
+    lines += [
+        "",
+        "Is the rFID difference more than the choice of images? `bootstrap_rfid.py` -> bootstrap.md.",
+    ]
     if out["segmenter_training_min"] is not None:
         lines += [
             "",
