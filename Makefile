@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
-.PHONY: train train-autoencoder train-ldm test test-slow lint mlflow-ui clean help eval train-segmenter fid-weights faults
+.PHONY: train train-autoencoder train-ldm test test-slow test-reference lint mlflow-ui clean help eval train-segmenter fid-weights faults
 .PHONY: sweep sweep-report mlflow-server bench bench-gpu
 
 help:
@@ -84,6 +84,10 @@ test: $(DEV_STAMP)
 
 test-slow: $(DEV_STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Against the real CompVis code: SEGLDM_REF_DIR=<folder with latent-diffusion + taming-transformers> make test-reference
+test-reference: $(DEV_STAMP)
+	$(PY) -m pytest -q -m reference
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check segldm tests
