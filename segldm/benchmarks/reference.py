@@ -192,12 +192,12 @@ def bench_reference_config(
     spec = cfg.reference.configs[name]
     threads = int(cfg.threads or torch.get_num_threads())
     bf16 = bf16_supported(torch.device("cpu"))
-    wanted = [c for c in spec.comparisons if bf16 or not COMPARISONS[c].bf16]
     unknown = sorted(set(spec.comparisons) - set(COMPARISONS))
     if unknown:
         raise ValueError(
             f"reference.configs.{name}.comparisons: unknown {unknown}; known: {sorted(COMPARISONS)}"
         )
+    wanted = [c for c in spec.comparisons if bf16 or not COMPARISONS[c].bf16]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"segldm-bench-ref-{name}-") as tmp:
         folder = Path(tmp)
@@ -221,10 +221,11 @@ def bench_reference_config(
                 "bench reference %s: outputs agree (max relative error %.2e)", name, max(errors.values())
             )
             timing, load = time_alternating(ref, seg, [COMPARISONS[c] for c in wanted], int(spec.rounds))
+            peaks = peak_mib_per_task(ref, seg, [COMPARISONS[c] for c in wanted if COMPARISONS[c].memory])
             memory = {
                 c: {
-                    "reference_mib": ref.call("memory", task=COMPARISONS[c].reference)["peak_bytes"] / MiB,
-                    "segldm_mib": seg.call("memory", task=COMPARISONS[c].segldm)["peak_bytes"] / MiB,
+                    "reference_mib": peaks["reference"][COMPARISONS[c].reference],
+                    "segldm_mib": peaks["segldm"][COMPARISONS[c].segldm],
                 }
                 for c in wanted
                 if COMPARISONS[c].memory
@@ -282,6 +283,22 @@ def bench_reference_config(
         "comparisons": rows,
         "profiles": profiles,
         "wall_s": time.perf_counter() - started,
+    }
+
+
+def peak_mib_per_task(
+    ref: WorkerProcess, seg: WorkerProcess, comparisons: list[Comparison]
+) -> dict[str, dict[str, float]]:
+    """Peak MiB of each task the comparisons name, measured once per task (several rows share the
+    reference's `step`)."""
+    workers = {"reference": ref, "segldm": seg}
+    tasks = {
+        "reference": dict.fromkeys(c.reference for c in comparisons),
+        "segldm": dict.fromkeys(c.segldm for c in comparisons),
+    }
+    return {
+        side: {t: workers[side].call("memory", task=t)["peak_bytes"] / MiB for t in names}
+        for side, names in tasks.items()
     }
 
 

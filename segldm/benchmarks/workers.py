@@ -119,11 +119,8 @@ class BenchWorker:
         return {"path": out}
 
     def cmd_time(self, task: str, repeat: int = 1) -> dict[str, Any]:
-        """Seconds per call of `task` (its first call, untimed, warms kernels and optimizer state)."""
+        """Seconds per call of `task`."""
         work = self._task(task)
-        if task not in self.warm:
-            work()
-            self.warm.add(task)
         start = time.perf_counter()
         for _ in range(repeat):
             work()
@@ -132,18 +129,12 @@ class BenchWorker:
     def cmd_memory(self, task: str) -> dict[str, Any]:
         """Peak bytes of one call: resident tensors (weights, EMA, optimizer state) + the call's peak."""
         work = self._task(task)
-        if task not in self.warm:  # the optimizer's state exists from the second call on
-            work()
-            self.warm.add(task)
         modules, optimizer = self.holders(task)
         return peak_memory(work, self.device, resident_bytes(modules, optimizer))
 
     def cmd_profile(self, task: str) -> dict[str, Any]:
         """Seconds of one call by kind of kernel (torch profiler, self time of the aten ops)."""
         work = self._task(task)
-        if task not in self.warm:
-            work()
-            self.warm.add(task)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             work()
         seconds: dict[str, float] = dict.fromkeys(KERNEL_KINDS, 0.0)
@@ -153,11 +144,15 @@ class BenchWorker:
         return {"seconds_by_kind": seconds}
 
     def _task(self, task: str) -> Callable[[], Any]:
-        """The task's work, after its untimed preparation."""
+        """The task's work, after its untimed preparation and, the first time, one untimed call (kernel
+        selection, allocator, the optimizer's state, which exists from the second call on)."""
         if task not in self.tasks:
             raise KeyError(f"unknown task {task!r}; this worker has {sorted(self.tasks)}")
         if task in self.prepare:
             self.prepare[task]()
+        if task not in self.warm:
+            self.tasks[task]()
+            self.warm.add(task)
         return self.tasks[task]
 
     # --------------------------------------------------------------- loop
