@@ -72,6 +72,8 @@ def install_stubs() -> None:
 
 
 class CompVisWorker(BenchWorker):
+    side = "CompVis latent-diffusion"
+
     def __init__(self, setup_path: str, ldm_dir: str, taming_dir: str) -> None:
         super().__init__(setup_path)
         install_stubs()
@@ -107,14 +109,6 @@ class CompVisWorker(BenchWorker):
             "step_loader_one_hot": lambda: self.step(self.loader_batch()),
             "sample": self.samples,
             "ema": lambda: self.model.model_ema(self.model.model),
-        }
-
-    def describe(self) -> dict[str, Any]:
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-        return {
-            "side": "CompVis latent-diffusion",
-            "unet_params": count(self.model.model),
-            "first_stage_params": count(self.model.first_stage_model),
         }
 
     def unet_step(self) -> None:

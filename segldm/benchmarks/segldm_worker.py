@@ -18,7 +18,6 @@ Loads the CompVis config and checkpoint of the setup file with :func:`segldm.com
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import torch
 
@@ -29,6 +28,8 @@ from segldm.training.ldm import LatentDiffusion
 
 
 class SegldmWorker(BenchWorker):
+    side = "segldm"
+
     def __init__(self, setup_path: str) -> None:
         super().__init__(setup_path)
         s = self.setup
@@ -65,14 +66,6 @@ class SegldmWorker(BenchWorker):
             self.prepare[name] = lambda mode=mode: self.switch.apply(mode)
             self.tasks[name] = lambda work=work, mode=mode: work(mode)
         self.tasks["ema"] = lambda: self.model.model_ema(self.model.model)
-
-    def describe(self) -> dict[str, Any]:
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-        return {
-            "side": "segldm",
-            "unet_params": count(self.model.model),
-            "first_stage_params": count(self.model.first_stage_model),
-        }
 
     def unet_step(self, mode: PerfMode) -> None:
         with autocast(mode, self.device):

@@ -107,8 +107,19 @@ class BenchWorker:
         """Modules and optimizer whose tensors are resident while `task` runs."""
         return [self.model], (self.optimizer if task.startswith("step") else None)
 
+    side: str = ""  # the name the results give this side
+
     def describe(self) -> dict[str, Any]:
-        return {}
+        """Which side, and the parameter counts (the same model on both sides)."""
+
+        def count(module: torch.nn.Module) -> int:
+            return sum(p.numel() for p in module.parameters())
+
+        return {
+            "side": self.side,
+            "unet_params": count(self.model.model),
+            "first_stage_params": count(self.model.first_stage_model),
+        }
 
     # --------------------------------------------------------------- commands
     def cmd_info(self) -> dict[str, Any]:
