@@ -68,19 +68,19 @@ class PerfMode:
         else:  # the default precision is picked from the hardware (bf16 where native)
             out.append("trainer.precision=32-true")
         if self.channels_last:
-            out.append("model.channels_last=true")
+            out.append("model.performance.channels_last=true")
         if not self.first_stage_inference_mode:
-            out.append("model.first_stage_inference_mode=false")
+            out.append("model.performance.first_stage_inference_mode=false")
         if self.masks == "loader_one_hot":
             out.append("data.one_hot_in_loader=true")
         elif self.masks == "device_one_hot":
-            out.append("model.fused_label_conditioning=false")
+            out.append("model.performance.fused_label_conditioning=false")
         if self.cached_latents:
-            out.append("model.cache_latents=true")
+            out.append("model.performance.cache_latents=true")
         if self.compile:
-            out.append("model.compile=true")
+            out.append("model.performance.compile=true")
         if not self.fused_optimizer:
-            out.append("model.fused_optimizer=false")
+            out.append("model.optimization.fused_optimizer=false")
         return out
 
 
@@ -142,7 +142,7 @@ class ModeSwitch:
             model.model.to(memory_format=fmt)
             model.first_stage_model.to(memory_format=fmt)
         model.latent_cache = self.caches.setdefault(mode, LatentCache()) if mode.cached_latents else None
-        # in place, as model.compile=true does (parameter names, hence EMA and checkpoints, unchanged);
+        # in place, as model.performance.compile=true does (parameter names, hence EMA and checkpoints, unchanged);
         # switching back clears the compiled call nn.Module.compile() installed, and keeps it for later
         if mode.compile and self.compiled_call is None:
             self.unet.compile()

@@ -11,7 +11,7 @@ Loads the CompVis config and checkpoint of the setup file with :func:`segldm.com
 * ``step_baseline``: the same step in the suite's emulated reference mode (its ratio to the real
   reference is what validates, or not, the emulation);
 * ``sample_fp32`` / ``sample_bf16``: DDIM (eta 0) from fixed noise with the EMA weights;
-* ``*_channels_last``: the unet/step tasks with ``model.channels_last=true``;
+* ``*_channels_last``: the unet/step tasks with ``model.performance.channels_last=true``;
 * ``ema``: the EMA update of the UNet's weights alone (what follows every optimizer step).
 """
 
@@ -57,7 +57,12 @@ class SegldmWorker(BenchWorker):
             "sample_fp32": ("optimised_fp32", self.sample),
             "sample_bf16": ("optimised", self.sample),
         }
-        for name in ("unet_fp32", "unet_bf16", "step_fp32", "step_bf16"):  # + model.channels_last=true
+        for name in (
+            "unet_fp32",
+            "unet_bf16",
+            "step_fp32",
+            "step_bf16",
+        ):  # + model.performance.channels_last=true
             mode_name, work = modes[name]
             modes[f"{name}_channels_last"] = (mode_name, work)
         for name, (mode_name, work) in modes.items():

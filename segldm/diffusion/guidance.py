@@ -3,7 +3,7 @@
 eps = eps_uncond + s * (eps_cond - eps_uncond): s = 1 is the conditional model alone, s > 1 pushes
 samples towards their mask. Both predictions come from one batched UNet call (the batch doubled),
 as CompVis's DDIMSampler computes them. The unconditional condition is the null condition the model
-was trained with (condition dropout, ``model.cond_drop_prob``).
+was trained with (condition dropout, ``model.diffusion.cond_drop_prob``).
 """
 
 from __future__ import annotations

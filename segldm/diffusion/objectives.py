@@ -65,14 +65,14 @@ def objective_problems(parameterization: str, weighting: str, gamma: float) -> l
     problems = []
     if parameterization not in PARAMETERIZATIONS:
         problems.append(
-            f"model.parameterization={parameterization!r} is not supported; use one of {list(PARAMETERIZATIONS)}"
+            f"model.diffusion.parameterization={parameterization!r} is not supported; use one of {list(PARAMETERIZATIONS)}"
         )
     if weighting not in LOSS_WEIGHTINGS:
         problems.append(
-            f"model.loss_weighting={weighting!r} is not supported; use one of {list(LOSS_WEIGHTINGS)}"
+            f"model.diffusion.loss_weighting={weighting!r} is not supported; use one of {list(LOSS_WEIGHTINGS)}"
         )
     elif weighting == "min_snr" and not float(gamma) > 0:
-        problems.append(f"model.min_snr_gamma={gamma} must be positive (the paper uses 5)")
+        problems.append(f"model.diffusion.min_snr_gamma={gamma} must be positive (the paper uses 5)")
     return problems
 
 

@@ -10,6 +10,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,6 +23,7 @@ from segldm.models.discriminator import min_input_size
 from segldm.models.first_stage_loss import GAN_LOSSES
 from segldm.models.perceptual import PerceptualWeightsError, find_vgg16_weights, missing_weights_message
 from segldm.runtime.preemption import parse_signals
+from segldm.training.options import DiffusionOptions, option_problems
 
 
 class ConfigError(ValueError):
@@ -122,27 +124,32 @@ def _sampler_step_problems(cfg: DictConfig) -> list[str]:
         if int(steps) <= 0:
             continue  # reported as "must be positive"
         try:
-            check_ddim_steps(int(steps), int(model.timesteps), key)
+            check_ddim_steps(int(steps), int(diffusion_option(model, "timesteps")), key)
         except ValueError as err:
             problems.append(str(err))
     return problems
 
 
+def diffusion_option(model: DictConfig, name: str) -> Any:
+    """model.diffusion.<name>, or LatentDiffusion's default where the config leaves it out."""
+    return OmegaConf.select(model, f"diffusion.{name}", default=getattr(DiffusionOptions(), name))
+
+
 def _objective_problems(model: DictConfig) -> list[str]:
     """Parameterization and loss weighting the code knows, a positive min-SNR gamma."""
     return objective_problems(
-        model.get("parameterization", "eps"),
-        model.get("loss_weighting", "none"),
-        model.get("min_snr_gamma", 5.0),
+        diffusion_option(model, "parameterization"),
+        diffusion_option(model, "loss_weighting"),
+        diffusion_option(model, "min_snr_gamma"),
     )
 
 
 def _guidance_problems(cfg: DictConfig) -> list[str]:
     """Condition dropout in [0, 1); guidance scales >= 1, and > 1 only for a model trained with dropout."""
     model, problems = cfg.model, []
-    drop = float(model.get("cond_drop_prob", 0.0))
+    drop = float(diffusion_option(model, "cond_drop_prob"))
     if not 0.0 <= drop < 1.0:
-        problems.append(f"model.cond_drop_prob={drop} must be in [0, 1) (0: no condition dropout)")
+        problems.append(f"model.diffusion.cond_drop_prob={drop} must be in [0, 1) (0: no condition dropout)")
     scales = {"model.sampler.guidance_scale": (model.get("sampler") or {}).get("guidance_scale", 1.0)}
     grid = OmegaConf.select(cfg, "callbacks.sample_grid", default=None)
     if isinstance(grid, DictConfig) and grid.get("guidance_scale") is not None:
@@ -155,8 +162,8 @@ def _guidance_problems(cfg: DictConfig) -> list[str]:
             continue
         if float(scale) != 1.0 and drop == 0.0:
             problems.append(
-                f"{key}={scale} guides a model trained without condition dropout (model.cond_drop_prob=0): "
-                "set model.cond_drop_prob>0 (e.g. 0.1) or the scale to 1"
+                f"{key}={scale} guides a model trained without condition dropout (model.diffusion.cond_drop_prob=0): "
+                "set model.diffusion.cond_drop_prob>0 (e.g. 0.1) or the scale to 1"
             )
     return problems
 
@@ -210,8 +217,10 @@ def validate_config(cfg: DictConfig) -> None:
         problems.append(
             f"data.val_batch_size={data.val_batch_size} must be positive (or null: data.batch_size)"
         )
-    if model.base_learning_rate <= 0:
-        problems.append(f"model.base_learning_rate={model.base_learning_rate} must be positive")
+    problems += option_problems(model)
+    base_lr = OmegaConf.select(model, "optimization.base_learning_rate", default=None)
+    if base_lr is not None and base_lr <= 0:
+        problems.append(f"model.optimization.base_learning_rate={base_lr} must be positive")
 
     if _is_ldm(cfg):
         cond = model.cond_stage

@@ -32,6 +32,7 @@ from segldm.storage.checkpoint_files import (
     wrong_kind,
 )
 from segldm.training.ldm import LatentDiffusion
+from segldm.training.options import group_flat_options
 
 # Classes that moved when the package took its layered shape (docs/architecture.md): configs stored in
 # checkpoints written before still name the old paths, and keep loading.
@@ -42,7 +43,9 @@ MOVED_TARGETS = {
     "segldm.lr_schedulers.CosineScheduler": "segldm.training.lr_schedulers.CosineScheduler",
     "segldm.lr_schedulers.ConstantScheduler": "segldm.training.lr_schedulers.ConstantScheduler",
 }
-SCHEDULE_CONFIG_KEYS = "model.timesteps, beta_schedule, linear_start, linear_end, cosine_s, v_posterior"
+SCHEDULE_CONFIG_KEYS = (
+    "model.diffusion.timesteps, beta_schedule, linear_start, linear_end, cosine_s, v_posterior"
+)
 
 
 def check_schedule(model: LatentDiffusion, state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
@@ -121,7 +124,9 @@ def ldm_config_of(checkpoint: Mapping[str, Any], path: str | Path) -> dict[str, 
             f"{path}: its segldm section has no config with a 'model' entry (written by an old segldm, or "
             "by a model whose segldm_config was never set); it cannot be rebuilt from the file alone"
         )
-    return upgrade_targets(dict(config))
+    upgraded = upgrade_targets(dict(config))
+    upgraded["model"] = group_flat_options(upgraded["model"])  # checkpoints from before the option groups
+    return upgraded
 
 
 def ldm_from_checkpoint(
@@ -182,13 +187,15 @@ def init_from_checkpoint(model: LatentDiffusion, path: str | Path, trust_checkpo
             "file belongs in model.first_stage.ckpt_path.",
         )
     state_dict = state_dict_of(checkpoint, path, "init_from checkpoint")
-    stored = ((checkpoint.get("segldm") or {}).get("config") or {}).get("model") or {}
-    trained_as = stored.get("parameterization", "eps") if kind == "segldm-ldm" else None
+    stored = group_flat_options(((checkpoint.get("segldm") or {}).get("config") or {}).get("model") or {})
+    trained_as = (
+        (stored.get("diffusion") or {}).get("parameterization", "eps") if kind == "segldm-ldm" else None
+    )
     if trained_as is not None and trained_as != model.parameterization:
         raise CheckpointError(
-            f"{path} was trained with model.parameterization={trained_as!r} but this run's config says "
+            f"{path} was trained with model.diffusion.parameterization={trained_as!r} but this run's config says "
             f"{model.parameterization!r}: the UNet's outputs would be read as the wrong quantity; set "
-            f"model.parameterization={trained_as} (or train from scratch)"
+            f"model.diffusion.parameterization={trained_as} (or train from scratch)"
         )
     weights, ema = split_ema(state_dict)
     if model.use_ema and not ema:

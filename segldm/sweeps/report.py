@@ -31,7 +31,7 @@ import yaml
 
 from segldm.sweeps.markers import MANIFEST_NAME, MARKER_NAME, read_marker
 
-DEFAULT_AXES = ("model.base_learning_rate", "scheduler.warm_up_steps")
+DEFAULT_AXES = ("model.optimization.base_learning_rate", "scheduler.warm_up_steps")
 REPORT_TAG = "segldm.sweep_report"
 
 
@@ -464,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metric", help="metric to rank by (default: the sweep's objective, val/loss)")
     parser.add_argument("--curve", default="train/loss", help="training curve to plot (default train/loss)")
     parser.add_argument("--stat", choices=("final", "best"), default="final", help="heat map value per run")
-    parser.add_argument("--x", help="heat map x key (default model.base_learning_rate)")
+    parser.add_argument("--x", help="heat map x key (default model.optimization.base_learning_rate)")
     parser.add_argument("--y", help="heat map y key (default scheduler.warm_up_steps)")
     parser.add_argument("--sweep-id", help="experiment mode: which sweep (default: the latest)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: the sweep's, or outputs/mlflow.db)")

@@ -10,7 +10,7 @@ taming's `loss.*` keys as they are; `load_first_stage_weights` reads the VQ back
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -22,6 +22,7 @@ from segldm.models.first_stage_loss import VQLPIPSWithDiscriminator
 from segldm.storage.checkpoint_files import CheckpointError
 from segldm.training.guards import check_finite
 from segldm.training.lr_schedulers import effective_learning_rate, optimizer_config, report_learning_rate
+from segldm.training.options import AutoencoderOptimizationOptions, build_options
 
 
 class VQAutoencoderModule(L.LightningModule):
@@ -32,9 +33,7 @@ class VQAutoencoderModule(L.LightningModule):
         first_stage: VQModel,
         *,
         image_key: str = "image",
-        base_learning_rate: float = 4.5e-6,
-        scale_lr: bool = True,
-        adam_betas: Sequence[float] = (0.5, 0.9),
+        optimization: Mapping[str, Any] | AutoencoderOptimizationOptions | None = None,
         codebook_weight: float = 1.0,
         l1_weight: float = 1.0,
         l2_weight: float = 0.0,
@@ -51,10 +50,11 @@ class VQAutoencoderModule(L.LightningModule):
             if first_stage.loaded_from is not None:
                 load_loss_weights(loss, first_stage.loaded_from)
         self.image_key = image_key
-        self.base_learning_rate = base_learning_rate
-        self.learning_rate = base_learning_rate
-        self.scale_lr = scale_lr
-        self.adam_betas = tuple(adam_betas)
+        optimization = build_options(AutoencoderOptimizationOptions, optimization, "optimization")
+        self.base_learning_rate = optimization.base_learning_rate
+        self.learning_rate = optimization.base_learning_rate
+        self.scale_lr = optimization.scale_lr
+        self.adam_betas = tuple(optimization.adam_betas)
         self.codebook_weight = codebook_weight
         self.l1_weight = l1_weight
         self.l2_weight = l2_weight

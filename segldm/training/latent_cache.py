@@ -1,5 +1,5 @@
 """First-stage latents of datasets whose samples never change (no random crop, no flip): the frozen
-encoder runs once per image instead of once per epoch (``model.cache_latents``)."""
+encoder runs once per image instead of once per epoch (``model.performance.cache_latents``)."""
 
 from __future__ import annotations
 

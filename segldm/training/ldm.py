@@ -9,7 +9,7 @@ The math itself lives in `segldm.diffusion`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -42,6 +42,13 @@ from segldm.training.lr_schedulers import (
     effective_learning_rate,
     optimizer_config,
     report_learning_rate,
+)
+from segldm.training.options import (
+    DiffusionOptions,
+    OptimizationOptions,
+    PerformanceOptions,
+    ValidationOptions,
+    build_options,
 )
 from segldm.training.sampling import Sampling
 
@@ -79,16 +86,12 @@ class LatentDiffusion(Sampling, L.LightningModule):
         first_stage: nn.Module,
         cond_stage: nn.Module,
         *,
-        timesteps: int = 1000,
-        beta_schedule: str = "linear",
-        linear_start: float = 1e-4,
-        linear_end: float = 2e-2,
-        cosine_s: float = 8e-3,
-        v_posterior: float = 0.0,
-        loss_type: str = "l2",
-        parameterization: str = "eps",
-        l_simple_weight: float = 1.0,
-        original_elbo_weight: float = 0.0,
+        diffusion: Mapping[str, Any] | DiffusionOptions | None = None,
+        optimization: Mapping[str, Any] | OptimizationOptions | None = None,
+        performance: Mapping[str, Any] | PerformanceOptions | None = None,
+        validation: Mapping[str, Any] | ValidationOptions | None = None,
+        sampler: dict[str, Any] | None = None,
+        scheduler: Callable[[int], float] | None = None,
         first_stage_key: str = "image",
         cond_stage_key: str = "segmentation",
         image_size: int = 64,
@@ -99,38 +102,29 @@ class LatentDiffusion(Sampling, L.LightningModule):
         scale_by_std: bool = False,
         use_ema: bool = True,
         ema_decay: float = 0.9999,
-        base_learning_rate: float = 1e-6,
-        scale_lr: bool = True,
-        weight_decay: float = 0.01,
-        adam_betas: Sequence[float] = (0.9, 0.999),
-        scheduler: Callable[[int], float] | None = None,
         require_pretrained_first_stage: bool = True,
-        sampler: dict[str, Any] | None = None,
         ignore_label: int | None = None,
-        first_stage_inference_mode: bool = True,
-        fused_label_conditioning: bool = True,
-        channels_last: bool = False,
-        compile: bool | dict[str, Any] = False,
-        cache_latents: bool = False,
-        fused_optimizer: bool = True,
-        cond_drop_prob: float = 0.0,
-        deterministic_validation: bool = True,
-        validation_seed: int = 0,
-        loss_weighting: str = "none",
-        min_snr_gamma: float = 5.0,
     ) -> None:
         super().__init__()
-        if not 0.0 <= float(cond_drop_prob) < 1.0:
+        diffusion = build_options(DiffusionOptions, diffusion, "diffusion")
+        optimization = build_options(OptimizationOptions, optimization, "optimization")
+        performance = build_options(PerformanceOptions, performance, "performance")
+        validation = build_options(ValidationOptions, validation, "validation")
+        if not 0.0 <= float(diffusion.cond_drop_prob) < 1.0:
             raise ValueError(
-                f"model.cond_drop_prob={cond_drop_prob} must be in [0, 1): the fraction of training samples "
-                "whose mask is replaced by the null condition (0: off, the seed's recipe; SDM uses 0.2)"
+                f"model.diffusion.cond_drop_prob={diffusion.cond_drop_prob} must be in [0, 1): the fraction of "
+                "training samples whose mask is replaced by the null condition (0: off, the seed's recipe; SDM "
+                "uses 0.2)"
             )
-        check_loss_weighting(loss_weighting, float(min_snr_gamma))
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"model.loss_type={loss_type!r} is not supported; expected one of {LOSS_TYPES}")
-        if parameterization not in PARAMETERIZATIONS:
+        check_loss_weighting(diffusion.loss_weighting, float(diffusion.min_snr_gamma))
+        if diffusion.loss_type not in LOSS_TYPES:
             raise ValueError(
-                f"model.parameterization={parameterization!r} is not supported; expected one of {PARAMETERIZATIONS}"
+                f"model.diffusion.loss_type={diffusion.loss_type!r} is not supported; expected one of {LOSS_TYPES}"
+            )
+        if diffusion.parameterization not in PARAMETERIZATIONS:
+            raise ValueError(
+                f"model.diffusion.parameterization={diffusion.parameterization!r} is not supported; expected one "
+                f"of {PARAMETERIZATIONS}"
             )
         if require_pretrained_first_stage and getattr(first_stage, "loaded_from", None) is None:
             raise ValueError(
@@ -139,32 +133,32 @@ class LatentDiffusion(Sampling, L.LightningModule):
                 "stages) or use CompVis's vq-f4 checkpoint, then pass model.first_stage.ckpt_path=<file>. "
                 "Set model.require_pretrained_first_stage=false only for smoke tests."
             )
-        self.num_timesteps = int(timesteps)
-        self.loss_type = loss_type
-        self.parameterization = parameterization
-        self.loss_weighting = loss_weighting
-        self.min_snr_gamma = float(min_snr_gamma)
-        self.l_simple_weight = l_simple_weight
-        self.original_elbo_weight = original_elbo_weight
+        self.num_timesteps = int(diffusion.timesteps)
+        self.loss_type = diffusion.loss_type
+        self.parameterization = diffusion.parameterization
+        self.loss_weighting = diffusion.loss_weighting
+        self.min_snr_gamma = float(diffusion.min_snr_gamma)
+        self.l_simple_weight = diffusion.l_simple_weight
+        self.original_elbo_weight = diffusion.original_elbo_weight
         self.first_stage_key = first_stage_key
         self.cond_stage_key = cond_stage_key
         self.ignore_label = ignore_label  # label_map id that becomes an all-zero one-hot vector
         self.image_size = image_size
         self.channels = channels
         self.cond_stage_trainable = cond_stage_trainable
-        self.base_learning_rate = base_learning_rate
-        self.learning_rate = base_learning_rate
-        self.scale_lr = scale_lr
-        self.weight_decay = weight_decay
-        self.adam_betas = tuple(adam_betas)
+        self.base_learning_rate = optimization.base_learning_rate
+        self.learning_rate = optimization.base_learning_rate
+        self.scale_lr = optimization.scale_lr
+        self.weight_decay = optimization.weight_decay
+        self.adam_betas = tuple(optimization.adam_betas)
         self.lr_lambda = scheduler
         self.sampler_defaults = {"steps": 200, "eta": 1.0, "guidance_scale": 1.0, **(sampler or {})}
         # condition dropout for classifier-free guidance: the null condition is an all-zero conditioning
         # map (what the cond stage gives for nothing; no weights of its own, so CompVis keys are unchanged)
-        self.cond_drop_prob = float(cond_drop_prob)
+        self.cond_drop_prob = float(diffusion.cond_drop_prob)
         # validation: the same timestep and noise per sample at every validation (false: CompVis's draws)
-        self.deterministic_validation = bool(deterministic_validation)
-        self.validation_seed = int(validation_seed)
+        self.deterministic_validation = bool(validation.deterministic)
+        self.validation_seed = int(validation.seed)
         self._validation_losses: dict[str, list[torch.Tensor]] = {}
         self.segldm_config: dict[str, Any] | None = None  # resolved run config, saved in checkpoints
 
@@ -173,11 +167,17 @@ class LatentDiffusion(Sampling, L.LightningModule):
         if use_ema:
             self.model_ema = LitEma(self.model, decay=ema_decay)
 
-        betas = make_beta_schedule(beta_schedule, self.num_timesteps, linear_start, linear_end, cosine_s)
-        buffers = schedule_buffers(betas, v_posterior)
+        betas = make_beta_schedule(
+            diffusion.beta_schedule,
+            self.num_timesteps,
+            diffusion.linear_start,
+            diffusion.linear_end,
+            diffusion.cosine_s,
+        )
+        buffers = schedule_buffers(betas, diffusion.v_posterior)
         for name in SCHEDULE_BUFFER_NAMES:
             self.register_buffer(name, buffers[name])
-        self.register_buffer("lvlb_weights", lvlb_weights(buffers, parameterization), persistent=False)
+        self.register_buffer("lvlb_weights", lvlb_weights(buffers, self.parameterization), persistent=False)
         self.register_buffer("logvar", torch.zeros(self.num_timesteps), persistent=False)
 
         self.scale_by_std = scale_by_std
@@ -204,14 +204,18 @@ class LatentDiffusion(Sampling, L.LightningModule):
         self.colorize: torch.Tensor | None = None
         self._restarted_from_ckpt = False
         # speed/memory paths (segldm/models/performance.py; docs/performance.md)
-        self.first_stage_inference_mode = first_stage_inference_mode
-        self.fused_label_conditioning = fused_label_conditioning
-        self.channels_last = channels_last
+        self.first_stage_inference_mode = performance.first_stage_inference_mode
+        self.fused_label_conditioning = performance.fused_label_conditioning
+        self.channels_last = performance.channels_last
+        compile_setting = performance.compile
         self.compile_options: dict[str, Any] | None = (
-            (dict(compile) if isinstance(compile, dict) else {}) if compile else None
+            (dict(compile_setting) if isinstance(compile_setting, Mapping) else {})
+            if compile_setting
+            else None
         )
-        self.latent_cache: LatentCache | None = LatentCache() if cache_latents else None
-        self.fused_optimizer = fused_optimizer  # AdamW's fused kernel: same update, one pass per tensor
+        self.latent_cache: LatentCache | None = LatentCache() if performance.cache_latents else None
+        # AdamW's fused kernel: same update, one pass per tensor
+        self.fused_optimizer = optimization.fused_optimizer
 
     # ------------------------------------------------------------------ CompVis-named interface
     @contextmanager
@@ -366,8 +370,8 @@ class LatentDiffusion(Sampling, L.LightningModule):
         keys = batch_sample_keys(batch) if self.latent_cache is not None and self.training else None
         if self.latent_cache is not None and self.training and keys is None:
             raise ValueError(
-                "model.cache_latents=true needs batches that name their samples ('index' or "
-                "'relative_file_path_'); this dataset yields neither: set model.cache_latents=false"
+                "model.performance.cache_latents=true needs batches that name their samples ('index' or "
+                "'relative_file_path_'); this dataset yields neither: set model.performance.cache_latents=false"
             )
         if keys is not None:
             h = self.latent_cache.lookup(keys, x, self.encode_first_stage)
@@ -402,14 +406,14 @@ class LatentDiffusion(Sampling, L.LightningModule):
             self._compiled = True
 
     def on_fit_start(self) -> None:
-        """model.cache_latents only for data whose samples never change (no random crops or flips)."""
+        """model.performance.cache_latents only for data whose samples never change (no random crops or flips)."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         dataset = getattr(datamodule, "train_dataset", None)
         if self.latent_cache is not None and dataset is not None and not has_fixed_samples(dataset):
             raise ValueError(
-                f"model.cache_latents=true, but the training data ({type(dataset).__name__}) changes its "
+                f"model.performance.cache_latents=true, but the training data ({type(dataset).__name__}) changes its "
                 "samples between epochs (random crops or flips): cached latents would be wrong. Set "
-                "model.cache_latents=false, or turn off data.random_crop / data.flip"
+                "model.performance.cache_latents=false, or turn off data.random_crop / data.flip"
             )
 
     def on_train_batch_start(self, batch: dict[str, Any] | None, batch_idx: int) -> None:

@@ -111,7 +111,7 @@ class Sampling:
         if float(scale) != 1.0 and self.cond_drop_prob == 0 and not force_guidance:
             raise ValueError(
                 f"{guidance_key}={scale}: this model was trained without condition dropout "
-                "(model.cond_drop_prob=0), so it never learned the unconditional prediction guidance "
+                "(model.diffusion.cond_drop_prob=0), so it never learned the unconditional prediction guidance "
                 f"subtracts; train with model.cond_drop_prob>0 (e.g. 0.1), use {guidance_key}=1, or insist "
                 "with force_guidance=true"
             )

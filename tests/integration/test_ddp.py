@@ -34,8 +34,8 @@ MODEL_ARGS = [
     *TINY_UNET,
     "model.first_stage.ckpt_path=null",  # an untrained (but frozen, deterministic) first stage is enough here
     "model.require_pretrained_first_stage=false",
-    f"model.base_learning_rate={BASE_LR}",
-    "model.scale_lr=true",
+    f"model.optimization.base_learning_rate={BASE_LR}",
+    "model.optimization.scale_lr=true",
     "model.ema_decay=0.9",
     "scheduler.warm_up_steps=1",
 ]

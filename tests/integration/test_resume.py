@@ -31,7 +31,7 @@ ARGS = [
     *TINY_TRAINER,
     "model.first_stage.ckpt_path=null",  # a random frozen first stage: enough to compare two runs
     "model.require_pretrained_first_stage=false",
-    "model.base_learning_rate=1e-4",
+    "model.optimization.base_learning_rate=1e-4",
     "scheduler.warm_up_steps=[4]",
     f"trainer.max_steps={MAX_STEPS}",
     "trainer.deterministic=true",
@@ -169,7 +169,7 @@ GAN_ARGS = [
     "model.loss.perceptual_weight=0",  # offline; LPIPS's own path is tested in test_first_stage_loss
     "model.loss.disc_ndf=8",
     "model.loss.disc_start=3",  # the GAN terms switch on mid-run, before the kill
-    "model.base_learning_rate=1e-4",
+    "model.optimization.base_learning_rate=1e-4",
     f"trainer.max_steps={MAX_STEPS}",
     "trainer.deterministic=true",
 ]

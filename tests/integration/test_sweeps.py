@@ -36,7 +36,7 @@ TINY_LDM = [
     "model.require_pretrained_first_stage=false",
 ]
 GRID = [
-    "model.base_learning_rate=1e-4,1e-3",
+    "model.optimization.base_learning_rate=1e-4,1e-3",
     "scheduler.warm_up_steps=0,2",
     "trainer.accumulate_grad_batches=2",
 ]
@@ -66,7 +66,8 @@ def check_grid_runs(root: Path, sweep_id: str) -> None:
     assert len({r.data.tags["segldm.sweep_key"] for r in runs}) == 4
     assert sorted(r.data.tags["segldm.sweep_job"] for r in runs) == ["0", "1", "2", "3"]
     grid = {
-        (r.data.params["model/base_learning_rate"], r.data.params["scheduler/warm_up_steps"]) for r in runs
+        (r.data.params["model/optimization/base_learning_rate"], r.data.params["scheduler/warm_up_steps"])
+        for r in runs
     }
     assert grid == {("0.0001", "0"), ("0.0001", "2"), ("0.001", "0"), ("0.001", "2")}
     client = MlflowClient(tracking_uri=f"sqlite:///{root}/outputs/mlflow.db")
@@ -74,7 +75,7 @@ def check_grid_runs(root: Path, sweep_id: str) -> None:
         overrides = json.loads(run.data.tags["segldm.sweep_overrides"])
         assert run.data.tags["segldm.sweep_key"] == job_key(overrides)
         lr = float(run.data.params["effective_learning_rate"])  # scale_lr: x batch 4 x accumulation 2
-        assert lr == pytest.approx(float(run.data.params["model/base_learning_rate"]) * 4 * 2)
+        assert lr == pytest.approx(float(run.data.params["model/optimization/base_learning_rate"]) * 4 * 2)
         first_lr = client.get_metric_history(run.info.run_id, "lr-AdamW")[0].value
         if run.data.params["scheduler/warm_up_steps"] == "0":  # no warm-up: full lr from step 0, no 0/0
             assert first_lr == pytest.approx(lr)
@@ -110,7 +111,7 @@ def test_sweep_report_table_and_plots(grid_sweep):
             assert image.width > 300 and image.height > 200
     rows = (report / "runs.csv").read_text().splitlines()
     header = rows[0].split(",")
-    assert header[:4] == ["job", "status", "model.base_learning_rate", "scheduler.warm_up_steps"]
+    assert header[:4] == ["job", "status", "model.optimization.base_learning_rate", "scheduler.warm_up_steps"]
     assert len(rows) == 5 and all(",FINISHED," in row for row in rows[1:])
     assert "val/loss final" in proc.stdout and "(* = best final)" in proc.stdout
     client = MlflowClient(tracking_uri=f"sqlite:///{root}/outputs/mlflow.db")
@@ -123,7 +124,7 @@ def test_sweep_report_table_and_plots(grid_sweep):
     manifest = json.loads((root / "outputs/multiruns/grid/sweep.json").read_text())
     assert (
         manifest["sweep_id"] == "multiruns/grid"
-        and "model.base_learning_rate=1e-4,1e-3" in manifest["command"]
+        and "model.optimization.base_learning_rate=1e-4,1e-3" in manifest["command"]
     )
 
 
@@ -287,12 +288,14 @@ def test_slurm_launcher_generates_the_job_array_script(tmp_path, monkeypatch):
     jobs = [DelayedSubmission.load(p) for p in (tmp_path / "outputs/multiruns/slurm/.submitit").glob("*.pkl")]
     grid = {
         tuple(
-            o for o in job.args[0] if o.startswith(("model.base_learning_rate=", "scheduler.warm_up_steps="))
+            o
+            for o in job.args[0]
+            if o.startswith(("model.optimization.base_learning_rate=", "scheduler.warm_up_steps="))
         )
         for job in jobs
     }
     assert len(jobs) == 9 and len(grid) == 9
-    assert ("model.base_learning_rate=1e-06", "scheduler.warm_up_steps=10000") in grid
+    assert ("model.optimization.base_learning_rate=1e-06", "scheduler.warm_up_steps=10000") in grid
 
 
 def _hydra_compose(overrides: list[str]):
@@ -317,13 +320,13 @@ def test_sweep_presets_compose_and_resolve(overrides, tmp_path):
     sweeper = OmegaConf.to_container(cfg.hydra.sweeper, resolve=True)
     if "hparams_search=lr_warmup" in overrides:
         assert sweeper["params"] == {
-            "model.base_learning_rate": "1e-6,1e-5,1e-4",
+            "model.optimization.base_learning_rate": "1e-6,1e-5,1e-4",
             "scheduler.warm_up_steps": "0,1000,10000",
         }
     if "hparams_search=lr_warmup_optuna" in overrides:
         assert sweeper["_target_"].endswith("OptunaSweeper") and sweeper["direction"] == "minimize"
         assert sweeper["sampler"]["_target_"].endswith("TPESampler") and sweeper["sampler"]["seed"] == 23
-        assert sweeper["params"]["model.base_learning_rate"] == "tag(log, interval(1e-6, 1e-3))"
+        assert sweeper["params"]["model.optimization.base_learning_rate"] == "tag(log, interval(1e-6, 1e-3))"
     if "hydra/launcher=local_parallel" in overrides:
         assert launcher["_target_"].endswith("JoblibLauncher") and launcher["n_jobs"] == 2
     if "hydra/launcher=slurm" in overrides:
@@ -360,10 +363,10 @@ def test_optuna_search_minimises_the_returned_validation_loss(tmp_path):
     losses = [r.data.metrics["val/loss"] for r in runs]
     assert results["best_value"] == pytest.approx(min(losses))
     best = min(runs, key=lambda r: r.data.metrics["val/loss"])
-    assert float(results["best_params"]["model.base_learning_rate"]) == pytest.approx(
-        float(best.data.params["model/base_learning_rate"])
+    assert float(results["best_params"]["model.optimization.base_learning_rate"]) == pytest.approx(
+        float(best.data.params["model/optimization/base_learning_rate"])
     )
-    lrs = [float(r.data.params["model/base_learning_rate"]) for r in runs]
+    lrs = [float(r.data.params["model/optimization/base_learning_rate"]) for r in runs]
     assert all(1e-6 <= lr <= 1e-3 for lr in lrs) and len(set(lrs)) == 4
     assert (sweep_dir / "report/heatmap.png").is_file()
     assert "Best parameters" in proc.stdout + proc.stderr

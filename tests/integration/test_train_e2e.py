@@ -15,8 +15,8 @@ AUTOENCODER = [
     *TINY_FIRST_STAGE,
     *TINY_DATA,
     *TINY_TRAINER,
-    "model.base_learning_rate=1e-3",
-    "model.scale_lr=false",
+    "model.optimization.base_learning_rate=1e-3",
+    "model.optimization.scale_lr=false",
     "scheduler=constant",
     "hydra.run.dir=${paths.output_root}/ae",
 ]
@@ -30,7 +30,7 @@ def ldm_args(first_stage_ckpt: Path) -> list[str]:
         *TINY_DATA,
         *TINY_TRAINER,
         f"model.first_stage.ckpt_path={first_stage_ckpt}",
-        "model.base_learning_rate=1e-4",
+        "model.optimization.base_learning_rate=1e-4",
         "scheduler.warm_up_steps=[2]",
         "callbacks.sample_grid.every_n_steps=2",
         "hydra.run.dir=${paths.output_root}/ldm",
@@ -84,7 +84,7 @@ def test_mlflow_run_read_back_from_another_process(two_stage_run):
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["model/unet/model_channels"] == "32"
-    assert run.data.params["model/timesteps"] == "1000"
+    assert run.data.params["model/diffusion/timesteps"] == "1000"
     assert float(run.data.params["effective_learning_rate"]) == pytest.approx(
         1e-4 * 4
     )  # base x batch (scale_lr)

@@ -88,19 +88,20 @@ def test_every_mode_is_a_training_config():
             assert m.unet.get("attention_impl", "sdpa") == mode.attention, name
             assert m.first_stage.ddconfig.get("attention_impl", "sdpa") == mode.attention, name
             assert (cfg.trainer.precision == "bf16-mixed") == (mode.precision == "bf16"), name
-            assert m.channels_last == mode.channels_last and m.compile == mode.compile, name
-            assert m.first_stage_inference_mode == mode.first_stage_inference_mode, name
+            perf = m.performance
+            assert perf.channels_last == mode.channels_last and perf.compile == mode.compile, name
+            assert perf.first_stage_inference_mode == mode.first_stage_inference_mode, name
             assert cfg.data.one_hot_in_loader == (mode.masks == "loader_one_hot"), name
-            assert m.fused_label_conditioning == (mode.masks != "device_one_hot"), name
-            assert m.cache_latents == mode.cached_latents, name
-            assert m.fused_optimizer == mode.fused_optimizer, name
+            assert perf.fused_label_conditioning == (mode.masks != "device_one_hot"), name
+            assert perf.cache_latents == mode.cached_latents, name
+            assert m.optimization.fused_optimizer == mode.fused_optimizer, name
     assert BASELINE.config_overrides() == [
         "+model.unet.attention_impl=einsum",
         "+model.first_stage.ddconfig.attention_impl=einsum",
         "trainer.precision=32-true",
-        "model.first_stage_inference_mode=false",
+        "model.performance.first_stage_inference_mode=false",
         "data.one_hot_in_loader=true",
-        "model.fused_optimizer=false",
+        "model.optimization.fused_optimizer=false",
     ]
 
 

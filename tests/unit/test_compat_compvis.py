@@ -40,6 +40,7 @@ from segldm.runtime.loading import apply_init_from, init_from_checkpoint, ldm_ch
 from segldm.sample import sample as run_sample
 from segldm.storage.checkpoint_files import CheckpointError, CheckpointWarning, save_checkpoint
 from segldm.training.ldm import LatentDiffusion
+from segldm.training.options import FLAT_OPTION_KEYS, OPTION_GROUPS
 from tests.compvis_fixtures import load_io, model_fixture_dirs
 from tests.conftest import CONF, TINY_DATA, TINY_UNET, compose_train
 
@@ -317,12 +318,14 @@ def direct_model(cfg: dict[str, Any], use_ema: bool | None = None) -> LatentDiff
         UNetModel(**p["unet_config"]["params"]),
         VQModel(ddconfig=first["ddconfig"], n_embed=first["n_embed"], embed_dim=first["embed_dim"]),
         SpatialRescaler(**p["cond_stage_config"]["params"]),
-        timesteps=p.get("timesteps", 1000),
-        beta_schedule=p.get("beta_schedule", "linear"),
-        linear_start=p.get("linear_start", 1e-4),
-        linear_end=p.get("linear_end", 2e-2),
-        loss_type=p.get("loss_type", "l2"),
-        parameterization=p.get("parameterization", "eps"),
+        diffusion={
+            "timesteps": p.get("timesteps", 1000),
+            "beta_schedule": p.get("beta_schedule", "linear"),
+            "linear_start": p.get("linear_start", 1e-4),
+            "linear_end": p.get("linear_end", 2e-2),
+            "loss_type": p.get("loss_type", "l2"),
+            "parameterization": p.get("parameterization", "eps"),
+        },
         first_stage_key=p.get("first_stage_key", "image"),
         cond_stage_key=p.get("cond_stage_key", "image"),
         image_size=p["image_size"],
@@ -508,6 +511,49 @@ def test_other_architectures_load_strictly_and_compute_the_same(name, tmp_path):
     original = torch.load(ckpt_path, weights_only=True)["state_dict"]
     back = torch.load(exported, weights_only=True)["state_dict"]
     assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
+
+
+def flat_layout(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """A grouped model config written the way segldm stored it before the option groups."""
+    out = {k: v for k, v in model_cfg.items() if k not in OPTION_GROUPS}
+    for name, (group, key) in FLAT_OPTION_KEYS.items():
+        if key in (model_cfg.get(group) or {}):
+            out[name] = model_cfg[group][key]
+    return out
+
+
+def test_checkpoints_of_the_flat_layout_load_into_the_option_groups(tmp_path):
+    """A checkpoint written before model.diffusion/optimization/performance/validation existed loads
+    as the same model (the stored config is grouped on load), and init_from reads its
+    parameterization from the flat key."""
+    config_path, ckpt_path, direct = write_arch(tmp_path, ARCH_STD)
+    paths = convert_compvis(config_path, ckpt_path, tmp_path / "converted")
+    native = torch.load(paths["ckpt"], map_location="cpu", weights_only=True)
+    grouped = native["segldm"]["config"]["model"]
+    assert grouped["diffusion"]["parameterization"] == "x0" and grouped["diffusion"]["timesteps"] == 200
+    old = copy.deepcopy(native)
+    old["segldm"]["config"]["model"] = flat_layout(grouped)
+    assert (
+        "diffusion" not in old["segldm"]["config"]["model"]
+        and old["segldm"]["config"]["model"]["timesteps"] == 200
+    )
+    old_path = tmp_path / "old.ckpt"
+    torch.save(old, old_path)
+    loaded = load_ldm(old_path)
+    assert loaded.segldm_config["model"]["diffusion"] == grouped["diffusion"]
+    assert loaded.num_timesteps == 200 and loaded.parameterization == "x0"
+    assert_same_outputs(loaded, direct)
+    eps_model = direct_model(
+        copy.deepcopy(ARCH_STD)
+        | {
+            "model": {
+                **ARCH_STD["model"],
+                "params": {**ARCH_STD["model"]["params"], "parameterization": "eps"},
+            }
+        }
+    )
+    with pytest.raises(CheckpointError, match="model.diffusion.parameterization='x0'"):
+        init_from_checkpoint(eps_model, old_path)
 
 
 def test_scale_by_std_keeps_the_checkpoint_factor(tmp_path):

@@ -50,9 +50,15 @@ def test_every_group_option_composes_and_resolves(override, tmp_path):
 def test_seed_reference_configuration():
     cfg = compose_train(["model=ldm_seg", "data=sflckr", "paths.output_dir=/tmp/unused"])
     m = cfg.model
-    assert (m.timesteps, m.linear_start, m.linear_end, m.loss_type) == (1000, 0.0015, 0.0205, "l1")
+    d = m.diffusion
+    assert (d.timesteps, d.linear_start, d.linear_end, d.loss_type) == (1000, 0.0015, 0.0205, "l1")
     assert (m.first_stage_key, m.cond_stage_key, m.conditioning_key) == ("image", "segmentation", "concat")
-    assert (m.image_size, m.channels, m.base_learning_rate, m.cond_stage_trainable) == (64, 3, 1e-6, True)
+    assert (m.image_size, m.channels, m.optimization.base_learning_rate, m.cond_stage_trainable) == (
+        64,
+        3,
+        1e-6,
+        True,
+    )
     assert (m.unet.in_channels, m.unet.out_channels, m.unet.model_channels) == (6, 3, 128)
     assert list(m.unet.channel_mult) == [1, 4, 8] and list(m.unet.attention_resolutions) == [32, 16, 8]
     assert (m.unet.num_heads, m.unet.num_res_blocks) == (8, 2)
@@ -101,7 +107,17 @@ def test_valid_default_passes(tmp_path):
         (["model.cond_stage.in_channels=5"], ["model.cond_stage.in_channels=5", "data.n_labels=8"]),
         (["model.unet.in_channels=7"], ["model.unet.in_channels=7", "= 6"]),
         (["model.cond_stage.n_stages=3"], ["n_stages=3", "latent is 16px"]),
-        (["model.base_learning_rate=0"], ["model.base_learning_rate=0"]),
+        (["model.optimization.base_learning_rate=0"], ["model.optimization.base_learning_rate=0"]),
+        # the flat layout of segldm before the option groups, and a misspelt key in a group
+        (
+            ["+model.base_learning_rate=1e-4"],
+            ["model.base_learning_rate moved to model.optimization.base_learning_rate"],
+        ),
+        (["+model.deterministic_validation=false"], ["model.validation.deterministic"]),
+        (
+            ["+model.diffusion.timestep=10"],
+            ["model.diffusion has unknown key(s) ['timestep']", "'timesteps'"],
+        ),
         (["data.batch_size=0"], ["data.batch_size=0"]),
         (["model.sampler.name=plms"], ["model.sampler.name='plms'", "dpm_solver++"]),
         (["model.first_stage.ckpt_path=/nowhere/vq.ckpt"], ["/nowhere/vq.ckpt", "model=autoencoder"]),

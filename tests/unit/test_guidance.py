@@ -76,15 +76,17 @@ def test_guidance_runs_batched_and_is_refused_without_dropout_unless_forced() ->
     ):
         no_dropout.check_sampler_settings(4, None, "steps", 2.0, "guidance_scale")
     no_dropout.check_sampler_settings(4, None, "steps", 2.0, "guidance_scale", force_guidance=True)
-    with pytest.raises(InstantiationException, match=r"model.cond_drop_prob=1.0 must be in \[0, 1\)"):
+    with pytest.raises(
+        InstantiationException, match=r"model.diffusion.cond_drop_prob=1.0 must be in \[0, 1\)"
+    ):
         tiny_ldm(cond_drop_prob=1.0)
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.cond_drop_prob=1.0", r"model.cond_drop_prob=1.0 must be in \[0, 1\)"),
-        ("model.cond_drop_prob=-0.1", r"model.cond_drop_prob=-0.1 must be in \[0, 1\)"),
+        ("model.diffusion.cond_drop_prob=1.0", r"model.diffusion.cond_drop_prob=1.0 must be in \[0, 1\)"),
+        ("model.diffusion.cond_drop_prob=-0.1", r"model.diffusion.cond_drop_prob=-0.1 must be in \[0, 1\)"),
         ("model.sampler.guidance_scale=0.5", r"model.sampler.guidance_scale=0.5: classifier-free guidance"),
         ("model.sampler.guidance_scale=2.0", r"guides a model trained without condition dropout"),
     ],

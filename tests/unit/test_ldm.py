@@ -16,6 +16,7 @@ from segldm.models.autoencoder import VQModel
 from segldm.models.cond_stage import SpatialRescaler
 from segldm.models.unet import UNetModel
 from segldm.training.ldm import LatentDiffusion
+from segldm.training.options import group_flat_options
 from tests.compvis_fixtures import assert_close_rel, load_config, load_io, load_state_dict, model_fixture_dirs
 from tests.conftest import TINY_DATA, TINY_FIRST_STAGE, TINY_UNET, compose_train
 
@@ -31,7 +32,7 @@ def tiny_ldm(**kwargs) -> LatentDiffusion:
             "paths.output_dir=/tmp/unused",
         ]
     )
-    return instantiate(cfg.model, **kwargs)
+    return instantiate(cfg.model, **group_flat_options(kwargs))  # flat names, e.g. cond_drop_prob=0.5
 
 
 def test_shapes_through_the_compvis_named_api():
@@ -93,10 +94,12 @@ def test_reference_model_through_latent_diffusion(folder):
         UNetModel(**params["unet_config"]["params"]),
         VQModel(**{k: v for k, v in params["first_stage_config"]["params"].items() if k != "lossconfig"}),
         SpatialRescaler(**params["cond_stage_config"]["params"]),
-        timesteps=params["timesteps"],
-        linear_start=params["linear_start"],
-        linear_end=params["linear_end"],
-        loss_type=params["loss_type"],
+        diffusion={
+            "timesteps": params["timesteps"],
+            "linear_start": params["linear_start"],
+            "linear_end": params["linear_end"],
+            "loss_type": params["loss_type"],
+        },
         image_size=params["image_size"],
         channels=params["channels"],
         use_ema=params.get("use_ema", True),

@@ -49,7 +49,7 @@ def test_min_snr_weights_are_the_papers() -> None:
     assert loss_weights("min_snr", "eps", AC[-1:], 5.0).item() == 1.0  # SNR < gamma: unweighted
     with pytest.raises(ValueError, match="min_snr_gamma=0 must be positive"):
         loss_weights("min_snr", "eps", AC[T], 0)
-    with pytest.raises(ValueError, match="model.loss_weighting='p2' is not supported"):
+    with pytest.raises(ValueError, match="model.diffusion.loss_weighting='p2' is not supported"):
         loss_weights("p2", "eps", AC[T])
 
 
@@ -69,15 +69,18 @@ def test_v_model_trains_on_the_v_target_with_min_snr_weights() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.parameterization=score", r"model.parameterization='score' is not supported"),
-        ("model.loss_weighting=p2", r"model.loss_weighting='p2' is not supported"),
-        ("model.min_snr_gamma=-1", None),
+        (
+            "model.diffusion.parameterization=score",
+            r"model.diffusion.parameterization='score' is not supported",
+        ),
+        ("model.diffusion.loss_weighting=p2", r"model.diffusion.loss_weighting='p2' is not supported"),
+        ("model.diffusion.min_snr_gamma=-1", None),
     ],
 )
 def test_bad_objectives_stop_at_start_up(override: str, message: str | None) -> None:
-    extra = ["model.loss_weighting=min_snr"] if "gamma" in override else []
+    extra = ["model.diffusion.loss_weighting=min_snr"] if "gamma" in override else []
     cfg = compose_train(
         [*TINY_DATA, *TINY_FIRST_STAGE, *TINY_UNET, "paths.output_dir=/tmp/unused", *extra, override]
     )
-    with pytest.raises(ConfigError, match=message or r"model.min_snr_gamma=-1 must be positive"):
+    with pytest.raises(ConfigError, match=message or r"model.diffusion.min_snr_gamma=-1 must be positive"):
         validate_config(cfg)

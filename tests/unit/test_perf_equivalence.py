@@ -22,6 +22,7 @@ from segldm.models.cond_stage import SpatialRescaler, one_hot_from_label_map
 from segldm.models.performance import label_histograms, label_map_conditioning
 from segldm.training.latent_cache import has_fixed_samples
 from segldm.training.ldm import LatentDiffusion
+from segldm.training.options import FLAT_OPTION_KEYS
 from tests.conftest import TINY_FIRST_STAGE, TINY_UNET, compose_train
 
 N_LABELS = 12
@@ -43,7 +44,7 @@ def small_ldm(**overrides: object) -> LatentDiffusion:
             "model.first_stage.ckpt_path=null",
             "model.require_pretrained_first_stage=false",
             "paths.output_dir=/tmp/unused",
-            *[f"model.{k}={v}" for k, v in overrides.items()],
+            *[f"model.{'.'.join(FLAT_OPTION_KEYS[k])}={v}" for k, v in overrides.items()],
         ]
     )
     torch.manual_seed(0)
@@ -344,7 +345,9 @@ def lightning_run(tmp_path, extra: list[str]):
 
 
 def test_cpu_fast_preset_trains_with_cached_latents_and_channels_last(tmp_path):
-    model, trainer, data = lightning_run(tmp_path, ["model.cache_latents=true", "model.channels_last=true"])
+    model, trainer, data = lightning_run(
+        tmp_path, ["model.performance.cache_latents=true", "model.performance.channels_last=true"]
+    )
     assert trainer.precision == "bf16-mixed"
     trainer.fit(model, datamodule=data)
     assert trainer.global_step == 4
@@ -357,7 +360,7 @@ def test_cached_latents_are_refused_for_randomly_cropped_data(tmp_path):
     from segldm.data.datamodule import SegmentationDataModule
 
     write_sflckr_like(tmp_path / "data", 2, 8)
-    model, trainer, _ = lightning_run(tmp_path, ["model.cache_latents=true"])
+    model, trainer, _ = lightning_run(tmp_path, ["model.performance.cache_latents=true"])
     dataset = FlickrSegTrain(size=32, root=str(tmp_path / "data"), n_labels=8, one_hot=False)
     data = SegmentationDataModule(dataset, dataset, size=32, n_labels=8, batch_size=2)
     with pytest.raises(ValueError, match="random crops or flips"):

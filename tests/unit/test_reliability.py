@@ -434,7 +434,7 @@ def test_unreachable_server_fails_naming_it_or_falls_back_to_the_local_store(sto
 # ------------------------------------------------------------------------------------ gradients, signals
 def _tiny_ldm():
     cfg = _train_cfg(Path("/tmp/unused"))
-    return instantiate(cfg.model, base_learning_rate=1e-4)
+    return instantiate(cfg.model, optimization={"base_learning_rate": 1e-4})
 
 
 def test_nonfinite_gradient_stops_naming_step_batch_and_parameter(tmp_path):

@@ -29,7 +29,7 @@ FIXED = ["trainer=cpu", "trainer.max_steps=3"]
 
 
 def overrides_of(lr: str, warm: str) -> list[str]:
-    return [*FIXED, f"model.base_learning_rate={lr}", f"scheduler.warm_up_steps={warm}"]
+    return [*FIXED, f"model.optimization.base_learning_rate={lr}", f"scheduler.warm_up_steps={warm}"]
 
 
 def final_loss(lr: str, warm: str) -> float:
@@ -69,16 +69,19 @@ def store(tmp_path_factory):
 def test_experiment_mode_table_marks_the_best_run(store):
     _, uri, _ = store
     sweep = load_experiment("sweeps", uri, "s1", None, "train/loss")
-    assert sweep.varying_keys() == ["model.base_learning_rate", "scheduler.warm_up_steps"]
+    assert sweep.varying_keys() == ["model.optimization.base_learning_rate", "scheduler.warm_up_steps"]
     header, rows = table_rows(sweep)
-    assert header[:4] == ["job", "status", "model.base_learning_rate", "scheduler.warm_up_steps"]
+    assert header[:4] == ["job", "status", "model.optimization.base_learning_rate", "scheduler.warm_up_steps"]
     assert len(rows) == 5 and sorted(r[1] for r in rows).count("FAILED") == 1
     best_lr, best_warm = min(GRID, key=lambda g: final_loss(*g))
     (winner,) = [r for r in rows if r[0].endswith("*")]
     assert winner[2:4] == [best_lr, best_warm] and float(winner[4]) == pytest.approx(final_loss(*GRID[2]))
     for run in sweep.runs:
         if run.status == "FINISHED":
-            lr, warm = run.overrides["model.base_learning_rate"], run.overrides["scheduler.warm_up_steps"]
+            lr, warm = (
+                run.overrides["model.optimization.base_learning_rate"],
+                run.overrides["scheduler.warm_up_steps"],
+            )
             assert run.final == pytest.approx(final_loss(lr, warm)) == run.best
             assert run.steps == 3 and [s for s, _ in run.curves["train/loss"]] == [0, 1, 2]
 
@@ -97,7 +100,7 @@ def test_cli_writes_plots_and_logs_one_report_run(store, tmp_path, capsys):
     for name in ("heatmap.png", "curves.png"):
         with Image.open(tmp_path / "r" / name) as image:
             assert image.width > 300 and image.height > 200
-    assert "| job | status | model.base_learning_rate |" in (tmp_path / "r/runs.md").read_text()
+    assert "| job | status | model.optimization.base_learning_rate |" in (tmp_path / "r/runs.md").read_text()
     assert main(args) == 0  # again: the same report run is updated, not a second one
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("sweeps")
@@ -157,7 +160,7 @@ def test_axes_default_to_lr_and_warm_up_else_the_swept_keys():
 
     lr_warm = [parse_overrides(overrides_of(lr, warm)) for lr, warm in GRID]
     assert heatmap_axes(sweep_of(lr_warm), None, None) == (
-        "model.base_learning_rate",
+        "model.optimization.base_learning_rate",
         "scheduler.warm_up_steps",
     )
     seeds = [{"seed": str(s), "trainer": "cpu"} for s in range(3)]

@@ -23,16 +23,31 @@ from segldm.training.lr_schedulers import ConstantScheduler, CosineScheduler, La
 
 
 def test_job_key_ignores_order_spelling_and_how_to_run_keys():
-    a = job_key(["model.base_learning_rate=1e-5", "scheduler.warm_up_steps=1000", "trainer=cpu"])
-    b = job_key(["trainer=cpu", "scheduler.warm_up_steps=1000", "model.base_learning_rate=1.0e-05"])
+    a = job_key(["model.optimization.base_learning_rate=1e-5", "scheduler.warm_up_steps=1000", "trainer=cpu"])
+    b = job_key(
+        ["trainer=cpu", "scheduler.warm_up_steps=1000", "model.optimization.base_learning_rate=1.0e-05"]
+    )
     c = job_key(
-        ["model.base_learning_rate=1e-5", "scheduler.warm_up_steps=1000", "trainer=cpu", "sweep.id=x"]
+        [
+            "model.optimization.base_learning_rate=1e-5",
+            "scheduler.warm_up_steps=1000",
+            "trainer=cpu",
+            "sweep.id=x",
+        ]
     )
     d = job_key(
-        ["model.base_learning_rate=1e-5", "scheduler.warm_up_steps=1000", "trainer=cpu", "resume=auto"]
+        [
+            "model.optimization.base_learning_rate=1e-5",
+            "scheduler.warm_up_steps=1000",
+            "trainer=cpu",
+            "resume=auto",
+        ]
     )
     assert a == b == c == d  # sweep.* and resume/ckpt_path say how to run, not what is computed
-    assert job_key(["model.base_learning_rate=1e-4", "scheduler.warm_up_steps=1000", "trainer=cpu"]) != a
+    assert (
+        job_key(["model.optimization.base_learning_rate=1e-4", "scheduler.warm_up_steps=1000", "trainer=cpu"])
+        != a
+    )
     assert job_key(["+callbacks.x.y=1"]) != job_key(["callbacks.x.y=1"])  # Hydra's +/~ prefixes count
 
 
@@ -63,17 +78,22 @@ def _cfg(tmp_path: Path, with_mlflow: bool = True):
 
 def test_finished_marker_anywhere_in_the_sweep_folder_is_found(tmp_path):
     sweep = tmp_path / "sweep"
-    done = _job(sweep, 0, ["model.base_learning_rate=1e-4"])
+    done = _job(sweep, 0, ["model.optimization.base_learning_rate=1e-4"])
     write_marker(
         Path(done.output_dir) / MARKER_NAME, {**done.__dict__, "status": "FINISHED", "objective": 0.5}
     )
     # the same overrides as job 5 of a resumed sweep (Optuna numbers jobs differently)
-    again = _job(sweep, 5, ["model.base_learning_rate=0.0001"])
+    again = _job(sweep, 5, ["model.optimization.base_learning_rate=0.0001"])
     record = find_finished(again, _cfg(tmp_path, with_mlflow=False))
     assert record is not None and record["objective"] == 0.5
-    assert find_finished(_job(sweep, 6, ["model.base_learning_rate=1e-3"]), _cfg(tmp_path, False)) is None
     assert (
-        find_finished(_job(sweep, 7, ["model.base_learning_rate=1e-4"], "other"), _cfg(tmp_path, False))
+        find_finished(_job(sweep, 6, ["model.optimization.base_learning_rate=1e-3"]), _cfg(tmp_path, False))
+        is None
+    )
+    assert (
+        find_finished(
+            _job(sweep, 7, ["model.optimization.base_learning_rate=1e-4"], "other"), _cfg(tmp_path, False)
+        )
         is None
     )
     # a marker that is not FINISHED does not count

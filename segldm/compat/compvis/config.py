@@ -29,6 +29,7 @@ from segldm.diffusion.ddim import ddim_steps_valid, nearest_valid_ddim_steps
 from segldm.models.autoencoder import Encoder
 from segldm.models.cond_stage import SpatialRescaler
 from segldm.models.unet import UNetModel
+from segldm.training.options import group_flat_options
 
 
 def conf_dir() -> Path:
@@ -328,9 +329,10 @@ def translate_config(config: str | Path | Mapping[str, Any]) -> Translation:
     batch_size = ((cfg.get("data") or {}).get("params") or {}).get("batch_size")
     if batch_size is not None:
         data["batch_size"] = int(batch_size)
+    model = group_flat_options(model)
     stash = cfg.get("segldm") or {}
-    if stash:
-        model = deep_merge(model, stash.get("model") or {})
+    if stash:  # exports of segldm before the option groups hold flat keys: grouped here
+        model = deep_merge(model, group_flat_options(stash.get("model") or {}))
         if stash.get("data_group"):
             data_group, data = str(stash["data_group"]), dict(stash.get("data") or {})
         if stash.get("scheduler_group"):

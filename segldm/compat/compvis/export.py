@@ -17,6 +17,7 @@ from segldm.compat.compvis.spec import (
     CompVisConfigError,
     CompVisWarning,
 )
+from segldm.training.options import flatten_options
 
 
 def _strip(node: Mapping[str, Any], *drop: str) -> dict[str, Any]:
@@ -51,7 +52,8 @@ def compvis_config_from_segldm(config: Mapping[str, Any]) -> dict[str, Any]:
             "checkpoints have no CompVis LatentDiffusion equivalent"
         )
     unet, first, cond = model["unet"], model["first_stage"], model["cond_stage"]
-    params: dict[str, Any] = {k: copy.deepcopy(model[k]) for k in LDM_DEFAULTS if k in model}
+    flat = {**model, **flatten_options(model)}  # CompVis names the grouped options flat
+    params: dict[str, Any] = {k: copy.deepcopy(flat[k]) for k in LDM_DEFAULTS if k in flat}
     params["monitor"] = "val/loss"
     params["concat_mode"] = True
     params["conditioning_key"] = model.get("conditioning_key", "concat")
@@ -90,7 +92,7 @@ def compvis_config_from_segldm(config: Mapping[str, Any]) -> dict[str, Any]:
     size = int(model["image_size"]) * 2 ** (len(first["ddconfig"]["ch_mult"]) - 1)
     out = {
         "model": {
-            "base_learning_rate": model.get("base_learning_rate", 1.0e-6),
+            "base_learning_rate": flat["base_learning_rate"],
             "target": COMPVIS_TARGETS["ldm"],
             "params": params,
         },

@@ -1,0 +1,163 @@
+"""The LightningModules' option groups: what `model.diffusion`, `model.optimization`,
+`model.performance` and `model.validation` may hold, their defaults, and the move from the flat
+layout older runs used.
+
+The groups separate what decides the numbers (the forward process and objective), how they are
+optimised, how fast they are computed (bit-exact or to float rounding) and how validation draws
+its noise, so a sweep or a benchmark names one sub-tree. CompVis's attribute names stay on the
+module (`num_timesteps`, `loss_type`, `parameterization`, ...): only the constructor is grouped.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+
+@dataclass(frozen=True)
+class DiffusionOptions:
+    """Forward process and training objective (CompVis's defaults; the seed's are in conf/)."""
+
+    timesteps: int = 1000
+    beta_schedule: str = "linear"
+    linear_start: float = 1e-4
+    linear_end: float = 2e-2
+    cosine_s: float = 8e-3
+    v_posterior: float = 0.0
+    loss_type: str = "l2"
+    parameterization: str = "eps"
+    l_simple_weight: float = 1.0
+    original_elbo_weight: float = 0.0
+    loss_weighting: str = "none"
+    min_snr_gamma: float = 5.0
+    cond_drop_prob: float = 0.0
+
+
+@dataclass(frozen=True)
+class OptimizationOptions:
+    """AdamW and its learning rate (the LR schedule is the `scheduler` config group)."""
+
+    base_learning_rate: float = 1e-6
+    scale_lr: bool = True
+    weight_decay: float = 0.01
+    adam_betas: Sequence[float] = (0.9, 0.999)
+    fused_optimizer: bool = True
+
+
+@dataclass(frozen=True)
+class AutoencoderOptimizationOptions:
+    """The first stage's Adam (taming's betas) and its learning rate."""
+
+    base_learning_rate: float = 4.5e-6
+    scale_lr: bool = True
+    adam_betas: Sequence[float] = (0.5, 0.9)
+
+
+@dataclass(frozen=True)
+class PerformanceOptions:
+    """Speed/memory paths, each equal to the reference path (tested) and measured by `make bench`."""
+
+    first_stage_inference_mode: bool = True
+    fused_label_conditioning: bool = True
+    channels_last: bool = False
+    compile: bool | dict[str, Any] = False
+    cache_latents: bool = False
+
+
+@dataclass(frozen=True)
+class ValidationOptions:
+    """val/loss draws: the same timestep and noise per sample every time (false: CompVis's draws)."""
+
+    deterministic: bool = True
+    seed: int = 0
+
+
+OPTION_GROUPS: dict[str, type] = {
+    "diffusion": DiffusionOptions,
+    "optimization": OptimizationOptions,
+    "performance": PerformanceOptions,
+    "validation": ValidationOptions,
+}
+
+# flat `model.<name>` (segldm before the groups) -> (group, name in the group)
+FLAT_OPTION_KEYS: dict[str, tuple[str, str]] = {
+    **{f.name: ("diffusion", f.name) for f in dataclasses.fields(DiffusionOptions)},
+    **{f.name: ("optimization", f.name) for f in dataclasses.fields(OptimizationOptions)},
+    **{f.name: ("performance", f.name) for f in dataclasses.fields(PerformanceOptions)},
+    "deterministic_validation": ("validation", "deterministic"),
+    "validation_seed": ("validation", "seed"),
+}
+AUTOENCODER_OPTION_GROUPS: dict[str, type] = {"optimization": AutoencoderOptimizationOptions}
+AUTOENCODER_FLAT_OPTION_KEYS: dict[str, tuple[str, str]] = {
+    f.name: ("optimization", f.name) for f in dataclasses.fields(AutoencoderOptimizationOptions)
+}
+
+
+def flat_option_keys(model: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """The flat-to-grouped map for the module a model config builds (by its `_target_`)."""
+    if str(model.get("_target_", "")).endswith("VQAutoencoderModule"):
+        return AUTOENCODER_FLAT_OPTION_KEYS
+    return FLAT_OPTION_KEYS
+
+
+Options = TypeVar("Options")
+
+
+def unknown_key_problem(cls: type, values: Mapping[str, Any], group: str) -> str | None:
+    """The keys of `model.<group>` its dataclass does not have, named with the ones it does."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    return f"model.{group} has unknown key(s) {unknown}; model.{group} holds {known}" if unknown else None
+
+
+def build_options(cls: type[Options], values: Mapping[str, Any] | Options | None, group: str) -> Options:
+    """`model.<group>` as its dataclass; an unknown key is named with the keys the group has."""
+    if isinstance(values, cls):
+        return values
+    values = dict(values or {})
+    problem = unknown_key_problem(cls, values, group)
+    if problem:
+        raise ValueError(problem)
+    return cls(**values)
+
+
+def option_problems(model: Mapping[str, Any]) -> list[str]:
+    """Start-up check of a run's model config: a flat option (e.g. `+model.base_learning_rate=...`)
+    names its new place, an unknown key in a group names the keys the group has."""
+    keys = flat_option_keys(model)
+    problems = [
+        f"model.{name} moved to model.{group}.{key} (docs/architecture.md): set model.{group}.{key} instead"
+        for name, (group, key) in keys.items()
+        if name in model
+    ]
+    classes = AUTOENCODER_OPTION_GROUPS if keys is AUTOENCODER_FLAT_OPTION_KEYS else OPTION_GROUPS
+    for group, cls in classes.items():
+        if isinstance(model.get(group), Mapping):
+            problem = unknown_key_problem(cls, model[group], group)
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def group_flat_options(model: Mapping[str, Any]) -> dict[str, Any]:
+    """A model config in the flat layout (checkpoints and CompVis exports of older segldm) -> the
+    grouped one; a value already in its group wins over a flat one. Idempotent."""
+    out = copy.deepcopy(dict(model))
+    for name, (group, key) in flat_option_keys(model).items():
+        if name in out:
+            value = out.pop(name)
+            out[group] = {**{key: value}, **dict(out.get(group) or {})}
+    return out
+
+
+def flatten_options(model: Mapping[str, Any]) -> dict[str, Any]:
+    """The grouped options of a model config under their flat (CompVis) names, for readers that name
+    one value (`timesteps`, `base_learning_rate`, ...); the groups' defaults fill what is not set."""
+    out: dict[str, Any] = {}
+    for name, (group, key) in FLAT_OPTION_KEYS.items():
+        defaults = OPTION_GROUPS[group]()
+        out[name] = dict(model.get(group) or {}).get(key, getattr(defaults, key))
+    return out
