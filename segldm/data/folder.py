@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from segldm.data.resumable import AugmentationRandomState
 from segldm.data.transforms import (
     INTERPOLATIONS,
     MISSING,
@@ -55,7 +56,7 @@ class Pair:
     mask: Path
 
 
-class PairedSegmentation(Dataset):
+class PairedSegmentation(AugmentationRandomState, Dataset):
     """Image/label-map pairs -> samples in the reference (taming `SegmentationBase`) format.
 
     Sample keys: `image` (H, W, 3) float32 in [-1, 1]; `label_map` (H, W) uint8 (int16 when ids or

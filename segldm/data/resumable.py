@@ -1,29 +1,34 @@
-"""A training DataLoader whose position survives a kill: the resumed run sees the batches it would have seen.
+"""The training DataLoader whose position survives a kill: the resumed run sees the batches it would have seen.
 
-A shuffling DataLoader draws a new order from the global torch RNG at every ``iter()``, and Lightning
-cannot restore a plain DataLoader mid-epoch, so a resumed run would restart the epoch in another
-order. Here epoch e's order is a permutation seeded by (seed, e) (DistributedSampler's recipe, so
-each DDP rank reads its own shard and Lightning keeps the sampler), and the loader counts the
-batches it hands out. It implements ``state_dict`` / ``load_state_dict``, which Lightning saves in
-every checkpoint (``loops.fit_loop.state_dict.combined_loader``) and restores before it iterates:
-the resumed loader starts the saved epoch at the saved batch. Its own generator also keeps
-``iter()`` from consuming the global RNG that the model draws noise from.
+torchdata's `StatefulDataLoader` does the bookkeeping: its ``state_dict`` holds how far the
+sampler got and, with worker processes, a snapshot of each worker (its dataset's state, the
+worker seeds) taken at the batch the training loop last received, not at the ones prefetched.
+Lightning saves it in every checkpoint (``loops.fit_loop.state_dict.combined_loader``) and loads it
+before it iterates again. Two choices of ours around it make a resumed epoch the same epoch:
 
-Exact with ``num_workers=0`` or datasets that are deterministic per index (the synthetic scenes);
-with worker processes and random augmentations the order is exact but the augmentation draws of
-the resumed epoch are new ones.
+- the order of epoch e is a permutation seeded by (seed, e) (`DistributedSampler`: each DDP rank
+  reads its own shard, and Lightning keeps the sampler), so it does not depend on how often
+  ``iter()`` ran;
+- the loader's generator is reseeded from (seed, epoch) at each new epoch, so the worker seeds
+  (base seed + worker id) of every epoch are the same in a resumed run; the generator also keeps
+  ``iter()`` off the global RNG the model draws noise from.
+
+Datasets that draw augmentations (random crops and flips with Python's ``random``) save that
+generator's state (`AugmentationRandomState`), so their draws after a resume are the ones of the
+uninterrupted run, with ``num_workers`` 0 or more (tests/integration/test_resume.py kills a run
+with two workers).
 """
 
 from __future__ import annotations
 
-import logging
+import random
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
-
-log = logging.getLogger(__name__)
+from torch.utils.data import Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -33,38 +38,16 @@ def rank_and_world_size() -> tuple[int, int]:
     return 0, 1
 
 
-class ResumableSampler(DistributedSampler):
-    """Seeded per-epoch shuffling (this rank's shard) that can start an epoch part-way through.
-
-    ``skip`` indices of the current epoch are left out of the next iteration only; a ``set_epoch``
-    to another epoch cancels it. ``started_epoch`` / ``started_skip`` describe the iteration in progress.
-    """
-
-    def __init__(self, dataset: Dataset, shuffle: bool = True, seed: int = 0) -> None:
-        rank, num_replicas = rank_and_world_size()
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed % 2**62)
-        self.skip = 0
-        self.started_epoch: int | None = None
-        self.started_skip = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.skip = 0
-        super().set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        skip, self.skip = self.skip, 0
-        self.started_epoch, self.started_skip = self.epoch, skip
-        return iter(indices[skip:])
+def epoch_sampler(dataset: Dataset, shuffle: bool, seed: int) -> DistributedSampler:
+    """This rank's shard, in an order seeded by (seed, epoch)."""
+    rank, num_replicas = rank_and_world_size()
+    return DistributedSampler(
+        dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed % 2**62
+    )
 
 
-class ResumableDataLoader(DataLoader):
-    """DataLoader over a :class:`ResumableSampler` with Lightning's stateful-loader methods.
-
-    ``state_dict()`` = {seed, epoch, samples consumed in that epoch on this rank}; ``load_state_dict``
-    makes the next ``iter()`` continue from there (the next epoch when the saved one was complete).
-    """
+class ResumableDataLoader(StatefulDataLoader):
+    """StatefulDataLoader over an epoch-seeded sampler whose worker seeds depend on (seed, epoch)."""
 
     def __init__(
         self,
@@ -79,68 +62,32 @@ class ResumableDataLoader(DataLoader):
         self.seed = int(seed)
         self.shuffle = shuffle
         if sampler is None:
-            sampler = ResumableSampler(dataset, shuffle=shuffle, seed=self.seed)
+            sampler = epoch_sampler(dataset, shuffle, self.seed)
         if generator is None:
             generator = torch.Generator().manual_seed(self.seed % 2**62)
-        super().__init__(dataset, batch_size=batch_size, sampler=sampler, generator=generator, **kwargs)
-        self._yielded = 0
+        with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch 2.14
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+            super().__init__(dataset, batch_size=batch_size, sampler=sampler, generator=generator, **kwargs)
 
     def __iter__(self) -> Iterator[Any]:
-        sampler = self.sampler
-        if isinstance(sampler, ResumableSampler):
-            sampler.started_epoch = None  # set when the sampler actually starts (lazily, after set_epoch)
-            if (
-                self.generator is not None
-            ):  # worker seeds depend on (seed, epoch), not on how often iter() ran
-                self.generator.manual_seed((self.seed + 7919 * (sampler.epoch + 1)) % 2**62)
-        self._yielded = 0
-        return self._count(super().__iter__())
+        epoch = int(getattr(self.sampler, "epoch", 0))
+        if self.generator is not None and getattr(self, "next_iter_state", None) is None:
+            # a fresh epoch: its worker seeds from (seed, epoch); a resumed one takes the saved seeds
+            self.generator.manual_seed((self.seed + 7919 * (epoch + 1)) % 2**62)
+        return super().__iter__()
 
-    def _count(self, iterator: Iterator[Any]) -> Iterator[Any]:
-        for batch in iterator:
-            self._yielded += 1
-            yield batch
+
+class AugmentationRandomState:
+    """Dataset mixin: the state of Python's ``random`` (what crops and flips draw from), saved in
+    the loader's state (in each worker with ``num_workers > 0``) and restored on resume."""
 
     def state_dict(self) -> dict[str, Any]:
-        sampler = self.sampler
-        if not isinstance(sampler, ResumableSampler) or self.batch_size is None:
-            return {}
-        if sampler.started_epoch is None:  # no batch of the current iteration fetched yet
-            epoch, samples = sampler.epoch, sampler.skip
-        else:
-            epoch, samples = sampler.started_epoch, sampler.started_skip + self._yielded * self.batch_size
-        return {
-            "seed": self.seed,
-            "epoch": int(epoch),
-            "samples": int(samples),
-            "batch_size": self.batch_size,
-        }
+        return {"python_random": random.getstate()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        sampler = self.sampler
-        if not state_dict or not isinstance(sampler, ResumableSampler):
-            return
-        if int(state_dict["seed"]) != self.seed:
-            log.warning(
-                "the checkpoint's data order seed %s differs from this run's %s: keeping the checkpoint's",
-                state_dict["seed"],
-                self.seed,
-            )
-            self.seed = int(state_dict["seed"])
-            sampler.seed = self.seed % 2**62
-        if int(state_dict.get("batch_size", self.batch_size)) != self.batch_size:
-            log.warning(
-                "data.batch_size changed from %s to %s: the resumed epoch continues after the %s samples already seen",
-                state_dict.get("batch_size"),
-                self.batch_size,
-                state_dict["samples"],
-            )
-        epoch, samples = int(state_dict["epoch"]), int(state_dict["samples"])
-        per_epoch = len(self) * self.batch_size if self.drop_last else len(sampler)
-        if samples >= per_epoch:  # the saved epoch was complete: the next one starts from its beginning
-            epoch, samples = epoch + 1, 0
-        sampler.set_epoch(epoch)
-        sampler.skip = samples
+        if state_dict and "python_random" in state_dict:
+            state = state_dict["python_random"]
+            random.setstate((state[0], tuple(state[1]), state[2]))
 
 
-__all__ = ["ResumableDataLoader", "ResumableSampler"]
+__all__ = ["AugmentationRandomState", "ResumableDataLoader", "epoch_sampler", "rank_and_world_size"]

@@ -21,6 +21,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO, TINY_DATA, TINY_FIRST_STAGE, TINY_TRAINER, TINY_UNET, run_train
+from tests.unit.test_data_folder import blocky_labels, write_pair
 
 MAX_STEPS = 12
 ARGS = [
@@ -158,6 +159,43 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(reference):
     assert_same_training_state(load(folder / "checkpoints/last.ckpt"), final)
     assert_same_metrics(MlflowClient(f"sqlite:///{root}/outputs/mlflow.db"), "killed", reference_id)
     assert not list((folder / "checkpoints").glob(".*.tmp"))
+
+
+def write_folder_data(root: Path) -> None:
+    """32 train and 4 val pairs at 40 x 48 px: random 32 px crops and flips have room to differ."""
+    for split, n in (("train", 32), ("val", 4)):
+        for i in range(n):
+            labels = blocky_labels(40, 48, 8, seed=i + (100 if split == "val" else 0))
+            write_pair(root, f"{split}/img{i}", labels, mask_dir="masks")
+
+
+def test_sigkill_with_two_workers_and_random_augmentations_resumes_exactly(tmp_path):
+    """Folder data with random crops and flips read by two worker processes: killed mid-epoch and
+    resumed, the run ends bit-identical to the uninterrupted one (the loader's state holds each
+    worker's augmentation random state, not only the sample order)."""
+    write_folder_data(tmp_path / "data")
+    args = [
+        *[a for a in ARGS if not a.startswith("data.")],
+        "data=folder",
+        f"data.root={tmp_path / 'data'}",
+        "data.size=32",
+        "data.n_labels=8",
+        "data.ignore_label=null",
+        "data.batch_size=4",
+        "data.num_workers=2",
+        "data.persistent_workers=false",
+        "data.pin_memory=false",
+    ]
+    train([*args, "hydra.run.dir=${paths.output_root}/reference", "run_name=reference"], tmp_path)
+    final = load(tmp_path / "outputs/reference/checkpoints/last.ckpt")
+    command = [*args, "run_name=killed", "resume=auto"]
+    folder = tmp_path / "outputs/runs/train/killed"
+    proc = start_train(command, tmp_path)
+    output = signal_when(proc, folder / "checkpoints/step0000006.ckpt", signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, output[-3000:]
+    resumed = train(command, tmp_path)
+    assert f"resumed from:    {folder}/checkpoints/" in resumed
+    assert_same_training_state(load(folder / "checkpoints/last.ckpt"), final)
 
 
 GAN_ARGS = [

@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 
 from segldm.config.run_folder import comparable_overrides, matching_run_folder, run_dir
 from segldm.data.datamodule import SegmentationDataModule
-from segldm.data.resumable import ResumableDataLoader
+from segldm.data.resumable import AugmentationRandomState, ResumableDataLoader
 from segldm.data.synthetic import SyntheticScenes
 from segldm.runtime.checkpoint_io import AtomicCheckpointIO
 from segldm.runtime.checks import ConfigError, ConfigWarning, validate_config
@@ -281,29 +281,49 @@ def _drain(loader, n=None):
     return [b[0].tolist() for _, b in zip(range(n if n is not None else len(loader)), it, strict=False)]
 
 
+class _Augmented(AugmentationRandomState, torch.utils.data.Dataset):
+    """Index plus a random-crop-like draw from Python's ``random`` (what folder/SFLCKR data use)."""
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor([float(index), random.random()], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("stop", [3, 8])  # mid-epoch, and at the end of the epoch
-def test_loader_resumes_mid_epoch_in_the_same_order(stop):
-    data = torch.utils.data.TensorDataset(torch.arange(32))
-    reference = ResumableDataLoader(data, batch_size=4, seed=5, drop_last=True)
+def test_loader_resumes_mid_epoch_with_the_same_order_and_augmentation_draws(stop, workers):
+    def loader() -> ResumableDataLoader:
+        return ResumableDataLoader(_Augmented(), batch_size=4, seed=5, drop_last=True, num_workers=workers)
+
+    def drain(it, n: int) -> list[list[float]]:
+        return [next(it).flatten().tolist() for _ in range(n)]
+
+    random.seed(7)  # without workers the draws come from this process's generator (seed_everything's)
+    reference = loader()
     reference.sampler.set_epoch(1)
-    epoch1 = _drain(reference)
+    epoch1 = drain(iter(reference), 8)
     reference.sampler.set_epoch(2)
-    epoch2 = _drain(reference)
-    assert sorted(sum(epoch1, [])) == list(range(32)) and epoch1 != epoch2
+    epoch2 = drain(iter(reference), 8)
+    assert sorted(int(v) for batch in epoch1 for v in batch[::2]) == list(range(32)) and epoch1 != epoch2
 
-    killed = ResumableDataLoader(data, batch_size=4, seed=5, drop_last=True)
+    random.seed(7)
+    killed = loader()
     killed.sampler.set_epoch(1)
-    seen = _drain(killed, stop)
+    it = iter(killed)
+    seen = drain(it, stop)
     state = killed.state_dict()
-    assert state == {"seed": 5, "epoch": 1, "samples": 4 * stop, "batch_size": 4}
+    del it, killed  # the killed run's workers go away with it
 
-    resumed = ResumableDataLoader(data, batch_size=4, seed=5, drop_last=True)
+    random.seed(123)  # a new process: whatever it had is replaced by the saved state
+    resumed = loader()
     resumed.load_state_dict(state)
-    rest = _drain(resumed)
-    if stop < 8:
-        assert seen + rest == epoch1
-    else:  # the saved epoch was complete: the resumed loader starts the next one
-        assert seen == epoch1 and rest == epoch2
+    resumed.sampler.set_epoch(1)  # Lightning restores the epoch before it iterates
+    rest = [b.flatten().tolist() for b in resumed]
+    assert seen + rest == epoch1  # same samples, same order, same random draws
+    resumed.sampler.set_epoch(2)
+    assert [b.flatten().tolist() for b in resumed] == epoch2  # and the next epoch is the reference's
 
 
 def test_loader_iteration_leaves_the_global_random_state_alone():
@@ -483,7 +503,7 @@ def test_signal_writes_last_checkpoint_at_the_step_boundary_and_exits(tmp_path, 
     assert exit_info.value.code == 128 + sig
     saved = torch.load(tmp_path / "ckpts/last.ckpt", weights_only=True)
     assert saved["global_step"] == 4  # the step that was running finished first
-    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["samples"] == 16
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["_num_yielded"] == 4  # batches
     assert signal.getsignal(sig) == previous  # handlers restored
 
 
