@@ -26,7 +26,13 @@ from segldm.runtime.lightning_state import check_lightning_internals
 from segldm.runtime.loading import apply_init_from
 from segldm.runtime.resume import plan_resume, reliability_callbacks, write_run_record
 from segldm.sweeps.jobs import SweepJob, find_finished, record_finished, reuse_finished, tag_runs
-from segldm.tracking.logger import build_loggers, log_checkpoints, log_run_metadata, mlflow_loggers
+from segldm.tracking.logger import (
+    build_loggers,
+    log_checkpoints,
+    log_run_metadata,
+    mlflow_loggers,
+    tracking_callbacks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +68,7 @@ def train(cfg: DictConfig, sweep_job: SweepJob | None = None) -> dict[str, Any]:
     }
     apply_init_from(model, init_cfg)  # init_from=<ckpt>: start from its weights (fresh optimizer), strictly
 
-    callbacks = instantiate_callbacks(cfg) + reliability_callbacks(cfg)
+    callbacks = instantiate_callbacks(cfg) + reliability_callbacks(cfg) + tracking_callbacks(loggers)
     if not loggers:  # Lightning refuses a LearningRateMonitor without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

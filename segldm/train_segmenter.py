@@ -27,7 +27,14 @@ import segldm  # noqa: F401  (config resolvers)
 from segldm.metrics.segmenters import real_pairs, segment_scores
 from segldm.metrics.segmenters.trained import SegmenterModule, TrainedSegmenter, segmenter_checkpoint
 from segldm.storage.checkpoint_files import save_checkpoint
-from segldm.tracking.logger import build_loggers, log_checkpoints, log_run_metadata, mlflow_loggers
+from segldm.tracking.logger import (
+    build_loggers,
+    log_checkpoints,
+    log_run_metadata,
+    mlflow_loggers,
+    tracking_callbacks,
+)
+from segldm.tracking.resilient import ResilientMLFlowLogger
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +94,9 @@ def train_segmenter(cfg: DictConfig) -> dict[str, Any]:
         every_n_train_steps=int(cfg.checkpoint_every_n_steps),
         enable_version_counter=False,
     )
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[checkpoints], logger=loggers or False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=[checkpoints, *tracking_callbacks(loggers)], logger=loggers or False
+    )
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     log_run_metadata(loggers, cfg, overrides, str(output_dir))
     trainer.fit(module, datamodule=datamodule)
@@ -105,6 +114,8 @@ def train_segmenter(cfg: DictConfig) -> dict[str, Any]:
                 metrics[f"real/iou/{row['name']}"] = row["iou"]
         run.log_metrics(metrics, step=trainer.global_step)
         run.experiment.log_artifact(run.run_id, str(output_dir / "report.json"))
+        if isinstance(run, ResilientMLFlowLogger):
+            run.flush()  # after fit: nothing else waits for the queued batch
     if scores["miou"] < float(cfg.min_real_miou):
         log.warning(
             "real-image mIoU %.3f < min_real_miou=%.2f: generated-image mIoU measured with this segmenter "

@@ -16,9 +16,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
+
+from segldm.tracking.resilient import FlushBeforeCheckpoint, ResilientMLFlowLogger
 
 log = logging.getLogger(__name__)
 ON_UNAVAILABLE = ("fail", "local")
@@ -129,6 +132,11 @@ def git_commit(root: str | Path) -> str:
 
 def mlflow_loggers(loggers: list[Logger]) -> list[MLFlowLogger]:
     return [lg for lg in loggers if isinstance(lg, MLFlowLogger)]
+
+
+def tracking_callbacks(loggers: list[Logger]) -> list[L.Callback]:
+    """What the loggers need from the Trainer: queued MLflow batches flushed before each checkpoint."""
+    return [FlushBeforeCheckpoint()] if any(isinstance(lg, ResilientMLFlowLogger) for lg in loggers) else []
 
 
 def log_run_metadata(loggers: list[Logger], cfg: DictConfig, overrides: list[str], output_dir: str) -> None:

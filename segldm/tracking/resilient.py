@@ -1,13 +1,18 @@
-"""MLflow logging that never kills training: retried calls, dropped with a warning when they keep failing.
+"""MLflow logging that never kills or stalls training: asynchronous batches, retried, dropped with a warning.
 
 A tracking server restarts, a network blips, SQLite is locked by a concurrent writer: a failed
 ``log_batch`` inside Lightning's logging would otherwise raise out of ``trainer.fit`` hours into a
-run. :class:`ResilientMLFlowLogger` (``conf/logger/mlflow.yaml``) wraps its MLflow client in
-:class:`RetryingClient`: each logging call (metrics, params, tags, artifacts, run status) is retried
-with exponential backoff and, after ``log_retries`` failed tries, dropped with a warning. While the
-server stays down, later calls try once (no backoff) until one succeeds, so training does not stall.
-Calls that set the run up (create/get run and experiment) are retried but still raise: those happen
-at start-up, where failing fast is right.
+run, and a slow one would hold up every step. :class:`ResilientMLFlowLogger`
+(``conf/logger/mlflow.yaml``) logs metrics and params with MLflow's asynchronous logging
+(``synchronous: false``: MLflow's queue sends the batches from its own thread) and wraps its client
+in :class:`RetryingClient`, which keeps each queued batch's future. Before every checkpoint is
+written and when the run ends, :meth:`RetryingClient.flush` waits for them (at most
+``flush_timeout_s``), so the metrics up to a checkpoint are in the store when the file appears; a
+batch that failed is sent again synchronously, retried with exponential backoff and, after
+``log_retries`` failed tries, dropped with a warning. Other logging calls (tags, artifacts, run
+status) take that synchronous path directly. While the server stays down, later calls try once (no
+backoff) until one succeeds. Calls that set the run up (create/get run and experiment) are retried
+but still raise: those happen at start-up, where failing fast is right.
 
 It also continues a run (``run_id`` from the resumed checkpoint): the run is set RUNNING again,
 params that already hold the same value are not sent again (MLflow refuses changing a param), and a
@@ -18,12 +23,14 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import lightning as L
 from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -91,6 +98,7 @@ class RetryingClient:
         self._sleep = sleep
         self.degraded = False  # a call was dropped and none succeeded since
         self.dropped: list[str] = []
+        self.pending: list[QueuedCall] = []  # asynchronous batches not yet known to have arrived
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._client, name)
@@ -99,6 +107,14 @@ class RetryingClient:
         return functools.partial(self._call, name, attr)
 
     def _call(self, name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("synchronous") is False:
+            try:
+                operations = fn(*args, **kwargs)  # queued: MLflow's thread sends it
+            except Exception:  # noqa: BLE001 (the queue refused it: the synchronous path below decides)
+                kwargs = {**kwargs, "synchronous": True}
+            else:
+                self.pending.append(QueuedCall(name, fn, args, kwargs, operations))
+                return operations
         tries = 1 if self.degraded and name in DROPPABLE else self._retries
         error: Exception | None = None
         for attempt in range(1, tries + 1):
@@ -137,14 +153,71 @@ class RetryingClient:
         )
         return None
 
+    def flush(self, timeout_s: float | None = None) -> int:
+        """Wait for the queued batches (at most ``timeout_s`` in all); send the failed ones again
+        synchronously (retried, then dropped). Returns how many are still queued after the wait."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        queued, self.pending = self.pending, []
+        for index, call in enumerate(queued):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            outcome = wait_for(call.operations, left)
+            if outcome is TIMED_OUT:
+                self.pending = queued[index:] + self.pending
+                warnings.warn(
+                    f"MLflow still has {len(self.pending)} logging batch(es) queued after {timeout_s:.0f} s; "
+                    "training continues and they are sent when the store answers",
+                    TrackingWarning,
+                    stacklevel=2,
+                )
+                return len(self.pending)
+            if outcome is not None:
+                log.info("MLflow %s failed in the background (%s); sending it again", call.name, outcome)
+                self._call(call.name, call.fn, *call.args, **{**call.kwargs, "synchronous": True})
+        return 0
+
+
+@dataclass
+class QueuedCall:
+    """A logging call handed to MLflow's asynchronous queue, kept until it is known to have arrived."""
+
+    name: str
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    operations: Any  # mlflow's RunOperations (its futures)
+
+
+TIMED_OUT = object()
+
+
+def wait_for(operations: Any, timeout_s: float | None) -> Any:
+    """``operations.wait()`` for at most ``timeout_s``: None when it arrived, the error when it failed,
+    ``TIMED_OUT`` when it is still queued."""
+    if operations is None:
+        return None
+    outcome: list[Any] = []
+    waiter = threading.Thread(target=_wait_into, args=(operations, outcome), daemon=True)
+    waiter.start()
+    waiter.join(timeout_s)
+    return outcome[0] if outcome else TIMED_OUT
+
+
+def _wait_into(operations: Any, outcome: list[Any]) -> None:
+    try:
+        operations.wait()
+    except Exception as err:  # noqa: BLE001 (whatever the store raised in the background)
+        outcome.append(err)
+    else:
+        outcome.append(None)
+
 
 class ResilientMLFlowLogger(MLFlowLogger):
     """Lightning's MLFlowLogger with a :class:`RetryingClient`, run continuation and KILLED status.
 
-    ``log_retries`` tries per logging call, waiting ``retry_wait_s`` x 2^k (at most ``retry_max_wait_s``)
-    between them. For HTTP tracking servers MLflow's own per-request retries are capped
-    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``, unless set in the
-    environment) so a dead server costs seconds per call, not minutes.
+    ``synchronous=False`` (the config's default) queues metrics and params in MLflow's asynchronous
+    logging; :meth:`flush` waits for them (before each checkpoint, through :class:`FlushBeforeCheckpoint`,
+    and at the end). ``log_retries`` tries per failed logging call, waiting ``retry_wait_s`` x 2^k (at
+    most ``retry_max_wait_s``) between them.
     """
 
     def __init__(
@@ -153,12 +226,12 @@ class ResilientMLFlowLogger(MLFlowLogger):
         log_retries: int = 5,
         retry_wait_s: float = 1.0,
         retry_max_wait_s: float = 30.0,
+        flush_timeout_s: float = 60.0,
+        synchronous: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
-        if str(self._tracking_uri).startswith(("http://", "https://")):
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        super().__init__(*args, synchronous=synchronous, **kwargs)
+        self.flush_timeout_s = flush_timeout_s
         self._mlflow_client = RetryingClient(self._mlflow_client, log_retries, retry_wait_s, retry_max_wait_s)
         self.continued = kwargs.get("run_id") is not None  # an existing run (resume)
         self.terminal_status: str | None = None
@@ -210,8 +283,13 @@ class ResilientMLFlowLogger(MLFlowLogger):
                 self.run_id, "segldm.preempted", f"{signal_name} at step {step}: {checkpoint}"
             )
 
+    def flush(self) -> int:
+        """Wait (at most ``flush_timeout_s``) for the logging batches MLflow still has queued."""
+        return self._mlflow_client.flush(self.flush_timeout_s)
+
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
+        self.flush()
         try:
             super().finalize(self.terminal_status or status)
         except Exception as err:  # noqa: BLE001 (the run's status is not worth failing a finished training)
@@ -220,4 +298,22 @@ class ResilientMLFlowLogger(MLFlowLogger):
             )
 
 
-__all__ = ["DROPPABLE", "ResilientMLFlowLogger", "RetryingClient", "TrackingWarning"]
+class FlushBeforeCheckpoint(L.Callback):
+    """Every checkpoint is written after the metrics logged before it are in the store, so a run
+    killed once the file exists loses no value that its resume would not log again."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, ResilientMLFlowLogger):
+                logger.flush()
+
+
+__all__ = [
+    "DROPPABLE",
+    "FlushBeforeCheckpoint",
+    "QueuedCall",
+    "ResilientMLFlowLogger",
+    "RetryingClient",
+    "TrackingWarning",
+    "wait_for",
+]

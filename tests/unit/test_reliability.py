@@ -15,6 +15,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -383,6 +384,8 @@ def _fail_store(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(store, method, flaky)
+    if method == "log_batch":  # MLflow's asynchronous queue holds the store's log_batch it was built with
+        monkeypatch.setattr(store._async_logging_queue, "_logging_func", flaky)
     return calls
 
 
@@ -390,10 +393,35 @@ def test_failed_log_calls_are_retried(monkeypatch, store):
     logger = _logger(store)
     run_id = logger.run_id
     calls = _fail_store(monkeypatch, logger, "log_batch", failures=2)
-    logger.log_metrics({"train/loss": 0.5}, step=7)
+    logger.log_metrics({"train/loss": 0.5}, step=7)  # queued; MLflow's thread's try fails
+    assert logger.flush() == 0  # waits for it, sends it again synchronously: fails once more, then arrives
     assert calls["n"] == 3
     history = MlflowClient(f"sqlite:///{store}/mlflow.db").get_metric_history(run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(7, 0.5)]
+
+
+def test_metrics_are_logged_off_the_training_thread_and_flushed_with_a_bound(monkeypatch, store):
+    """log_metrics returns while the store has not answered; flush waits for it, at most
+    flush_timeout_s, and keeps what is still queued for the next flush."""
+    logger = _logger(store, flush_timeout_s=0.2)
+    run_id = logger.run_id
+    queue = logger.client._client._tracking_client.store._async_logging_queue
+    original, gate = queue._logging_func, threading.Event()
+
+    def slow_store(*args, **kwargs):
+        assert gate.wait(60), "log_metrics waited for the store: logging is not asynchronous"
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(queue, "_logging_func", slow_store)
+    logger.log_metrics({"train/loss": 0.25}, step=3)  # returns although the store is blocked
+    assert len(logger.client.pending) == 1
+    with pytest.warns(TrackingWarning, match=r"1 logging batch\(es\) queued after 0 s"):
+        assert logger.flush() == 1
+    gate.set()
+    logger.flush_timeout_s = 60.0
+    assert logger.flush() == 0 and not logger.client.pending
+    history = MlflowClient(f"sqlite:///{store}/mlflow.db").get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(3, 0.25)]
 
 
 def test_a_tracking_outage_drops_log_calls_with_a_warning_and_training_finishes(monkeypatch, store, tmp_path):
@@ -404,8 +432,10 @@ def test_a_tracking_outage_drops_log_calls_with_a_warning_and_training_finishes(
         TrackingWarning, match=r"log_batch failed (after 3 tries|again \(still unavailable\)) and was dropped"
     ):
         _trainer(tmp_path, [], logger=logger, log_every_n_steps=1).fit(_Linear())
-    assert calls["n"] == 3 + 5  # first call: 3 tries; while it stays down: one try per call
-    assert len(logger.client.dropped) == 6  # 6 steps logged, none arrived; run status still set at the end
+    # 6 steps queued, failing in MLflow's thread (which may merge queued batches into fewer calls);
+    # at the end the flush sends each again: the first with 3 tries, then (still down) one try each
+    assert calls["n"] - (3 + 5) in range(0, 7)
+    assert len(logger.client.dropped) == 6  # none arrived; the run's status is still set at the end
     assert MlflowClient(f"sqlite:///{store}/mlflow.db").get_run(run_id).info.status == "FINISHED"
 
 
@@ -414,9 +444,10 @@ def test_permanent_errors_are_not_retried_and_setup_errors_still_raise(monkeypat
     _ = logger.run_id
     bad = MlflowException("Changing param values is not allowed", error_code=INVALID_PARAMETER_VALUE)
     calls = _fail_store(monkeypatch, logger, "log_batch", failures=None, error=bad)
+    logger.log_hyperparams({"a": 1})  # queued: refused in MLflow's thread
     with pytest.warns(TrackingWarning, match="log_batch failed and was dropped"):
-        logger.log_hyperparams({"a": 1})
-    assert calls["n"] == 1
+        logger.flush()
+    assert calls["n"] == 2  # the background try, then one synchronous try that sees the error is permanent
     client = RetryingClient(MlflowClient(f"sqlite:///{store}/mlflow.db"), retries=2, wait_s=0.0)
     with pytest.raises(MlflowException):
         client.get_run("no-such-run")
@@ -429,6 +460,7 @@ def test_continued_run_is_reopened_and_changed_params_become_a_tag(store):
     run_id = first.run_id
     resumed = _logger(store, run_id=run_id)
     resumed.log_hyperparams({"lr": 0.1, "steps": 8, "new": "x"})
+    resumed.flush()
     run = MlflowClient(f"sqlite:///{store}/mlflow.db").get_run(run_id)
     assert run.info.status == "RUNNING"
     assert run.data.params == {"lr": "0.1", "steps": "4", "new": "x"}
