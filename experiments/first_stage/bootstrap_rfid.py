@@ -24,22 +24,11 @@ import numpy as np
 import torch
 
 from segldm.config.hardware import cpu_model
+from segldm.metrics.bootstrap import fid_low_rank
 from segldm.metrics.fid import InceptionFeatures, fid_kid, read_folder_images, resolve_inception_weights
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-
-
-def fid_low_rank(a: torch.Tensor, b: torch.Tensor) -> float:
-    """FID between two feature sets of n rows each (float64), via the n x n cross product."""
-    a, b = a.double(), b.double()
-    n = a.shape[0]
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    ca, cb = a - mu_a, b - mu_b
-    trace_a = (ca * ca).sum() / (n - 1)
-    trace_b = (cb * cb).sum() / (n - 1)
-    cross = torch.linalg.svdvals(ca @ cb.T).sum() / (n - 1)
-    return float(((mu_a - mu_b) ** 2).sum() + trace_a + trace_b - 2 * cross)
 
 
 def main() -> None:

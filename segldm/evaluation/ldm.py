@@ -39,6 +39,7 @@ from segldm.evaluation.common import (
     select_pairs,
 )
 from segldm.evaluation.first_stage import evaluate_first_stage
+from segldm.metrics.bootstrap import bootstrap_intervals, interval_text, precision_recall, real_halves_fid
 from segldm.metrics.fid import (
     EXTRACTOR_NAME,
     InceptionFeatures,
@@ -61,6 +62,9 @@ METRIC_KEYS = (
     "kid_mean",
     "kid_std",
     "first_stage_rfid",
+    "real_halves_fid",
+    "precision",
+    "recall",
     "miou",
     "pixel_accuracy",
     "miou_real",
@@ -185,21 +189,30 @@ def fmt(value: Any, digits: int = 4) -> str:
 def write_report(out_dir: Path, metrics: Mapping[str, Any], grid: Path | None) -> Path:
     """A short markdown report: headline numbers, the grid, the per-class table."""
     sampler = metrics["sampler"]
+    boot = metrics.get("bootstrap") or {}
+    ci = (
+        f" [{100 * boot['level']:.0f} % bootstrap interval, {boot['draws']} draws]"
+        if boot.get("draws")
+        else ""
+    )
     lines = [
         f"# Evaluation of `{metrics['checkpoint']}`",
         "",
         f"step {metrics.get('global_step')}, {metrics['num_samples']} validation masks, "
         f"{sampler['name']} {sampler['steps']} steps, eta {sampler['eta']}, EMA {sampler['use_ema']}, seed {sampler['seed']}",
         "",
-        "| metric | generated | real (upper bound) |",
-        "|---|---|---|",
-        f"| mIoU | {fmt(metrics['miou'])} | {fmt(metrics['miou_real'])} |",
-        f"| pixel accuracy | {fmt(metrics['pixel_accuracy'])} | {fmt(metrics['pixel_accuracy_real'])} |",
-        f"| FID | {fmt(metrics.get('fid'), 2)} | |",
-        f"| first-stage rFID (the ceiling: its reconstructions of the same real images) | "
-        f"{fmt(metrics.get('first_stage_rfid'), 2)} | |",
+        f"| metric | generated{ci} | real (upper bound) | reference points at this N |",
+        "|---|---|---|---|",
+        f"| mIoU | {interval_text(metrics['miou'], boot, 'miou', 4)} | {fmt(metrics['miou_real'])} | |",
+        f"| pixel accuracy | {fmt(metrics['pixel_accuracy'])} | {fmt(metrics['pixel_accuracy_real'])} | |",
+        f"| FID | {interval_text(metrics.get('fid'), boot, 'fid', 2)} | "
+        f"{fmt(metrics.get('real_halves_fid'), 2)} (two real halves, N/2 each: the floor) | "
+        f"{fmt(metrics.get('first_stage_rfid'), 2)} (first-stage rFID: its reconstructions of the same real "
+        "images, the ceiling) |",
         f"| KID (x1000) | {fmt(None if metrics.get('kid_mean') is None else 1000 * metrics['kid_mean'], 2)}"
-        f" ± {fmt(None if metrics.get('kid_std') is None else 1000 * metrics['kid_std'], 2)} | |",
+        f" ± {fmt(None if metrics.get('kid_std') is None else 1000 * metrics['kid_std'], 2)} | | |",
+        f"| precision / recall (k = {metrics.get('prc_neighborhood', 3)}) | {fmt(metrics.get('precision'), 3)} / "
+        f"{fmt(metrics.get('recall'), 3)} | | |",
         "",
         f"Segmenter: {metrics['segmenter']['name']}.  FID/KID: {metrics['fid_backend'].get('implementation', 'skipped')}"
         + (
@@ -342,6 +355,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             cfg, extractor(reconstructed, desc="Inception features (reconstructed)"), real
         )
         fid_metrics["first_stage_rfid"] = rfid["fid"]
+        # the floor: two disjoint halves of the real images (N/2 vs N/2)
+        fid_metrics["real_halves_fid"] = real_halves_fid(real) if len(real) >= 4 else None
+        neighbours = int(cfg.eval.prc_neighborhood)
+        if min(len(fake), len(real)) > neighbours:
+            fid_metrics |= precision_recall(fake, real, neighbours)
         fid_info |= {
             "implementation": f"torch-fidelity {torch_fidelity.__version__} {EXTRACTOR_NAME} pool3 (2048-d)",
             "weights": weights.describe(),
@@ -349,6 +367,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "real_features_cache_hit": hit,
         }
         timings["fid"] = time.time() - t0
+
+    intervals = bootstrap_intervals(
+        fake if weights is not None else None,
+        real if weights is not None else None,
+        scores.per_image,
+        draws=int(cfg.eval.bootstrap.draws),
+        seed=int(cfg.eval.bootstrap.seed),
+        level=float(cfg.eval.bootstrap.level),
+    )
 
     grid_n = min(int(cfg.eval.grid_samples), len(pairs))
     grid = None
@@ -366,6 +393,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(cfg.ckpt),
         "global_step": global_step,
         "num_samples": len(pairs),
+        "prc_neighborhood": int(cfg.eval.prc_neighborhood),
         "data": {
             "target": str(data_cfg.get("_target_")),
             "n_labels": n_labels,
@@ -389,6 +417,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "unet_evaluations_per_image": result.unet_evaluations / max(1, len(pairs)),
         },
         **fid_metrics,
+        "bootstrap": intervals,
         "fid_backend": fid_info,
         "miou": scores.miou,
         "pixel_accuracy": scores.pixel_accuracy,
@@ -420,10 +449,13 @@ def print_summary(metrics: Mapping[str, Any]) -> None:
     s = metrics["sampler"]
     lines = [
         f"{metrics['num_samples']} samples ({s['name']} {s['steps']} steps, eta {s['eta']}) from {metrics['checkpoint']}",
-        f"mIoU            {fmt(metrics['miou'])} (real images: {fmt(metrics['miou_real'])})",
+        f"mIoU            {interval_text(metrics['miou'], metrics.get('bootstrap'), 'miou', 4)} (real images: "
+        f"{fmt(metrics['miou_real'])})",
         f"pixel accuracy  {fmt(metrics['pixel_accuracy'])} (real images: {fmt(metrics['pixel_accuracy_real'])})",
-        f"FID             {fmt(metrics.get('fid'), 3)} (its first stage's rFID at this N, the ceiling: "
-        f"{fmt(metrics.get('first_stage_rfid'), 3)})",
+        f"FID             {interval_text(metrics.get('fid'), metrics.get('bootstrap'), 'fid', 3)} (its first "
+        f"stage's rFID at this N, the ceiling: {fmt(metrics.get('first_stage_rfid'), 3)}; real halves, the floor: "
+        f"{fmt(metrics.get('real_halves_fid'), 3)})",
+        f"precision/recall {fmt(metrics.get('precision'), 3)} / {fmt(metrics.get('recall'), 3)}",
         f"KID             {fmt(metrics.get('kid_mean'), 5)} ± {fmt(metrics.get('kid_std'), 5)}",
         f"outputs:        {metrics['output_dir']} (metrics.json, report.md)",
     ]

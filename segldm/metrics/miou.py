@@ -49,6 +49,13 @@ def confusion_matrix(
     )
 
 
+def per_image_counts(matrix: np.ndarray) -> np.ndarray:
+    """(3, C) per-class (intersection, predicted, target) pixel counts of one confusion matrix: additive
+    over images, so a resample of images has the summed-confusion mIoU of its summed counts."""
+    matrix = np.asarray(matrix)
+    return np.stack([np.diag(matrix), matrix.sum(0), matrix.sum(1)])
+
+
 @dataclass
 class SegmentationScores:
     """mIoU, pixel accuracy and per-class IoU (NaN for classes absent from targets and predictions)."""
@@ -59,6 +66,7 @@ class SegmentationScores:
     present: list[bool]
     pixels: int
     class_names: list[str] = field(default_factory=list)
+    per_image: np.ndarray | None = None  # (N, 3, C) per_image_counts of each image, when scored per image
 
     def table(self) -> list[dict[str, object]]:
         """One row per class: id, name and IoU (None for a class absent from targets and predictions)."""
@@ -98,11 +106,20 @@ class ConfusionMatrix:
         self.ignore_label = ignore_label
         self.matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
 
-    def update(self, pred: ArrayLike, target: ArrayLike) -> None:
-        self.matrix += confusion_matrix(pred, target, self.n_classes, self.ignore_label)
+    def update(self, pred: ArrayLike, target: ArrayLike) -> np.ndarray:
+        """Add one image (or batch); returns its own confusion matrix."""
+        matrix = confusion_matrix(pred, target, self.n_classes, self.ignore_label)
+        self.matrix += matrix
+        return matrix
 
     def compute(self, class_names: Sequence[str] | None = None) -> SegmentationScores:
         return scores_from_confusion(self.matrix, class_names)
 
 
-__all__ = ["ConfusionMatrix", "SegmentationScores", "confusion_matrix", "scores_from_confusion"]
+__all__ = [
+    "ConfusionMatrix",
+    "SegmentationScores",
+    "confusion_matrix",
+    "per_image_counts",
+    "scores_from_confusion",
+]

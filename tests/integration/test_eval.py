@@ -160,6 +160,13 @@ def test_eval_end_to_end(root: Path, ldm_ckpt: Path, inception: Path, segmenter_
     assert isinstance(metrics["first_stage_rfid"], float) and "first stage's rFID at this N" in proc.stdout
     assert "KID is computed once over all 3 images" in proc.stdout
     assert metrics["fid_backend"]["weights"]["path"] == str(inception)
+    # reference points and uncertainty: bootstrap intervals of FID and mIoU; with 3 images precision/recall
+    # (k = 3 neighbours) and the real-halves FID (>= 4 images) cannot be computed and are reported empty
+    boot = metrics["bootstrap"]
+    assert boot["draws"] == 1000 and boot["fid"][0] <= boot["fid"][1] and boot["miou"][0] <= boot["miou"][1]
+    assert metrics.get("precision") is None and metrics["real_halves_fid"] is None
+    report = (out / "report.md").read_text()
+    assert "95 % bootstrap interval" in report and "two real halves" in report and "precision / recall" in report
     assert metrics["segmenter"]["real_miou_at_training"] is not None
     assert len(metrics["per_class"]) == 8
     for sub in ("generated", "real", "masks"):

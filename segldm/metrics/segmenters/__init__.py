@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from segldm.metrics.miou import ConfusionMatrix, SegmentationScores
+from segldm.metrics.miou import ConfusionMatrix, SegmentationScores, per_image_counts
 
 
 class Segmenter(Protocol):
@@ -87,6 +87,7 @@ def segment_scores(
 ) -> SegmentationScores:
     """Label every image with the segmenter and score it against its mask over the whole set."""
     matrix = ConfusionMatrix(segmenter.n_classes, ignore_label)
+    per_image = np.zeros((len(images), 3, segmenter.n_classes), dtype=np.int64)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(images):
         by_shape.setdefault(image.shape, []).append(i)
@@ -96,10 +97,12 @@ def segment_scores(
             batch = torch.from_numpy(np.stack([images[i] for i in chunk])).permute(0, 3, 1, 2).contiguous()
             pred = segmenter.predict(batch)
             for row, i in enumerate(chunk):
-                matrix.update(pred[row], labels[i])
+                per_image[i] = per_image_counts(matrix.update(pred[row], labels[i]))
             if progress is not None:
                 progress.update(len(chunk))
-    return matrix.compute(class_names)
+    scores = matrix.compute(class_names)
+    scores.per_image = per_image
+    return scores
 
 
 __all__ = ["RealPair", "Segmenter", "image_to_uint8", "labels_of", "real_pairs", "segment_scores"]
