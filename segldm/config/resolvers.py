@@ -29,6 +29,16 @@ def num_devices(devices: object) -> int:
     )
 
 
+HIGHER_IS_BETTER = ("miou", "iou", "accuracy", "precision", "recall", "psnr", "f_score")
+
+
+def objective_direction(metric: str) -> str:
+    """`maximize` for metrics where higher is better (mIoU, accuracy, precision, recall, PSNR), else
+    `minimize` (losses, FID, KID, LPIPS): what a sweep's objective asks of Optuna and of the report."""
+    name = str(metric).rsplit("/", 1)[-1].lower()
+    return "maximize" if any(word in name for word in HIGHER_IS_BETTER) else "minimize"
+
+
 def register_resolvers() -> None:
     resolvers = {
         "segldm.add": lambda *xs: sum(xs),
@@ -39,6 +49,7 @@ def register_resolvers() -> None:
         "segldm.num_devices": num_devices,
         "segldm.run_dir": run_dir,
         "segldm.auto_precision": auto_precision,
+        "segldm.objective_direction": objective_direction,
     }
     for name, fn in resolvers.items():
         OmegaConf.register_new_resolver(name, fn, replace=True)

@@ -113,12 +113,17 @@ def _sampler_step_problems(cfg: DictConfig) -> list[str]:
     """DDIM step counts that CompVis's +1 shift puts out of range, for the model's sampler and the grids."""
     model = cfg.model
     sampler = model.get("sampler") or {}
-    if sampler.get("name", "ddim") != "ddim":
-        return []
-    counts = {"model.sampler.steps": sampler.get("steps", 200)}
-    grid = OmegaConf.select(cfg, "callbacks.sample_grid", default=None)
-    if isinstance(grid, DictConfig) and grid.get("ddim_steps") is not None:
-        counts["callbacks.sample_grid.ddim_steps"] = grid.ddim_steps
+    counts = {}
+    if sampler.get("name", "ddim") == "ddim":
+        counts["model.sampler.steps"] = sampler.get("steps", 200)
+        grid = OmegaConf.select(cfg, "callbacks.sample_grid", default=None)
+        if isinstance(grid, DictConfig) and grid.get("ddim_steps") is not None:
+            counts["callbacks.sample_grid.ddim_steps"] = grid.ddim_steps
+    metrics = OmegaConf.select(cfg, "callbacks.generation_metrics", default=None)
+    metrics_on = isinstance(metrics, DictConfig) and int(metrics.get("every_n_steps") or 0) > 0
+    metrics_sampler = (metrics.get("sampler") if metrics_on else None) or sampler.get("name", "ddim")
+    if metrics_on and metrics_sampler == "ddim" and metrics.get("steps") is not None:
+        counts["callbacks.generation_metrics.steps"] = metrics.steps
     problems = []
     for key, steps in counts.items():
         if int(steps) <= 0:
@@ -151,9 +156,10 @@ def _guidance_problems(cfg: DictConfig) -> list[str]:
     if not 0.0 <= drop < 1.0:
         problems.append(f"model.diffusion.cond_drop_prob={drop} must be in [0, 1) (0: no condition dropout)")
     scales = {"model.sampler.guidance_scale": (model.get("sampler") or {}).get("guidance_scale", 1.0)}
-    grid = OmegaConf.select(cfg, "callbacks.sample_grid", default=None)
-    if isinstance(grid, DictConfig) and grid.get("guidance_scale") is not None:
-        scales["callbacks.sample_grid.guidance_scale"] = grid.guidance_scale
+    for name in ("sample_grid", "generation_metrics"):
+        node = OmegaConf.select(cfg, f"callbacks.{name}", default=None)
+        if isinstance(node, DictConfig) and node.get("guidance_scale") is not None:
+            scales[f"callbacks.{name}.guidance_scale"] = node.guidance_scale
     for key, scale in scales.items():
         try:
             check_guidance_scale(float(scale), key)

@@ -298,6 +298,7 @@ class SweepCallback(Callback):
             "sweep_dir": str(sweep_dir),
             "command": shlex.join(["python", "-m", "segldm.train", *sys.argv[1:]]),
             "objective": str(sweep_cfg.get("objective") or "val/loss"),
+            "direction": str(sweep_cfg.get("direction") or "minimize"),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         mlflow_cfg = (config.get("logger") or {}).get("mlflow")

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from segldm.config.resolvers import objective_direction
 from segldm.sweeps.markers import MANIFEST_NAME, MARKER_NAME, read_marker
 
 DEFAULT_AXES = ("model.optimization.base_learning_rate", "scheduler.warm_up_steps")
@@ -64,6 +65,12 @@ class Sweep:
     runs: list[RunRecord]
     tracking_uri: str | None = None
     experiment_id: str | None = None
+    direction: str = "minimize"  # of the metric: "maximize" for val/miou and the like
+
+    @property
+    def better(self) -> Any:
+        """max or min: which of two values of the metric is the better one."""
+        return max if self.direction == "maximize" else min
 
     def varying_keys(self) -> list[str]:
         """Override keys whose value differs between runs (the swept ones), in first-seen order."""
@@ -88,7 +95,9 @@ def _history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(step, value) for step, _, value in points]
 
 
-def _fill_from_mlflow(record: RunRecord, run: Any, client: Any, metric: str, curve: str) -> None:
+def _fill_from_mlflow(
+    record: RunRecord, run: Any, client: Any, metric: str, curve: str, direction: str = "minimize"
+) -> None:
     record.run_id = run.info.run_id
     if record.status != "FINISHED (reused)":
         record.status = run.info.status
@@ -98,7 +107,7 @@ def _fill_from_mlflow(record: RunRecord, run: Any, client: Any, metric: str, cur
     values = [v for _, v in record.curves.get(metric, []) if math.isfinite(v)]
     if values:
         record.final = record.curves[metric][-1][1]
-        record.best = min(values)
+        record.best = max(values) if direction == "maximize" else min(values)
     steps = [s for s, _ in record.curves.get(curve, [])]
     if steps:
         record.steps = max(steps) + 1
@@ -117,7 +126,9 @@ def _client(tracking_uri: str) -> Any:
 def load_sweep_dir(sweep_dir: Path, metric: str | None, curve: str, tracking_uri: str | None) -> Sweep:
     """A sweep from its folder: job folders (`.hydra/overrides.yaml`) and their markers."""
     manifest = read_marker(sweep_dir / MANIFEST_NAME) or {}
+    direction = manifest.get("direction") if metric is None else None
     metric = metric or manifest.get("objective") or "val/loss"
+    direction = direction or objective_direction(metric)
     job_dirs = sorted(
         {p.parent for p in sweep_dir.glob(f"*/{MARKER_NAME}")}
         | {p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")},
@@ -170,7 +181,7 @@ def load_sweep_dir(sweep_dir: Path, metric: str | None, curve: str, tracking_uri
                 run = found[0] if found else None
             if run is not None:
                 experiment_id = experiment_id or run.info.experiment_id
-                _fill_from_mlflow(record, run, client, metric, curve)
+                _fill_from_mlflow(record, run, client, metric, curve, direction)
     return Sweep(
         sweep_id=str(sweep_id or sweep_dir.name),
         metric=metric,
@@ -178,6 +189,7 @@ def load_sweep_dir(sweep_dir: Path, metric: str | None, curve: str, tracking_uri
         runs=records,
         tracking_uri=uri,
         experiment_id=experiment_id,
+        direction=direction,
     )
 
 
@@ -222,9 +234,11 @@ def load_experiment(
             job=int(job) if job is not None and job.isdigit() else None,
             output_dir=tags.get("segldm.output_dir"),
         )
-        _fill_from_mlflow(record, run, client, metric, curve)
+        _fill_from_mlflow(record, run, client, metric, curve, objective_direction(metric))
         records.append(record)
-    return Sweep(sweep_id, metric, curve, records, tracking_uri, experiment.experiment_id)
+    return Sweep(
+        sweep_id, metric, curve, records, tracking_uri, experiment.experiment_id, objective_direction(metric)
+    )
 
 
 # ------------------------------------------------------------------------------------- output
@@ -254,7 +268,7 @@ def table_rows(sweep: Sweep) -> tuple[list[str], list[list[str]]]:
         "run",
     ]
     finished = [r for r in sweep.runs if r.status.startswith("FINISHED") and r.final is not None]
-    winner = min(finished, key=lambda r: r.final) if finished else None
+    winner = sweep.better(finished, key=lambda r: r.final) if finished else None
     rows = []
     for run in sweep.runs:
         job = str(run.job) if run.job is not None else run.name

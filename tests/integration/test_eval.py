@@ -166,7 +166,9 @@ def test_eval_end_to_end(root: Path, ldm_ckpt: Path, inception: Path, segmenter_
     assert boot["draws"] == 1000 and boot["fid"][0] <= boot["fid"][1] and boot["miou"][0] <= boot["miou"][1]
     assert metrics.get("precision") is None and metrics["real_halves_fid"] is None
     report = (out / "report.md").read_text()
-    assert "95 % bootstrap interval" in report and "two real halves" in report and "precision / recall" in report
+    assert (
+        "95 % bootstrap interval" in report and "two real halves" in report and "precision / recall" in report
+    )
     assert metrics["segmenter"]["real_miou_at_training"] is not None
     assert len(metrics["per_class"]) == 8
     for sub in ("generated", "real", "masks"):

@@ -26,6 +26,8 @@ from PIL import Image
 from segldm.sweeps.jobs import SweepError, check_sweeper, job_key, prepare_tracking_store
 from segldm.sweeps.markers import MARKER_NAME
 from tests.conftest import CONF, TINY_DATA, TINY_FIRST_STAGE, TINY_TRAINER, TINY_UNET, run_train
+from tests.integration.test_eval import run as run_module
+from tests.unit.test_metrics_fid import make_random_inception
 
 TINY_LDM = [
     *TINY_DATA,
@@ -90,6 +92,62 @@ def check_grid_runs(root: Path, sweep_id: str) -> None:
 def test_grid_sweep_is_four_tagged_finished_mlflow_runs(grid_sweep):
     root, _ = grid_sweep
     check_grid_runs(root, "multiruns/grid")
+
+
+def test_sweep_ranked_by_in_training_miou(tmp_path):
+    """A 2x2 sweep whose objective is val/miou: every job generates images for the validation masks at
+    its validations (callbacks.generation_metrics, a real trained segmenter, FID on a random Inception),
+    returns val/miou to the sweeper, and the report ranks by it, higher being better."""
+    run_module(
+        "segldm.train_segmenter",
+        [
+            *TINY_DATA,
+            "model.channels=[4,4,4]",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "checkpoint_every_n_steps=2",
+            "+trainer.enable_progress_bar=false",
+            "logger=none",
+        ],
+        tmp_path,
+    )
+    segmenter = tmp_path / "outputs/segmenters/synthetic/segmenter.ckpt"
+    inception = make_random_inception(tmp_path / "random_inception.pth")
+    metrics_on = [
+        "sweep.objective=val/miou",
+        "callbacks.generation_metrics.every_n_steps=2",
+        "callbacks.generation_metrics.num_samples=4",
+        "callbacks.generation_metrics.steps=4",
+        "callbacks.generation_metrics.batch_size=4",
+        f"callbacks.generation_metrics.segmenter.ckpt={segmenter}",
+        f"callbacks.generation_metrics.fid.weights_path={inception}",
+        "callbacks.generation_metrics.fid.kid_subset_size=2",
+    ]
+    proc = run_train(["-m", *TINY_LDM, *GRID, *metrics_on, SWEEP_DIR], tmp_path, timeout=600)
+    runs = sweep_runs(tmp_path, "multiruns/grid")
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    finals = {}
+    for run in runs:
+        history = client.get_metric_history(run.info.run_id, "val/miou")
+        val_loss = client.get_metric_history(run.info.run_id, "val/loss")
+        # at both validations (after steps 2 and 4), logged at the same MLflow step as val/loss
+        assert len(history) == 2 and {m.step for m in history} <= {m.step for m in val_loss}
+        assert {"val/fid", "val/kid", "val/pixel_accuracy"} <= set(run.data.metrics)
+        marker = json.loads((Path(run.data.tags["segldm.output_dir"]) / MARKER_NAME).read_text())
+        assert marker["objective_name"] == "val/miou"
+        assert marker["objective"] == pytest.approx(run.data.metrics["val/miou"])
+        finals[run.data.tags["segldm.sweep_job"]] = run.data.metrics["val/miou"]
+    manifest = json.loads((tmp_path / "outputs/multiruns/grid/sweep.json").read_text())
+    assert manifest["objective"] == "val/miou" and manifest["direction"] == "maximize"
+    rows = [
+        r.split(",") for r in (tmp_path / "outputs/multiruns/grid/report/runs.csv").read_text().splitlines()
+    ]
+    assert rows[0][4] == "val/miou final"
+    best = max(finals.values())
+    starred = [row for row in rows[1:] if row[0].endswith("*")]
+    assert len(starred) == 1 and float(starred[0][4]) == pytest.approx(best, rel=1e-3)  # 4 digits
+    assert "val/miou final" in proc.stdout
 
 
 @pytest.mark.slow

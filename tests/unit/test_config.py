@@ -125,6 +125,10 @@ def test_valid_default_passes(tmp_path):
         # DDIM step counts that CompVis's +1 shift takes to t = 1000 (an IndexError mid-run otherwise)
         (["model.sampler.steps=36"], ["model.sampler.steps=36", "t=1000", "35 or 38"]),
         (["callbacks.sample_grid.ddim_steps=9"], ["callbacks.sample_grid.ddim_steps=9", "8 or 10"]),
+        (
+            ["callbacks.generation_metrics.every_n_steps=2", "callbacks.generation_metrics.steps=3"],
+            ["callbacks.generation_metrics.steps=3", "2 or 4"],
+        ),
         (["data.size=72"], ["data.size=72", "18px latent", "divisible by 16", "64 or 80"]),
         (
             ["model.scale_by_std=true", "model.scale_factor=0.18215"],
