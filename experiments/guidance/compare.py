@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from segldm.config.hardware import cpu_model
+from segldm.metrics.bootstrap import interval_text
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -162,9 +163,7 @@ def plot_curves(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
 
 
 def with_interval(value: float, interval: list[float] | None, digits: int) -> str:
-    return f"{value:.{digits}f}" + (
-        f" [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]" if interval else ""
-    )
+    return interval_text(value, {"value": interval}, "value", digits)
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -33,6 +33,13 @@ from tests.unit.test_metrics_fid import make_random_inception
 
 torch.set_num_threads(1)
 EVAL_DATA = ["data.validation.length=3"]
+TINY_SEGMENTER = [  # the real train_segmenter CLI for two steps at 32 px
+    "model.channels=[4,4,4]",
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "checkpoint_every_n_steps=2",
+    "+trainer.enable_progress_bar=false",
+]
 
 
 def run(module: str, args: list[str], root: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -90,15 +97,7 @@ def segmenter_run(root: Path) -> dict:
     """The real train_segmenter CLI for two steps at 32 px."""
     proc = run(
         "segldm.train_segmenter",
-        [
-            *TINY_DATA,
-            *EVAL_DATA,
-            "model.channels=[4,4,4]",
-            "trainer.max_steps=2",
-            "trainer.val_check_interval=2",
-            "checkpoint_every_n_steps=2",
-            "+trainer.enable_progress_bar=false",
-        ],
+        [*TINY_DATA, *EVAL_DATA, *TINY_SEGMENTER],
         root,
     )
     return {"ckpt": root / "outputs" / "segmenters" / "synthetic" / "segmenter.ckpt", "stdout": proc.stdout}

@@ -26,6 +26,7 @@ from PIL import Image
 from segldm.sweeps.jobs import SweepError, check_sweeper, job_key, prepare_tracking_store
 from segldm.sweeps.markers import MARKER_NAME
 from tests.conftest import CONF, TINY_DATA, TINY_FIRST_STAGE, TINY_TRAINER, TINY_UNET, run_train
+from tests.integration.test_eval import TINY_SEGMENTER
 from tests.integration.test_eval import run as run_module
 from tests.unit.test_metrics_fid import make_random_inception
 
@@ -100,15 +101,7 @@ def test_sweep_ranked_by_in_training_miou(tmp_path):
     returns val/miou to the sweeper, and the report ranks by it, higher being better."""
     run_module(
         "segldm.train_segmenter",
-        [
-            *TINY_DATA,
-            "model.channels=[4,4,4]",
-            "trainer.max_steps=2",
-            "trainer.val_check_interval=2",
-            "checkpoint_every_n_steps=2",
-            "+trainer.enable_progress_bar=false",
-            "logger=none",
-        ],
+        [*TINY_DATA, *TINY_SEGMENTER, "logger=none"],
         tmp_path,
     )
     segmenter = tmp_path / "outputs/segmenters/synthetic/segmenter.ckpt"
