@@ -14,11 +14,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-DDIM_DISCRETIZATIONS = ("uniform", "quad")
+DDIM_DISCRETIZATIONS = ("uniform", "quad", "trailing")
 
 
 def make_ddim_timesteps(method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int) -> np.ndarray:
-    """The DDPM timesteps DDIM visits, ascending. 'uniform' is range(0, T, T // S) + 1."""
+    """The DDPM timesteps DDIM visits, ascending. 'uniform' is CompVis's range(0, T, T // S) + 1;
+    'trailing' (Lin et al. 2024) is round(T - k T / S) - 1 for k < S: it starts at t = T - 1, the
+    pure-noise step of a zero-terminal-SNR schedule."""
+    if method == "trailing":
+        return trailing_timesteps(num_ddim_timesteps, num_ddpm_timesteps)
     steps = shifted_ddim_timesteps(method, num_ddim_timesteps, num_ddpm_timesteps)
     if steps[-1] >= num_ddpm_timesteps:
         # The reference indexes alphas_cumprod[T] here and dies with an IndexError.
@@ -29,6 +33,18 @@ def make_ddim_timesteps(method: str, num_ddim_timesteps: int, num_ddpm_timesteps
             f"after CompVis's +1 shift, which is out of range; the nearest step counts that work are {options}"
         )
     return steps
+
+
+def trailing_timesteps(num_ddim_timesteps: int, num_ddpm_timesteps: int) -> np.ndarray:
+    """S timesteps from T - 1 down in strides of T / S (rounded), ascending (diffusers' "trailing")."""
+    if not 0 < num_ddim_timesteps <= num_ddpm_timesteps:
+        raise ValueError(
+            f"DDIM steps ({num_ddim_timesteps}) must be in [1, {num_ddpm_timesteps}] (the model's timesteps)"
+        )
+    steps = np.round(np.arange(num_ddpm_timesteps, 0, -num_ddpm_timesteps / num_ddim_timesteps)).astype(
+        np.int64
+    )
+    return np.sort(steps - 1)
 
 
 def shifted_ddim_timesteps(method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int) -> np.ndarray:
@@ -77,10 +93,10 @@ def nearest_valid_ddim_steps(
     return below, above
 
 
-def check_ddim_steps(steps: int, num_ddpm_timesteps: int, key: str) -> None:
+def check_ddim_steps(steps: int, num_ddpm_timesteps: int, key: str, method: str = "uniform") -> None:
     """Raise ValueError naming the config `key` when DDIM cannot run `steps` steps on this model."""
     try:
-        make_ddim_timesteps("uniform", int(steps), int(num_ddpm_timesteps))
+        make_ddim_timesteps(method, int(steps), int(num_ddpm_timesteps))
     except ValueError as err:
         raise ValueError(f"{key}={steps}: {err}") from None
 
@@ -99,7 +115,12 @@ class DDIMParameters:
         return int(self.timesteps.numel())
 
     def step(
-        self, x: torch.Tensor, eps: torch.Tensor, index: int, noise: torch.Tensor
+        self,
+        x: torch.Tensor,
+        eps: torch.Tensor,
+        index: int,
+        noise: torch.Tensor,
+        pred_x0: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`ddim_step` with the coefficients of step ``index``; returns (x_prev, pred_x0)."""
         return ddim_step(
@@ -110,6 +131,7 @@ class DDIMParameters:
             float(self.sigmas[index]),
             float(self.sqrt_one_minus_alphas[index]),
             noise,
+            pred_x0,
         )
 
 
@@ -139,15 +161,21 @@ def ddim_step(
     sigma_t: float,
     sqrt_one_minus_a_t: float,
     noise: torch.Tensor,
+    pred_x0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM update from x_t to x_{t_prev}; returns (x_prev, pred_x0). Coefficients in float32."""
+    """One DDIM update from x_t to x_{t_prev}; returns (x_prev, pred_x0). Coefficients in float32.
+
+    ``pred_x0`` given (v and x0 models): used as is instead of (x - sqrt(1 - a) eps) / sqrt(a), which
+    is 0/0 at the terminal step of a zero-terminal-SNR schedule (a = 0).
+    """
     f32 = torch.float32
 
     def full(value: float) -> torch.Tensor:
         return torch.tensor(value, dtype=f32, device=x.device)
 
     a_t_, a_prev_, sigma_, s1m = full(a_t), full(a_prev), full(sigma_t), full(sqrt_one_minus_a_t)
-    pred_x0 = (x - s1m * eps) / a_t_.sqrt()
+    if pred_x0 is None:
+        pred_x0 = (x - s1m * eps) / a_t_.sqrt()
     dir_xt = (1.0 - a_prev_ - sigma_**2).sqrt() * eps
     x_prev = a_prev_.sqrt() * pred_x0 + dir_xt + sigma_ * noise
     return x_prev, pred_x0
@@ -186,9 +214,10 @@ def ddim_sample(
     indices = list(reversed(range(len(params))))
     for index in tqdm(indices, desc="DDIM", disable=not progress, leave=False):
         t = torch.full((batch,), int(params.timesteps[index]), device=x.device, dtype=torch.long)
-        eps = model_fn(x, t)
+        out = model_fn(x, t)  # eps, or (eps, x0) from models that predict x0 themselves (v, x0)
+        eps, given_x0 = out if isinstance(out, tuple) else (out, None)
         noise = per_sample_randn(x.shape, generators, x.device, x.dtype)
-        x, pred_x0 = params.step(x, eps, index, noise)
+        x, pred_x0 = params.step(x, eps, index, noise, given_x0)
         intermediates["x_inter"].append(x)
         intermediates["pred_x0"].append(pred_x0)
     return x, intermediates

@@ -59,6 +59,43 @@ def eps_from_prediction(
     )
 
 
+def x0_from_prediction(
+    parameterization: str, prediction: torch.Tensor, x_t: torch.Tensor, alphas_cumprod_t: torch.Tensor
+) -> torch.Tensor:
+    """The clean sample a prediction implies at x_t, without dividing by sqrt(a) for v and x0 (finite
+    at a = 0, the last step of a zero-terminal-SNR schedule); eps divides, as it must."""
+    if parameterization == "x0":
+        return prediction
+    a = alphas_cumprod_t.view(-1, *[1] * (x_t.ndim - 1)).to(x_t.dtype)
+    if parameterization == "v":
+        return a.sqrt() * x_t - (1.0 - a).sqrt() * prediction
+    if parameterization == "eps":
+        return (x_t - (1.0 - a).sqrt() * prediction) / a.sqrt()
+    raise ValueError(
+        f"unknown parameterization {parameterization!r}; expected one of {list(PARAMETERIZATIONS)}"
+    )
+
+
+def zero_terminal_snr_problems(zero_terminal_snr: bool, parameterization: str, sampler: str) -> list[str]:
+    """A zero-terminal-SNR schedule needs a model that predicts v or x0 and a sampler that starts at
+    t = T - 1 without dividing by the SNR there (DDIM)."""
+    if not zero_terminal_snr:
+        return []
+    problems = []
+    if parameterization == "eps":
+        problems.append(
+            "model.diffusion.zero_terminal_snr=true with parameterization=eps: at the last timestep the input "
+            "is pure noise, so predicting the noise says nothing about the image (Lin et al. 2024); set "
+            "model.diffusion.parameterization=v (or x0)"
+        )
+    if sampler != "ddim":
+        problems.append(
+            f"model.diffusion.zero_terminal_snr=true with model.sampler.name={sampler}: its log-SNR is -inf at "
+            "the last timestep; use model.sampler.name=ddim (with model.sampler.ddim_discretization=trailing)"
+        )
+    return problems
+
+
 def objective_problems(parameterization: str, weighting: str, gamma: float) -> list[str]:
     """What is wrong with an objective, one sentence per problem naming its model.* key (empty: fine).
     The start-up config check and :func:`check_loss_weighting` both use it."""

@@ -15,7 +15,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from segldm.diffusion.ddim import check_ddim_steps, ddim_parameters, ddim_sample, make_ddim_timesteps
+from segldm.diffusion.ddim import (
+    DDIM_DISCRETIZATIONS,
+    check_ddim_steps,
+    ddim_parameters,
+    ddim_sample,
+    make_ddim_timesteps,
+)
 from segldm.diffusion.dpm_solver import TIMESTEP_SPACINGS, dpm_solver_pp_2m, dpm_solver_timesteps
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -58,14 +64,22 @@ class Sampler:
 @register("ddim")
 @dataclass(frozen=True)
 class DDIMSampler(Sampler):
-    """DDIM over CompVis's "uniform" timesteps (eta 0: deterministic, 1: DDPM-like noise)."""
+    """DDIM (eta 0: deterministic, 1: DDPM-like noise) over CompVis's "uniform" timesteps, or the
+    "trailing" ones that start at t = T - 1 (zero-terminal-SNR schedules)."""
+
+    ddim_discretization: str = "uniform"
 
     def check(self, num_timesteps: int, steps_key: str) -> None:
         super().check(num_timesteps, steps_key)
-        check_ddim_steps(int(self.steps), num_timesteps, steps_key)
+        if self.ddim_discretization not in DDIM_DISCRETIZATIONS:
+            raise ValueError(
+                f"model.sampler.ddim_discretization={self.ddim_discretization!r}: use one of "
+                f"{list(DDIM_DISCRETIZATIONS)}"
+            )
+        check_ddim_steps(int(self.steps), num_timesteps, steps_key, self.ddim_discretization)
 
     def sample(self, model_fn, x_T, alphas_cumprod, generators=None, progress=False):
-        timesteps = make_ddim_timesteps("uniform", int(self.steps), len(alphas_cumprod))
+        timesteps = make_ddim_timesteps(self.ddim_discretization, int(self.steps), len(alphas_cumprod))
         params = ddim_parameters(alphas_cumprod, timesteps, float(self.eta))
         return ddim_sample(model_fn, x_T, params, generators, progress)
 

@@ -56,6 +56,17 @@ def make_beta_schedule(
     )
 
 
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2024 (Algorithm 1): shift and scale sqrt(alphas_cumprod) so its last value is 0 (the
+    last timestep is pure noise, SNR 0, as at sampling time) and its first is unchanged; float64."""
+    sqrt_ac = np.sqrt(np.cumprod(1.0 - np.asarray(betas, dtype=np.float64)))
+    first, last = sqrt_ac[0], sqrt_ac[-1]
+    sqrt_ac = (sqrt_ac - last) * first / (first - last)
+    ac = sqrt_ac**2
+    alphas = np.concatenate([ac[:1], ac[1:] / ac[:-1]])
+    return 1.0 - alphas
+
+
 def schedule_buffers(betas: np.ndarray, v_posterior: float = 0.0) -> dict[str, torch.Tensor]:
     """The twelve float32 schedule buffers of a CompVis DDPM, keyed by their state_dict names."""
     betas = np.asarray(betas, dtype=np.float64)
@@ -65,6 +76,17 @@ def schedule_buffers(betas: np.ndarray, v_posterior: float = 0.0) -> dict[str, t
     posterior_variance = (1 - v_posterior) * betas * (1.0 - alphas_cumprod_prev) / (
         1.0 - alphas_cumprod
     ) + v_posterior * betas
+    with np.errstate(divide="ignore"):  # a zero-terminal-SNR schedule: 1 / alphas_cumprod[-1] is inf
+        return _schedule_values(betas, alphas, alphas_cumprod, alphas_cumprod_prev, posterior_variance)
+
+
+def _schedule_values(
+    betas: np.ndarray,
+    alphas: np.ndarray,
+    alphas_cumprod: np.ndarray,
+    alphas_cumprod_prev: np.ndarray,
+    posterior_variance: np.ndarray,
+) -> dict[str, torch.Tensor]:
     values = {
         "betas": betas,
         "alphas_cumprod": alphas_cumprod,

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from segldm.config.resolvers import downsample_factor
 from segldm.diffusion.ddim import check_ddim_steps
 from segldm.diffusion.guidance import check_guidance_scale
-from segldm.diffusion.objectives import objective_problems
+from segldm.diffusion.objectives import objective_problems, zero_terminal_snr_problems
 from segldm.diffusion.samplers import SAMPLER_NAMES
 from segldm.models.discriminator import min_input_size
 from segldm.models.first_stage_loss import GAN_LOSSES
@@ -129,7 +129,12 @@ def _sampler_step_problems(cfg: DictConfig) -> list[str]:
         if int(steps) <= 0:
             continue  # reported as "must be positive"
         try:
-            check_ddim_steps(int(steps), int(diffusion_option(model, "timesteps")), key)
+            check_ddim_steps(
+                int(steps),
+                int(diffusion_option(model, "timesteps")),
+                key,
+                str(sampler.get("ddim_discretization", "uniform")),
+            )
         except ValueError as err:
             problems.append(str(err))
     return problems
@@ -141,11 +146,16 @@ def diffusion_option(model: DictConfig, name: str) -> Any:
 
 
 def _objective_problems(model: DictConfig) -> list[str]:
-    """Parameterization and loss weighting the code knows, a positive min-SNR gamma."""
+    """Parameterization and loss weighting the code knows, a positive min-SNR gamma, and what a
+    zero-terminal-SNR schedule needs (v or x0, DDIM)."""
     return objective_problems(
         diffusion_option(model, "parameterization"),
         diffusion_option(model, "loss_weighting"),
         diffusion_option(model, "min_snr_gamma"),
+    ) + zero_terminal_snr_problems(
+        bool(diffusion_option(model, "zero_terminal_snr")),
+        diffusion_option(model, "parameterization"),
+        str(OmegaConf.select(model, "sampler.name", default="ddim")),
     )
 
 

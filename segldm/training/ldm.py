@@ -24,12 +24,14 @@ from segldm.diffusion.objectives import (
     check_loss_weighting,
     loss_weights,
     training_target,
+    zero_terminal_snr_problems,
 )
 from segldm.diffusion.schedule import (
     SCHEDULE_BUFFER_NAMES,
     lvlb_weights,
     make_beta_schedule,
     q_sample,
+    rescale_zero_terminal_snr,
     schedule_buffers,
 )
 from segldm.diffusion.validation import mean_and_standard_error, validation_draws
@@ -117,6 +119,11 @@ class LatentDiffusion(Sampling, L.LightningModule):
                 "uses 0.2)"
             )
         check_loss_weighting(diffusion.loss_weighting, float(diffusion.min_snr_gamma))
+        problems = zero_terminal_snr_problems(
+            diffusion.zero_terminal_snr, diffusion.parameterization, (sampler or {}).get("name", "ddim")
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
         if diffusion.loss_type not in LOSS_TYPES:
             raise ValueError(
                 f"model.diffusion.loss_type={diffusion.loss_type!r} is not supported; expected one of {LOSS_TYPES}"
@@ -174,6 +181,8 @@ class LatentDiffusion(Sampling, L.LightningModule):
             diffusion.linear_end,
             diffusion.cosine_s,
         )
+        if diffusion.zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
         buffers = schedule_buffers(betas, diffusion.v_posterior)
         for name in SCHEDULE_BUFFER_NAMES:
             self.register_buffer(name, buffers[name])

@@ -34,6 +34,7 @@ class DiffusionOptions:
     loss_weighting: str = "none"
     min_snr_gamma: float = 5.0
     cond_drop_prob: float = 0.0
+    zero_terminal_snr: bool = False  # Lin et al. 2024: rescale so the last timestep is pure noise (v or x0)
 
 
 @dataclass(frozen=True)

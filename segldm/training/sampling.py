@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from segldm.diffusion.compvis_ddim import DDIMSampler
 from segldm.diffusion.ddim import per_sample_randn
 from segldm.diffusion.guidance import check_guidance_scale, guided_eps
-from segldm.diffusion.objectives import eps_from_prediction
+from segldm.diffusion.objectives import eps_from_prediction, x0_from_prediction
 from segldm.diffusion.samplers import Sampler, make_sampler
 
 
@@ -48,10 +48,16 @@ class Sampling:
         scale = float(self.sampler_defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
         uncond = self.null_condition(cond) if scale != 1.0 else None
 
-        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        zero_terminal = bool(self.alphas_cumprod[-1] == 0)
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
             # the sampler's update stays float32; with guidance, one UNet call on the doubled batch
             prediction = guided_eps(self.apply_model, x, t, cond, scale, uncond).float()
-            return eps_from_prediction(self.parameterization, prediction, x, self.alphas_cumprod[t])
+            a = self.alphas_cumprod[t]
+            eps = eps_from_prediction(self.parameterization, prediction, x, a)
+            if zero_terminal:  # x0 from the prediction itself: finite at a = 0, where x0 from eps is 0/0
+                return eps, x0_from_prediction(self.parameterization, prediction, x, a)
+            return eps
 
         with self.ema_scope() if use_ema else nullcontext():
             samples, intermediates = sampler_obj.sample(
@@ -87,6 +93,7 @@ class Sampling:
             int(defaults["steps"] if steps is None else steps),
             float(defaults["eta"] if eta is None else eta),
             spacing=defaults.get("spacing", "logsnr"),
+            ddim_discretization=defaults.get("ddim_discretization", "uniform"),
         )
 
     def check_sampler_settings(
@@ -105,7 +112,13 @@ class Sampling:
         """
         if steps is None:
             steps_key = "the checkpoint's model.sampler.steps"
-        self.make_sampler(steps, None, sampler).check(self.num_timesteps, steps_key)
+        sampler_obj = self.make_sampler(steps, None, sampler)
+        sampler_obj.check(self.num_timesteps, steps_key)
+        if bool(self.alphas_cumprod[-1] == 0) and sampler_obj.name != "ddim":
+            raise ValueError(
+                f"sampler {sampler_obj.name}: this model's schedule has zero terminal SNR (log-SNR -inf at the "
+                "last timestep), which only ddim samples; use the ddim sampler"
+            )
         scale = self.sampler_defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         check_guidance_scale(float(scale), guidance_key)
         if float(scale) != 1.0 and self.cond_drop_prob == 0 and not force_guidance:

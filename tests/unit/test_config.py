@@ -118,6 +118,10 @@ def test_valid_default_passes(tmp_path):
             ["+model.diffusion.timestep=10"],
             ["model.diffusion has unknown key(s) ['timestep']", "'timesteps'"],
         ),
+        (
+            ["model.diffusion.zero_terminal_snr=true"],
+            ["zero_terminal_snr=true with parameterization=eps", "parameterization=v"],
+        ),
         (["data.batch_size=0"], ["data.batch_size=0"]),
         (["model.sampler.name=plms"], ["model.sampler.name='plms'", "dpm_solver++"]),
         (["model.first_stage.ckpt_path=/nowhere/vq.ckpt"], ["/nowhere/vq.ckpt", "model=autoencoder"]),
