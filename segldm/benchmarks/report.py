@@ -17,8 +17,8 @@ VARIANT_NOTES = {
     "optimised": "segldm defaults for this device (bf16 where native)",
     "optimised_fp32": "segldm defaults in fp32 (trainer=cpu)",
     "optimised+channels_last": "optimised + channels_last UNet and first stage",
-    "optimised+cached_latents": "optimised + model.cache_latents (data without random crops)",
-    "optimised+compile": "optimised + model.compile (torch.compile of the UNet)",
+    "optimised+cached_latents": "optimised + model.performance.cache_latents (data without random crops)",
+    "optimised+compile": "optimised + model.performance.compile (torch.compile of the UNet)",
 }
 
 

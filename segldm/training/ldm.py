@@ -402,7 +402,7 @@ class LatentDiffusion(Sampling, L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
-        """Memory format and torch.compile of the UNet (model.channels_last, model.compile)."""
+        """Memory format and torch.compile of the UNet (model.performance.channels_last, .compile)."""
         self.apply_performance_settings()
 
     def apply_performance_settings(self) -> None:

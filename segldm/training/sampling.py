@@ -125,7 +125,7 @@ class Sampling:
             raise ValueError(
                 f"{guidance_key}={scale}: this model was trained without condition dropout "
                 "(model.diffusion.cond_drop_prob=0), so it never learned the unconditional prediction guidance "
-                f"subtracts; train with model.cond_drop_prob>0 (e.g. 0.1), use {guidance_key}=1, or insist "
+                f"subtracts; train with model.diffusion.cond_drop_prob>0 (e.g. 0.1), use {guidance_key}=1, or insist "
                 "with force_guidance=true"
             )
 
