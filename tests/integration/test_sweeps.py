@@ -384,6 +384,20 @@ def test_sweep_presets_compose_and_resolve(overrides, tmp_path):
         assert launcher["tasks_per_node"] == launcher["gpus_per_node"] == 2 and launcher["nodes"] == 1
 
 
+def test_optuna_direction_follows_the_objective(tmp_path):
+    base = [
+        "hparams_search=lr_warmup_optuna",
+        f"paths.output_root={tmp_path}",
+        f"paths.output_dir={tmp_path}",
+    ]
+    for objective, direction in (("val/loss", "minimize"), ("val/miou", "maximize"), ("val/fid", "minimize")):
+        cfg = _hydra_compose([*base, f"sweep.objective={objective}"])
+        assert OmegaConf.to_container(cfg.hydra.sweeper, resolve=True)["direction"] == direction, objective
+        assert cfg.sweep.direction == direction
+    cfg = _hydra_compose([*base, "sweep.objective=val/miou", "sweep.direction=minimize"])  # the user decides
+    assert OmegaConf.to_container(cfg.hydra.sweeper, resolve=True)["direction"] == "minimize"
+
+
 def test_slurm_preset_refuses_devices_auto(tmp_path):
     cfg = _hydra_compose(["hydra/launcher=slurm", f"paths.output_root={tmp_path}", "paths.output_dir=x"])
     with pytest.raises(
