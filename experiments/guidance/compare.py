@@ -249,7 +249,8 @@ def main() -> None:
         f"Machine: {result['cpu']}, {result['cores']} cores. At this N FID has a large floor and spread: "
         "read differences of a few points as noise.",
         "",
-        "Brackets: 95 % paired bootstrap intervals (1000 draws). Precision/recall: torch-fidelity's, k = 3, on "
+        "Brackets: 95 % paired bootstrap intervals (1000 draws; the draws' spread around the value, "
+        "docs/evaluation.md). Precision/recall: torch-fidelity's, k = 3, on "
         "the Inception features.",
         "",
         "| sampler | guidance scale | FID | KID x1000 | precision | recall | mIoU | UNet evals / image | seconds |",
