@@ -69,6 +69,19 @@ class ResumableDataLoader(StatefulDataLoader):
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
             super().__init__(dataset, batch_size=batch_size, sampler=sampler, generator=generator, **kwargs)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The loader's state and the sampler's epoch: Lightning creates the resumed iterator before it
+        sets the epoch again, so the epoch must be back in place when the state is loaded."""
+        return {"epoch": int(getattr(self.sampler, "epoch", 0)), "loader": super().state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "loader" not in state_dict:  # a StatefulDataLoader state without the epoch
+            super().load_state_dict(state_dict)
+            return
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(int(state_dict["epoch"]))
+        super().load_state_dict(state_dict["loader"])
+
     def __iter__(self) -> Iterator[Any]:
         epoch = int(getattr(self.sampler, "epoch", 0))
         if self.generator is not None and getattr(self, "next_iter_state", None) is None:

@@ -319,8 +319,7 @@ def test_loader_resumes_mid_epoch_with_the_same_order_and_augmentation_draws(sto
 
     random.seed(123)  # a new process: whatever it had is replaced by the saved state
     resumed = loader()
-    resumed.load_state_dict(state)
-    resumed.sampler.set_epoch(1)  # Lightning restores the epoch before it iterates
+    resumed.load_state_dict(state)  # the epoch comes back with the state: Lightning iterates before set_epoch
     rest = [b.flatten().tolist() for b in resumed]
     assert seen + rest == epoch1  # same samples, same order, same random draws
     resumed.sampler.set_epoch(2)
@@ -535,7 +534,7 @@ def test_signal_writes_last_checkpoint_at_the_step_boundary_and_exits(tmp_path, 
     assert exit_info.value.code == 128 + sig
     saved = torch.load(tmp_path / "ckpts/last.ckpt", weights_only=True)
     assert saved["global_step"] == 4  # the step that was running finished first
-    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["_num_yielded"] == 4  # batches
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["loader"]["_num_yielded"] == 4
     assert signal.getsignal(sig) == previous  # handlers restored
 
 
