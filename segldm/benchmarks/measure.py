@@ -33,6 +33,7 @@ class Run:
     prepare: Callable[[], None] | None = None
     finish: Callable[[], None] | None = None
     items: int = 1  # images (or UNet evaluations) per call of `work`, for the throughput
+    warmup: int | None = None  # untimed calls before the rounds (None: interleave's `warmup`)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Timing:
     seconds: dict[str, list[float]] = field(default_factory=dict)
     items: dict[str, int] = field(default_factory=dict)
     load: list[list[float] | None] = field(default_factory=list)
+    first_call_s: dict[str, float] = field(default_factory=dict)  # incl. one-off costs (torch.compile)
 
     def median(self, name: str) -> float:
         return statistics.median(self.seconds[name])
@@ -50,12 +52,12 @@ class Timing:
         """Items per second at the median time."""
         return self.items[name] / self.median(name)
 
-    def ratio(self, baseline: str, name: str) -> float:
-        """Median over rounds of (baseline time / variant time) in the same round: the speed-up."""
-        pairs = zip(self.seconds[baseline], self.seconds[name], strict=True)
+    def ratio(self, anchor: str, name: str) -> float:
+        """Median over rounds of (anchor time / variant time) in the same round: the speed-up."""
+        pairs = zip(self.seconds[anchor], self.seconds[name], strict=True)
         return statistics.median(b / v for b, v in pairs)
 
-    def summary(self, baseline: str | None = None) -> dict[str, dict[str, Any]]:
+    def summary(self, anchor: str | None = None) -> dict[str, dict[str, Any]]:
         out = {}
         for name, values in self.seconds.items():
             row: dict[str, Any] = {
@@ -65,10 +67,24 @@ class Timing:
                 "items_per_call": self.items[name],
                 "items_per_s": self.throughput(name),
             }
-            if baseline is not None and baseline in self.seconds:
-                row["speedup_vs_baseline"] = self.ratio(baseline, name)
+            if anchor is not None and anchor in self.seconds:
+                row["speedup"] = self.ratio(anchor, name)
+            if name in self.first_call_s:
+                row["first_call_s"] = self.first_call_s[name]
             out[name] = row
         return out
+
+
+def compile_cost(first_call_s: float, compiled_s: list[float], eager_s: list[float]) -> dict[str, Any]:
+    """torch.compile's one-off cost (the first call beyond a steady one) and the calls it takes to pay
+    it back against the eager twin timed in the same rounds (None: compiled is not faster)."""
+    compile_s = max(0.0, first_call_s - statistics.median(compiled_s))
+    saved = statistics.median(eager_s) - statistics.median(compiled_s)
+    return {
+        "compile_s": compile_s,
+        "speedup_vs_eager": statistics.median(e / c for e, c in zip(eager_s, compiled_s, strict=True)),
+        "break_even_steps": compile_s / saved if saved > 0 else None,
+    }
 
 
 def interleave(
@@ -76,8 +92,9 @@ def interleave(
 ) -> Timing:
     """Time every run `rounds` times, variants taking turns (order rotated each round).
 
-    Each variant is first run `warmup` times (kernel selection, allocator, lazy optimizer state).
-    A timed call runs `work` `repeat` times; its time per call is recorded.
+    Each variant is first run `warmup` times (kernel selection, allocator, lazy optimizer state;
+    `Run.warmup` overrides it), the first of those calls timed apart (`Timing.first_call_s`). A timed
+    call runs `work` `repeat` times; its time per call is recorded.
     """
     names = list(runs)
     timing = Timing(seconds={n: [] for n in names}, items={n: runs[n].items for n in names})
@@ -85,9 +102,12 @@ def interleave(
         run = runs[name]
         if run.prepare:
             run.prepare()
-        for _ in range(warmup):
+        for i in range(warmup if run.warmup is None else run.warmup):
+            start = time.perf_counter()
             run.work()
-        synchronize(device)
+            synchronize(device)
+            if i == 0:
+                timing.first_call_s[name] = time.perf_counter() - start
         if run.finish:
             run.finish()
     for r in range(rounds):

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segldm.benchmarks.building import build_model
 from segldm.benchmarks.machine import bf16_supported, load_average
+from segldm.benchmarks.measure import compile_cost
 from segldm.benchmarks.modes import BatchSource
 from segldm.benchmarks.workers import WorkerProcess
 from segldm.compat.compvis import compvis_config_from_segldm
@@ -49,6 +50,7 @@ class Comparison:
     what: str
     bf16: bool = False  # only where the device has native bf16
     memory: bool = False  # also compare peak memory
+    eager: str | None = None  # a compiled segldm task: its eager twin (compile time, break-even steps)
 
 
 COMPARISONS = {
@@ -57,11 +59,13 @@ COMPARISONS = {
     "step_fp32": Comparison("step", "step_fp32", "whole training step, fp32, the one-hot given to the reference for free", memory=True),
     "step_fp32_loader": Comparison("step_loader_one_hot", "step_fp32", "whole training step, fp32, the reference building its one-hot as its loader does"),
     "step_bf16": Comparison("step", "step_bf16", "whole training step, segldm under bf16 autocast (reference fp32, one-hot free)", bf16=True, memory=True),
-    "emulated_baseline": Comparison("step", "step_baseline", "segldm's emulated reference mode (`baseline` of the train section) vs the real reference: ~1.00x validates it"),
     "unet_fp32_channels_last": Comparison("unet", "unet_fp32_channels_last", "UNet alone, fp32, segldm with model.performance.channels_last=true"),
     "unet_bf16_channels_last": Comparison("unet", "unet_bf16_channels_last", "UNet alone, segldm bf16 + model.performance.channels_last=true (reference fp32)", bf16=True),
     "step_fp32_channels_last": Comparison("step", "step_fp32_channels_last", "whole training step, fp32, segldm with model.performance.channels_last=true (one-hot free)", memory=True),
     "step_bf16_channels_last": Comparison("step", "step_bf16_channels_last", "whole training step, segldm bf16 + model.performance.channels_last=true (reference fp32, one-hot free)", bf16=True, memory=True),
+    "unet_fp32_compile": Comparison("unet", "unet_fp32_compile", "UNet alone, fp32, segldm with model.performance.compile=true", eager="unet_fp32"),
+    "step_fp32_compile": Comparison("step", "step_fp32_compile", "whole training step, fp32, segldm with model.performance.compile=true (one-hot free)", eager="step_fp32"),
+    "step_bf16_compile": Comparison("step", "step_bf16_compile", "whole training step, segldm bf16 + model.performance.compile=true (reference fp32, one-hot free)", bf16=True, eager="step_bf16"),
     "ema": Comparison("ema", "ema", "EMA update of the UNet weights (after every optimizer step)"),
     "sample_fp32": Comparison("sample", "sample_fp32", "DDIM sampling (eta 0, EMA weights), UNet evaluations, fp32 both"),
     "sample_bf16": Comparison("sample", "sample_bf16", "DDIM sampling, segldm under bf16 autocast (reference fp32)", bf16=True),
@@ -137,6 +141,7 @@ def write_setup(name: str, cfg: DictConfig, spec: DictConfig, folder: Path, thre
         "noise": torch.randn((batch_size, *latent_shape), generator=generator),
         "x_T": torch.randn((batch_size, *latent_shape), generator=generator),
         "sampler_steps": int(cfg.reference.sampler_steps),
+        "tolerance": float(cfg.reference.tolerance),
         "lr": float(cfg.reference.lr),
     }
     torch.save(setup, folder / f"{name}_setup.pt")
@@ -197,7 +202,20 @@ def bench_reference_config(
         raise ValueError(
             f"reference.configs.{name}.comparisons: unknown {unknown}; known: {sorted(COMPARISONS)}"
         )
-    wanted = [c for c in spec.comparisons if bf16 or not COMPARISONS[c].bf16]
+    wanted = [
+        c
+        for c in spec.comparisons
+        if (bf16 or not COMPARISONS[c].bf16) and (cfg.compile or COMPARISONS[c].eager is None)
+    ]
+    timed = {COMPARISONS[c].segldm for c in wanted}
+    missing_eager = sorted(
+        f"{c} needs {COMPARISONS[c].eager}" for c in wanted if COMPARISONS[c].eager not in (None, *timed)
+    )
+    if missing_eager:
+        raise ValueError(
+            f"reference.configs.{name}.comparisons: a compiled row is compared with its eager twin, "
+            f"add it: {missing_eager}"
+        )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"segldm-bench-ref-{name}-") as tmp:
         folder = Path(tmp)
@@ -220,7 +238,10 @@ def bench_reference_config(
             log.info(
                 "bench reference %s: outputs agree (max relative error %.2e)", name, max(errors.values())
             )
-            timing, load = time_alternating(ref, seg, [COMPARISONS[c] for c in wanted], int(spec.rounds))
+            timing, first_calls, load = time_alternating(
+                ref, seg, [COMPARISONS[c] for c in wanted], int(spec.rounds)
+            )
+            compile_errors = seg.call("compile_checks")["relative_errors"]
             peaks = peak_mib_per_task(ref, seg, [COMPARISONS[c] for c in wanted if COMPARISONS[c].memory])
             memory = {
                 c: {
@@ -258,6 +279,13 @@ def bench_reference_config(
         }
         if c in memory:
             row.update(memory[c], memory_ratio=memory[c]["segldm_mib"] / memory[c]["reference_mib"])
+        if comparison.eager is not None:
+            row.update(
+                compile_cost(
+                    first_calls["segldm"][comparison.segldm], ours, timing["segldm"][comparison.eager]
+                ),
+                compiled_vs_eager_relative_error=compile_errors.get(comparison.segldm),
+            )
         if c == "ema" and "step_fp32" in wanted:  # the issue's budget: <= 5 % of the step
             step = timing["segldm"]["step_fp32"]
             row["segldm_share_of_step_fp32"] = statistics.median(
@@ -304,18 +332,20 @@ def peak_mib_per_task(
 
 def time_alternating(
     ref: WorkerProcess, seg: WorkerProcess, comparisons: list[Comparison], rounds: int
-) -> tuple[dict[str, dict[str, list[float]]], list[Any]]:
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, float]], list[Any]]:
     """Seconds per call of every task the comparisons need, one call per task per round; the sides
-    take turns, the reference first in even rounds and segldm first in odd ones."""
+    take turns, the reference first in even rounds and segldm first in odd ones. Also each task's
+    untimed first call (what compiling costs)."""
     tasks = {
         "reference": list(dict.fromkeys(c.reference for c in comparisons)),
         "segldm": list(dict.fromkeys(c.segldm for c in comparisons)),
     }
     workers = {"reference": ref, "segldm": seg}
     seconds: dict[str, dict[str, list[float]]] = {side: {t: [] for t in ts} for side, ts in tasks.items()}
+    first_calls: dict[str, dict[str, float]] = {side: {} for side in tasks}
     for side, names in tasks.items():  # warm-up, untimed: kernels, allocator, optimizer state
         for task in names:
-            workers[side].call("time", task=task)
+            first_calls[side][task] = workers[side].call("time", task=task)["first_call_s"]
     load = []
     for r in range(rounds):
         load.append(load_average())
@@ -325,7 +355,7 @@ def time_alternating(
                 seconds[side][task].append(workers[side].call("time", task=task)["seconds"])
         log.info("bench reference: round %d/%d done", r + 1, rounds)
     load.append(load_average())
-    return seconds, load
+    return seconds, first_calls, load
 
 
 def bench_reference(cfg: DictConfig) -> dict[str, Any]:

@@ -8,10 +8,10 @@ Loads the CompVis config and checkpoint of the setup file with :func:`segldm.com
   L1 to the noise, backward (the network alone);
 * ``step_fp32`` / ``step_bf16``: the whole training step as segldm runs it (label maps from the
   loader, first stage under inference mode, loss, backward, fused AdamW, EMA update);
-* ``step_baseline``: the same step in the suite's emulated reference mode (its ratio to the real
-  reference is what validates, or not, the emulation);
 * ``sample_fp32`` / ``sample_bf16``: DDIM (eta 0) from fixed noise with the EMA weights;
 * ``*_channels_last``: the unet/step tasks with ``model.performance.channels_last=true``;
+* ``*_compile``: the unet/step tasks with ``model.performance.compile=true`` (torch.compile of the
+  UNet); after its first call (the compiling one) its UNet output is checked against the eager UNet's;
 * ``ema``: the EMA update of the UNet's weights alone (what follows every optimizer step).
 """
 
@@ -22,6 +22,7 @@ import sys
 import torch
 
 from segldm.benchmarks.modes import ModeSwitch, PerfMode, autocast, training_step, variant_modes
+from segldm.benchmarks.reference import relative_error
 from segldm.benchmarks.workers import BenchWorker
 from segldm.compat.compvis import load_compvis
 from segldm.training.ldm import LatentDiffusion
@@ -53,24 +54,48 @@ class SegldmWorker(BenchWorker):
             "unet_bf16": ("optimised", self.unet_step),
             "step_fp32": ("optimised_fp32", self.step),
             "step_bf16": ("optimised", self.step),
-            "step_baseline": ("baseline", self.step),
             "sample_fp32": ("optimised_fp32", self.sample),
             "sample_bf16": ("optimised", self.sample),
         }
-        for name in (
-            "unet_fp32",
-            "unet_bf16",
-            "step_fp32",
-            "step_bf16",
-        ):  # + model.performance.channels_last=true
-            mode_name, work = modes[name]
-            modes[f"{name}_channels_last"] = (mode_name, work)
+        for name in ("unet_fp32", "unet_bf16", "step_fp32", "step_bf16"):
+            for extra in ("channels_last", "compile"):  # + model.performance.<extra>=true
+                modes[f"{name}_{extra}"] = modes[name]
+        self.compile_errors: dict[str, float] = {}
+        self.task_modes: dict[str, PerfMode] = {}
         for name, (mode_name, work) in modes.items():
-            mode = self.modes[mode_name].replace(channels_last=name.endswith("_channels_last"))
+            mode = self.modes[mode_name].replace(
+                channels_last=name.endswith("_channels_last"), compile=name.endswith("_compile")
+            )
+            self.task_modes[name] = mode
             # switching modes (memory format included) happens before the clock starts
             self.prepare[name] = lambda mode=mode: self.switch.apply(mode)
             self.tasks[name] = lambda work=work, mode=mode: work(mode)
         self.tasks["ema"] = lambda: self.model.model_ema(self.model.model)
+
+    def after_first_call(self, task: str) -> None:
+        """A compiled UNet computes what the eager one does: relative error of the training-mode
+        output (the graph the timed calls run) within the setup's tolerance, 2e-2 under bf16 (where
+        fusion changes which intermediates are rounded to bf16)."""
+        mode = self.task_modes.get(task)
+        if mode is None or not mode.compile:
+            return
+        outputs = []
+        for compiled in (True, False):
+            self.switch.compiled_unet.use(compiled)
+            with autocast(mode, self.device):  # grad on: the training graph, compiled already
+                outputs.append(self.model.apply_model(self.x_noisy, self.setup["t"], self.c).detach().float())
+        self.switch.compiled_unet.use(True)
+        error = relative_error(outputs[0], outputs[1])
+        tolerance = 2e-2 if mode.precision == "bf16" else float(self.setup.get("tolerance", 1e-4))
+        if not error <= tolerance:
+            raise ValueError(
+                f"{task}: the compiled UNet's output differs from the eager one by {error:.2e} (relative "
+                f"L2) > {tolerance}; nothing of it was timed"
+            )
+        self.compile_errors[task] = error
+
+    def cmd_compile_checks(self) -> dict[str, dict[str, float]]:
+        return {"relative_errors": self.compile_errors}
 
     def unet_step(self, mode: PerfMode) -> None:
         with autocast(mode, self.device):

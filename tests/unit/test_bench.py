@@ -3,6 +3,7 @@ it does not benchmark anything)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,8 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from segldm.benchmarks.machine import CPU_FLAGS, describe_machine, gpu_bf16_peak_tflops
-from segldm.benchmarks.measure import Timing, peak_memory, tensor_bytes
-from segldm.benchmarks.modes import BASELINE, variant_modes
+from segldm.benchmarks.measure import Run, Timing, compile_cost, interleave, peak_memory, tensor_bytes
+from segldm.benchmarks.modes import ABLATIONS, ANCHOR, variant_modes
 from tests.conftest import CONF, REPO, compose_train
 
 MiB = 2**20
@@ -39,7 +40,29 @@ def test_ratios_are_taken_round_by_round():
     assert timing.ratio("baseline", "fast") == 2.0  # rounds give 2, 4, 2: the load of round 2 cancels
     summary = timing.summary("baseline")
     assert summary["fast"]["median_s"] == 1.0 and summary["fast"]["items_per_s"] == 4.0
-    assert summary["baseline"]["speedup_vs_baseline"] == 1.0
+    assert summary["baseline"]["speedup"] == 1.0 and summary["fast"]["speedup"] == 2.0
+
+
+def test_compile_cost_is_the_first_call_beyond_a_steady_one():
+    # compiled: first call 31 s, then 1 s; eager 1.5 s: 30 s of compiling, 0.5 s saved per call
+    cost = compile_cost(31.0, [1.0, 1.2, 0.9], [1.5, 1.8, 1.35])
+    assert cost["compile_s"] == 30.0 and cost["break_even_steps"] == 60.0
+    assert cost["speedup_vs_eager"] == 1.5
+    slower = compile_cost(31.0, [2.0, 2.0, 2.0], [1.5, 1.5, 1.5])
+    assert slower["break_even_steps"] is None and slower["speedup_vs_eager"] == 0.75
+
+
+def test_interleave_times_the_first_call_apart():
+    calls = []
+
+    def work() -> None:
+        calls.append(1)
+
+    timing = interleave(
+        {"a": Run(work, warmup=1), "b": Run(work)}, rounds=2, device=torch.device("cpu"), warmup=0
+    )
+    assert len(calls) == 5 and set(timing.first_call_s) == {"a"}  # a: 1 warm-up + 2 rounds, b: 2 rounds
+    assert timing.summary()["a"]["first_call_s"] >= 0.0 and "first_call_s" not in timing.summary()["b"]
 
 
 def test_cpu_peak_memory_follows_allocations_and_frees():
@@ -95,13 +118,14 @@ def test_every_mode_is_a_training_config():
             assert perf.fused_label_conditioning == (mode.masks != "device_one_hot"), name
             assert perf.cache_latents == mode.cached_latents, name
             assert m.optimization.fused_optimizer == mode.fused_optimizer, name
-    assert BASELINE.config_overrides() == [
-        "+model.unet.attention_impl=einsum",
-        "+model.first_stage.ddconfig.attention_impl=einsum",
+    modes = variant_modes(torch.device("cpu"), bf16=True, channels_last=False)
+    assert modes[ANCHOR].config_overrides() == ["trainer.precision=32-true"]
+    anchor = dataclasses.asdict(modes[ANCHOR])
+    for name in ABLATIONS:  # leave-one-out: each differs from the anchor in exactly one choice
+        assert len(dataclasses.asdict(modes[name]).items() - anchor.items()) == 1, name
+    assert modes["-label_map"].config_overrides() == [
         "trainer.precision=32-true",
-        "model.performance.first_stage_inference_mode=false",
         "data.one_hot_in_loader=true",
-        "model.optimization.fused_optimizer=false",
     ]
 
 
@@ -122,7 +146,8 @@ def test_make_bench_writes_results_at_toy_size(tmp_path):
         "sections=[train,first_stage,sampler,data]",
         f"configs.small.overrides={overrides}",
         "configs.small.batch_size=2",
-        "configs.small.variants=[baseline,+label_map,optimised,optimised+cached_latents]",
+        "configs.small.variants=[-label_map,optimised,optimised+cached_latents,optimised+compile]",
+        "compile=false",
         "train.configs=[small]",
         "first_stage.configs=[small]",
         "sampler.configs=[small]",
@@ -139,12 +164,12 @@ def test_make_bench_writes_results_at_toy_size(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     train = results["sections"]["train"]["small"]["variants"]
-    assert train["baseline"]["speedup_vs_baseline"] == 1.0 and train["baseline"]["memory_vs_baseline"] == 1.0
-    # memory is deterministic: without the loader's one-hot (2 x 32 x 32 x 182 floats, plus the
-    # model's channels-first copy) the step's peak drops by at least that much
+    assert list(train) == [ANCHOR, "-label_map", "optimised", "optimised+cached_latents"]  # compile=false
+    assert train[ANCHOR]["speedup"] == 1.0 and train[ANCHOR]["memory_ratio"] == 1.0
+    # memory is deterministic: with the loader's one-hot (2 x 32 x 32 x 182 floats, plus the
+    # model's channels-first copy) the step's peak rises by at least that much
     one_hot_mib = 2 * 32 * 32 * 182 * 4 / MiB
-    assert train["+label_map"]["peak_memory_mib"] < train["baseline"]["peak_memory_mib"] - one_hot_mib
-    assert results["goals"]["config"] == "small" and "train_memory_met" in results["goals"]
+    assert train["-label_map"]["peak_memory_mib"] > train[ANCHOR]["peak_memory_mib"] + one_hot_mib
     assert results["sections"]["first_stage"]["small"]["bf16_codebook_indices_equal"] is True
     assert set(results["sections"]["data"]["variants"]) == {
         "loader_one_hot",
