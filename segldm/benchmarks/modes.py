@@ -50,7 +50,8 @@ class PerfMode:
     first_stage_inference_mode: bool = True  # False: no_grad, as the reference
     masks: str = "label_map"  # loader_one_hot (reference) | device_one_hot | label_map (fused)
     cached_latents: bool = False
-    compile: bool = False
+    compile: bool = False  # torch.compile of the UNet
+    compile_first_stage: bool = False  # torch.compile of the first stage's encoder
     fused_optimizer: bool = True
 
     def __post_init__(self) -> None:
@@ -60,6 +61,11 @@ class PerfMode:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.masks not in MASK_PATHS:
             raise ValueError(f"masks must be one of {MASK_PATHS}, got {self.masks!r}")
+
+    @property
+    def compiles(self) -> bool:
+        """Whether this mode runs anything through torch.compile (minutes of compiling on a CPU)."""
+        return self.compile or self.compile_first_stage
 
     def replace(self, **changes: Any) -> PerfMode:
         return dataclasses.replace(self, **changes)
@@ -85,6 +91,8 @@ class PerfMode:
             out.append("model.performance.cache_latents=true")
         if self.compile:
             out.append("model.performance.compile=true")
+        if self.compile_first_stage:
+            out.append("model.performance.compile_first_stage=true")
         if not self.fused_optimizer:
             out.append("model.optimization.fused_optimizer=false")
         return out
@@ -114,10 +122,12 @@ def variant_modes(device: torch.device, bf16: bool, channels_last: bool) -> dict
         **{name: fp32.replace(**change) for name, change in ABLATIONS.items()},
         "+channels_last": fp32.replace(channels_last=True),
         "+compile": fp32.replace(compile=True),
+        "+compile_first_stage": fp32.replace(compile_first_stage=True),
         "optimised": optimised,
         "optimised+channels_last": optimised.replace(channels_last=True),
         "optimised+cached_latents": optimised.replace(cached_latents=True),
         "optimised+compile": optimised.replace(compile=True),
+        "optimised+compile_first_stage": optimised.replace(compile_first_stage=True),
     }
 
 
@@ -144,6 +154,7 @@ class ModeSwitch:
         self.unet = model.model.diffusion_model
         self.caches: dict[PerfMode, LatentCache] = {}
         self.compiled_unet = CompiledCall(self.unet)
+        self.compiled_encoder = CompiledCall(model.first_stage_model.encoder)
         self.current: PerfMode | None = None
 
     def apply(self, mode: PerfMode) -> None:
@@ -162,6 +173,7 @@ class ModeSwitch:
             model.first_stage_model.to(memory_format=fmt)
         model.latent_cache = self.caches.setdefault(mode, LatentCache()) if mode.cached_latents else None
         self.compiled_unet.use(mode.compile)  # in place, as model.performance.compile=true does
+        self.compiled_encoder.use(mode.compile_first_stage)
         self.current = mode
 
 

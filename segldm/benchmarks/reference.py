@@ -65,6 +65,8 @@ COMPARISONS = {
     "step_bf16_channels_last": Comparison("step", "step_bf16_channels_last", "whole training step, segldm bf16 + model.performance.channels_last=true (reference fp32, one-hot free)", bf16=True, memory=True),
     "unet_fp32_compile": Comparison("unet", "unet_fp32_compile", "UNet alone, fp32, segldm with model.performance.compile=true", eager="unet_fp32"),
     "step_fp32_compile": Comparison("step", "step_fp32_compile", "whole training step, fp32, segldm with model.performance.compile=true (one-hot free)", eager="step_fp32"),
+    "step_fp32_compile_first_stage": Comparison("step", "step_fp32_compile_first_stage", "whole training step, fp32, segldm with model.performance.compile_first_stage=true (one-hot free)", eager="step_fp32"),
+    "step_bf16_compile_first_stage": Comparison("step", "step_bf16_compile_first_stage", "whole training step, segldm bf16 + model.performance.compile_first_stage=true (reference fp32, one-hot free)", bf16=True, eager="step_bf16"),
     "step_bf16_compile": Comparison("step", "step_bf16_compile", "whole training step, segldm bf16 + model.performance.compile=true (reference fp32, one-hot free)", bf16=True, eager="step_bf16"),
     "ema": Comparison("ema", "ema", "EMA update of the UNet weights (after every optimizer step)"),
     "sample_fp32": Comparison("sample", "sample_fp32", "DDIM sampling (eta 0, EMA weights), UNet evaluations, fp32 both"),

@@ -14,10 +14,12 @@ VARIANT_NOTES = {
     "-fused_adamw": "anchor with torch's per-tensor loop AdamW",
     "+channels_last": "anchor + channels_last UNet and first stage",
     "+compile": "anchor + model.performance.compile (torch.compile of the UNet)",
+    "+compile_first_stage": "anchor + model.performance.compile_first_stage (torch.compile of the frozen encoder)",
     "optimised": "segldm defaults for this device (bf16 where native)",
     "optimised+channels_last": "optimised + channels_last UNet and first stage",
     "optimised+cached_latents": "optimised + model.performance.cache_latents (data without random crops)",
     "optimised+compile": "optimised + model.performance.compile (torch.compile of the UNet)",
+    "optimised+compile_first_stage": "optimised + model.performance.compile_first_stage (torch.compile of the frozen encoder)",
 }
 
 

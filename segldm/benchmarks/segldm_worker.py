@@ -12,6 +12,8 @@ Loads the CompVis config and checkpoint of the setup file with :func:`segldm.com
 * ``*_channels_last``: the unet/step tasks with ``model.performance.channels_last=true``;
 * ``*_compile``: the unet/step tasks with ``model.performance.compile=true`` (torch.compile of the
   UNet); after its first call (the compiling one) its UNet output is checked against the eager UNet's;
+* ``step_*_compile_first_stage``: the step with ``model.performance.compile_first_stage=true`` (the
+  encoder compiled; its latents checked against the eager encoder's the same way);
 * ``ema``: the EMA update of the UNet's weights alone (what follows every optimizer step).
 """
 
@@ -58,13 +60,19 @@ class SegldmWorker(BenchWorker):
             "sample_bf16": ("optimised", self.sample),
         }
         for name in ("unet_fp32", "unet_bf16", "step_fp32", "step_bf16"):
-            for extra in ("channels_last", "compile"):  # + model.performance.<extra>=true
+            for extra in (
+                "channels_last",
+                "compile",
+                "compile_first_stage",
+            ):  # + model.performance.<extra>=true
                 modes[f"{name}_{extra}"] = modes[name]
         self.compile_errors: dict[str, float] = {}
         self.task_modes: dict[str, PerfMode] = {}
         for name, (mode_name, work) in modes.items():
             mode = self.modes[mode_name].replace(
-                channels_last=name.endswith("_channels_last"), compile=name.endswith("_compile")
+                channels_last=name.endswith("_channels_last"),
+                compile=name.endswith("_compile"),
+                compile_first_stage=name.endswith("_compile_first_stage"),
             )
             self.task_modes[name] = mode
             # switching modes (memory format included) happens before the clock starts
@@ -73,26 +81,42 @@ class SegldmWorker(BenchWorker):
         self.tasks["ema"] = lambda: self.model.model_ema(self.model.model)
 
     def after_first_call(self, task: str) -> None:
-        """A compiled UNet computes what the eager one does: relative error of the training-mode
-        output (the graph the timed calls run) within the setup's tolerance, 2e-2 under bf16 (where
-        fusion changes which intermediates are rounded to bf16)."""
+        """A compiled module computes what the eager one does: relative error of the UNet's training-
+        mode output (the graph the timed calls run) or of the encoder's latents, within the setup's
+        tolerance; 2e-2 under bf16 (fusion changes which intermediates are rounded to bf16)."""
         mode = self.task_modes.get(task)
-        if mode is None or not mode.compile:
+        if mode is None or not (mode.compile or mode.compile_first_stage):
             return
-        outputs = []
-        for compiled in (True, False):
-            self.switch.compiled_unet.use(compiled)
-            with autocast(mode, self.device):  # grad on: the training graph, compiled already
-                outputs.append(self.model.apply_model(self.x_noisy, self.setup["t"], self.c).detach().float())
-        self.switch.compiled_unet.use(True)
-        error = relative_error(outputs[0], outputs[1])
         tolerance = 2e-2 if mode.precision == "bf16" else float(self.setup.get("tolerance", 1e-4))
-        if not error <= tolerance:
-            raise ValueError(
-                f"{task}: the compiled UNet's output differs from the eager one by {error:.2e} (relative "
-                f"L2) > {tolerance}; nothing of it was timed"
-            )
-        self.compile_errors[task] = error
+        images = self.setup["images"].permute(0, 3, 1, 2).contiguous()
+        checks = {  # compiled module's switch, and what it computes
+            "UNet's output": (
+                mode.compile,
+                self.switch.compiled_unet,
+                lambda: self.model.apply_model(self.x_noisy, self.setup["t"], self.c).detach(),
+            ),
+            "encoder's latents": (
+                mode.compile_first_stage,
+                self.switch.compiled_encoder,
+                lambda: self.model.encode_first_stage(images),  # under inference_mode, as in the step
+            ),
+        }
+        for what, (on, switch, compute) in checks.items():
+            if not on:
+                continue
+            outputs = []
+            for compiled in (True, False):
+                switch.use(compiled)
+                with autocast(mode, self.device):
+                    outputs.append(compute().float())
+            switch.use(True)
+            error = relative_error(outputs[0], outputs[1])
+            if not error <= tolerance:
+                raise ValueError(
+                    f"{task}: the compiled {what} differ from the eager ones by {error:.2e} (relative L2) "
+                    f"> {tolerance}; nothing of it was timed"
+                )
+            self.compile_errors[task] = max(error, self.compile_errors.get(task, 0.0))
 
     def cmd_compile_checks(self) -> dict[str, dict[str, float]]:
         return {"relative_errors": self.compile_errors}

@@ -109,7 +109,9 @@ def bench_training(name: str, cfg: DictConfig, models: ModelCache) -> dict[str, 
     unknown = sorted(set(spec.variants) - set(modes))
     if unknown:
         raise ValueError(f"configs.{name}.variants: unknown {unknown}; known: {sorted(modes)}")
-    wanted = list(dict.fromkeys([ANCHOR, *(v for v in spec.variants if cfg.compile or not modes[v].compile)]))
+    wanted = list(
+        dict.fromkeys([ANCHOR, *(v for v in spec.variants if cfg.compile or not modes[v].compiles)])
+    )
     switch = ModeSwitch(model)
     params = list(model.model.parameters()) + list(model.cond_stage_model.parameters())
     optimizers = make_optimizers(params, lr=1e-7, weight_decay=model.weight_decay)
@@ -126,7 +128,7 @@ def bench_training(name: str, cfg: DictConfig, models: ModelCache) -> dict[str, 
             prepare=prepare,
             finish=state.clear,
             items=batch_size,
-            warmup=1 if mode.compile else None,  # compiling: timed apart, reported as compile_s
+            warmup=1 if mode.compiles else None,  # compiling: timed apart, reported as compile_s
         )
 
     # no warm-up otherwise: a variant's one-off costs (kernel selection, optimizer state) land in its
@@ -148,7 +150,7 @@ def bench_training(name: str, cfg: DictConfig, models: ModelCache) -> dict[str, 
             device,
             resident,
         )
-    reference_mode = modes["optimised"].replace(precision="fp32", compile=False, cached_latents=False)
+    reference_mode = modes[ANCHOR].replace(compile=False, compile_first_stage=False, cached_latents=False)
     switch.apply(reference_mode)
     flops = count_flops(
         lambda: training_step(
@@ -177,9 +179,13 @@ def bench_training(name: str, cfg: DictConfig, models: ModelCache) -> dict[str, 
             "reference_gflops_per_s": achieved / 1e9,
             "mfu": (achieved / (float(peak_tflops) * 1e12)) if peak_tflops else None,
         }
-        if mode.compile:
+        if mode.compiles:
             variants[variant].update(
-                compiled_row(timing, variant, [k for k in wanted if modes[k] == mode.replace(compile=False)])
+                compiled_row(
+                    timing,
+                    variant,
+                    [k for k in wanted if modes[k] == mode.replace(compile=False, compile_first_stage=False)],
+                )
             )
     return {
         "description": str(spec.description),
@@ -218,7 +224,9 @@ def first_stage_modes(bf16: bool, compile_encoder: bool) -> dict[str, PerfMode]:
     if bf16:
         out["optimised"] = PerfMode(precision="bf16")
     if compile_encoder:
-        out["+compile"] = fp32.replace(compile=True)
+        out["+compile"] = fp32.replace(compile_first_stage=True)
+        if bf16:
+            out["optimised+compile"] = out["optimised"].replace(compile_first_stage=True)
     return out
 
 
@@ -242,7 +250,7 @@ def bench_first_stage(name: str, cfg: DictConfig, models: ModelCache) -> dict[st
         for module in vq.modules():
             if hasattr(module, "attention_impl"):
                 module.attention_impl = mode.attention
-        compiled_encoder.use(mode.compile)
+        compiled_encoder.use(mode.compile_first_stage)
 
     def grad_mode(mode: PerfMode) -> Any:
         return torch.inference_mode() if mode.first_stage_inference_mode else torch.no_grad()
@@ -267,9 +275,11 @@ def bench_first_stage(name: str, cfg: DictConfig, models: ModelCache) -> dict[st
     rounds = int(spec.rounds)
     encode_timing = interleave({k: encode_run(m) for k, m in modes.items()}, rounds, device)
     encode = encode_timing.summary(ANCHOR)
-    if "+compile" in modes:  # the encoder alone is compiled
-        encode["+compile"].update(compiled_row(encode_timing, "+compile", [ANCHOR]))
-    decoders = {k: m for k, m in modes.items() if not m.compile}
+    for name, mode in modes.items():  # the encoder alone is compiled: encode rows only
+        if mode.compile_first_stage:
+            eager = [k for k, m in modes.items() if m == mode.replace(compile_first_stage=False)]
+            encode[name].update(compiled_row(encode_timing, name, eager))
+    decoders = {k: m for k, m in modes.items() if not m.compile_first_stage}
     decode = interleave({k: decode_run(m) for k, m in decoders.items()}, rounds, device).summary(ANCHOR)
     compiled_encoder.use(False)
     with torch.no_grad():

@@ -13,6 +13,7 @@ path in tests/unit/test_perf_equivalence.py; `python -m segldm.benchmarks` measu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -74,6 +75,13 @@ def label_map_conditioning(
 def to_channels_last(module: nn.Module) -> nn.Module:
     """Convert 4-D parameters and buffers to channels_last in place (Parameter objects kept)."""
     return module.to(memory_format=torch.channels_last)
+
+
+def compile_options(setting: bool | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """`model.performance.compile*` as torch.compile's keyword arguments: None (off), {} (true) or the dict."""
+    if not setting:
+        return None
+    return dict(setting) if isinstance(setting, Mapping) else {}
 
 
 def compile_module(module: nn.Module, options: dict[str, Any] | None = None) -> nn.Module:

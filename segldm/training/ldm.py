@@ -37,7 +37,12 @@ from segldm.diffusion.schedule import (
 from segldm.diffusion.validation import mean_and_standard_error, validation_draws
 from segldm.models.cond_stage import one_hot_from_label_map
 from segldm.models.ema import LitEma
-from segldm.models.performance import compile_module, label_map_conditioning, to_channels_last
+from segldm.models.performance import (
+    compile_module,
+    compile_options,
+    label_map_conditioning,
+    to_channels_last,
+)
 from segldm.training.guards import check_finite
 from segldm.training.latent_cache import LatentCache, batch_sample_keys, has_fixed_samples
 from segldm.training.lr_schedulers import (
@@ -216,12 +221,8 @@ class LatentDiffusion(Sampling, L.LightningModule):
         self.first_stage_inference_mode = performance.first_stage_inference_mode
         self.fused_label_conditioning = performance.fused_label_conditioning
         self.channels_last = performance.channels_last
-        compile_setting = performance.compile
-        self.compile_options: dict[str, Any] | None = (
-            (dict(compile_setting) if isinstance(compile_setting, Mapping) else {})
-            if compile_setting
-            else None
-        )
+        self.compile_options = compile_options(performance.compile)
+        self.first_stage_compile_options = compile_options(performance.compile_first_stage)
         self.latent_cache: LatentCache | None = LatentCache() if performance.cache_latents else None
         # AdamW's fused kernel: same update, one pass per tensor
         self.fused_optimizer = optimization.fused_optimizer
@@ -402,17 +403,27 @@ class LatentDiffusion(Sampling, L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
-        """Memory format and torch.compile of the UNet (model.performance.channels_last, .compile)."""
+        """Memory format and torch.compile (model.performance.channels_last, .compile, .compile_first_stage)."""
         self.apply_performance_settings()
 
     def apply_performance_settings(self) -> None:
-        """channels_last for the UNet and first stage; torch.compile of the UNet (keys unchanged)."""
+        """channels_last for the UNet and first stage; torch.compile of the UNet and of the first
+        stage's encoder, in place (keys unchanged)."""
         if self.channels_last:
             to_channels_last(self.model)
             to_channels_last(self.first_stage_model)
         if self.compile_options is not None and not getattr(self, "_compiled", False):
             compile_module(self.model.diffusion_model, self.compile_options)
             self._compiled = True
+        encoder = getattr(self.first_stage_model, "encoder", None)
+        if self.first_stage_compile_options is not None and not getattr(self, "_compiled_first_stage", False):
+            if encoder is None:
+                raise ValueError(
+                    f"model.performance.compile_first_stage: {type(self.first_stage_model).__name__} has no "
+                    "`encoder` module to compile; set it to false"
+                )
+            compile_module(encoder, self.first_stage_compile_options)
+            self._compiled_first_stage = True
 
     def on_fit_start(self) -> None:
         """model.performance.cache_latents only for data whose samples never change (no random crops or flips)."""

@@ -65,6 +65,7 @@ class PerformanceOptions:
     fused_label_conditioning: bool = True
     channels_last: bool = False
     compile: bool | dict[str, Any] = False
+    compile_first_stage: bool | dict[str, Any] = False
     cache_latents: bool = False
 
 

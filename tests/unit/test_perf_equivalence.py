@@ -8,10 +8,10 @@ import torch
 from hydra.utils import instantiate
 
 from segldm.benchmarks.modes import (
-    BASELINE,
     OPTIMISED,
     BatchSource,
     ModeSwitch,
+    PerfMode,
     autocast,
     randomize_zero_parameters,
 )
@@ -27,6 +27,16 @@ from tests.conftest import TINY_FIRST_STAGE, TINY_UNET, compose_train
 
 N_LABELS = 12
 CPU = torch.device("cpu")
+
+
+# every choice the CompVis code's way at once: what each speed path must compute the same as
+COMPVIS_WAY = PerfMode(
+    attention="einsum",
+    precision="fp32",
+    first_stage_inference_mode=False,
+    masks="loader_one_hot",
+    fused_optimizer=False,
+)
 
 
 def small_ldm(**overrides: object) -> LatentDiffusion:
@@ -101,7 +111,7 @@ def test_label_map_conditioning_falls_back_where_it_is_not_exact():
 
 def test_fused_conditioning_gives_the_reference_loss_and_gradients_exactly():
     model = small_ldm()
-    reference = BASELINE.replace(attention="sdpa")  # fp32, loader one-hot
+    reference = COMPVIS_WAY.replace(attention="sdpa")  # fp32, loader one-hot
     fused = reference.replace(masks="label_map")
     loss_ref, grads_ref = loss_and_grads(model, batch_for(reference), reference)
     loss, grads = loss_and_grads(model, batch_for(fused), fused)
@@ -113,12 +123,12 @@ def test_fused_conditioning_gives_the_reference_loss_and_gradients_exactly():
 def test_sdpa_and_inference_mode_and_channels_last_match_the_reference_way():
     model = small_ldm()
     switch = ModeSwitch(model)
-    switch.apply(BASELINE)
-    loss_ref, grads_ref = loss_and_grads(model, batch_for(BASELINE), BASELINE)
+    switch.apply(COMPVIS_WAY)
+    loss_ref, grads_ref = loss_and_grads(model, batch_for(COMPVIS_WAY), COMPVIS_WAY)
     for mode in (
-        BASELINE.replace(attention="sdpa"),
-        BASELINE.replace(first_stage_inference_mode=True),
-        BASELINE.replace(channels_last=True),
+        COMPVIS_WAY.replace(attention="sdpa"),
+        COMPVIS_WAY.replace(first_stage_inference_mode=True),
+        COMPVIS_WAY.replace(channels_last=True),
         OPTIMISED.replace(precision="fp32", channels_last=True),
     ):
         switch.apply(mode)
@@ -379,6 +389,21 @@ def test_compiled_unet_matches_eager_and_keeps_the_keys():
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-5)
     assert_grads_close(grads, grads_ref, rtol=1e-2)
+
+
+@pytest.mark.slow
+def test_compiled_encoder_matches_eager_and_keeps_the_keys():
+    """model.performance.compile_first_stage: inductor fuses GroupNorm, SiLU and the residual adds
+    and may reorder their sums, so fp32 latents agree to rounding (~1e-6 relative), not bit for bit."""
+    model = small_ldm(compile_first_stage=True)
+    keys = list(model.state_dict())
+    images = batch_for(OPTIMISED)["image"].permute(0, 3, 1, 2).contiguous()
+    eager = model.encode_first_stage(images)
+    model.apply_performance_settings()
+    assert model.first_stage_model.encoder._compiled_call_impl is not None
+    compiled = model.encode_first_stage(images)
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- samplers
