@@ -41,6 +41,10 @@ def _f(value: Any, digits: int = 2, suffix: str = "") -> str:
     return f"{value:.{digits}f}{suffix}"
 
 
+def _met(met: bool | None) -> str:
+    return "not measured" if met is None else ("met" if met else "**NOT met**")
+
+
 def _load(rounds: list[Any] | None) -> str:
     values = [r[0] for r in (rounds or []) if r]
     return f"{min(values):.1f}–{max(values):.1f}" if values else "–"
@@ -186,11 +190,16 @@ def render_reference(section: dict[str, Any]) -> list[str]:
         "step's allocation peak, each in its own process.",
     ]
     if section.get("goals"):
-        lines += ["", "| goal | this run | met |", "|---|---|---|"]
+        lines += [
+            "",
+            "| goal | segldm defaults | met | best opt-in setting | value | met |",
+            "|---|---|---|---|---|---|",
+        ]
         for g in section["goals"]:
-            met = "not measured" if g["met"] is None else ("met" if g["met"] else "**NOT met**")
             lines.append(
-                f"| `{g['config']}` {g['comparison']} {g['metric']} {g['goal']} | {_f(g['value'], 3)} | {met} |"
+                f"| `{g['config']}` {g['comparison']} {g['metric']} {g['goal']} | {_f(g['value'], 3)} | "
+                f"{_met(g['met'])} | {g.get('best_opt_in', '–')} | {_f(g.get('best_opt_in_value'), 3)} | "
+                f"{_met(g.get('best_opt_in_met')) if 'best_opt_in' in g else '–'} |"
             )
     for name, r in section["configs"].items():
         w = r["workers"]["segldm"]

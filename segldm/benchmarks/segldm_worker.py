@@ -9,7 +9,8 @@ Loads the CompVis config and checkpoint of the setup file with :func:`segldm.com
 * ``step_fp32`` / ``step_bf16``: the whole training step as segldm runs it (label maps from the
   loader, first stage under inference mode, loss, backward, fused AdamW, EMA update);
 * ``sample_fp32`` / ``sample_bf16``: DDIM (eta 0) from fixed noise with the EMA weights;
-* ``*_channels_last``: the unet/step tasks with ``model.performance.channels_last=true``;
+* ``*_channels_last``: the unet/step tasks with ``model.performance.channels_last=true``
+  (``*_channels_last_compile_first_stage``: and the encoder compiled);
 * ``*_compile``: the unet/step tasks with ``model.performance.compile=true`` (torch.compile of the
   UNet); after its first call (the compiling one) its UNet output is checked against the eager UNet's;
 * ``step_*_compile_first_stage``: the step with ``model.performance.compile_first_stage=true`` (the
@@ -28,6 +29,14 @@ from segldm.benchmarks.reference import relative_error
 from segldm.benchmarks.workers import BenchWorker
 from segldm.compat.compvis import load_compvis
 from segldm.training.ldm import LatentDiffusion
+
+# opt-in settings (PerfMode fields = model.performance keys) a unet/step task can add, alone or together
+OPT_IN_COMBINATIONS = (
+    ("channels_last",),
+    ("compile",),
+    ("compile_first_stage",),
+    ("channels_last", "compile_first_stage"),
+)
 
 
 class SegldmWorker(BenchWorker):
@@ -51,7 +60,7 @@ class SegldmWorker(BenchWorker):
             )
             self.c = self.model.get_learned_conditioning(label_maps)
             self.x_noisy = self.model.q_sample(self.z, s["t"], s["noise"])
-        modes = {
+        base = {
             "unet_fp32": ("optimised_fp32", self.unet_step),
             "unet_bf16": ("optimised", self.unet_step),
             "step_fp32": ("optimised_fp32", self.step),
@@ -59,21 +68,14 @@ class SegldmWorker(BenchWorker):
             "sample_fp32": ("optimised_fp32", self.sample),
             "sample_bf16": ("optimised", self.sample),
         }
+        modes = {name: (mode_name, work, ()) for name, (mode_name, work) in base.items()}
         for name in ("unet_fp32", "unet_bf16", "step_fp32", "step_bf16"):
-            for extra in (
-                "channels_last",
-                "compile",
-                "compile_first_stage",
-            ):  # + model.performance.<extra>=true
-                modes[f"{name}_{extra}"] = modes[name]
+            for extras in OPT_IN_COMBINATIONS:  # + model.performance.<extra>=true for each
+                modes["_".join((name, *extras))] = (*base[name], extras)
         self.compile_errors: dict[str, float] = {}
         self.task_modes: dict[str, PerfMode] = {}
-        for name, (mode_name, work) in modes.items():
-            mode = self.modes[mode_name].replace(
-                channels_last=name.endswith("_channels_last"),
-                compile=name.endswith("_compile"),
-                compile_first_stage=name.endswith("_compile_first_stage"),
-            )
+        for name, (mode_name, work, extras) in modes.items():
+            mode = self.modes[mode_name].replace(**dict.fromkeys(extras, True))
             self.task_modes[name] = mode
             # switching modes (memory format included) happens before the clock starts
             self.prepare[name] = lambda mode=mode: self.switch.apply(mode)
