@@ -27,12 +27,16 @@ def compile_note(row: dict[str, Any]) -> str:
     """torch.compile's one-off cost and when it pays, for a compiled variant's row."""
     if "compile_s" not in row:
         return ""
-    text = f"compiling {row['compile_s']:.0f} s"
+    earlier = bool(row.get("compiled_earlier"))
+    parts = [
+        "compiled by an earlier section of this run" if earlier else f"compiling {row['compile_s']:.0f} s"
+    ]
     if row.get("speedup_vs_eager") is not None:
-        steps = row.get("break_even_steps")
-        pays = f"pays back after {steps:.0f} calls" if steps is not None else "never pays back"
-        text += f"; {row['speedup_vs_eager']:.2f}x the eager twin, {pays}"
-    return f" ({text})"
+        parts.append(f"{row['speedup_vs_eager']:.2f}x the eager twin")
+        if not earlier:
+            steps = row.get("break_even_steps")
+            parts.append(f"pays back after {steps:.0f} calls" if steps is not None else "never pays back")
+    return f" ({', '.join(parts)})"
 
 
 def _f(value: Any, digits: int = 2, suffix: str = "") -> str:

@@ -17,6 +17,8 @@ from omegaconf import OmegaConf
 from segldm.benchmarks.machine import CPU_FLAGS, describe_machine, gpu_bf16_peak_tflops
 from segldm.benchmarks.measure import Run, Timing, compile_cost, interleave, peak_memory, tensor_bytes
 from segldm.benchmarks.modes import ABLATIONS, ANCHOR, variant_modes
+from segldm.benchmarks.report import compile_note
+from segldm.benchmarks.suite import compiled_row
 from tests.conftest import CONF, REPO, compose_train
 
 MiB = 2**20
@@ -181,3 +183,25 @@ def test_make_bench_writes_results_at_toy_size(tmp_path):
     for heading in ("## Training step: `small`", "## First stage", "## Sampler", "## Data loading"):
         assert heading in table
     assert "| optimised+cached_latents |" in table and results["machine"]["torch_threads"] == 1
+
+
+def test_compile_notes_say_what_was_measured():
+    assert compile_note({}) == ""
+    row = {"compile_s": 30.0, "speedup_vs_eager": 1.5, "break_even_steps": 60.0}
+    assert compile_note(row) == " (compiling 30 s, 1.50x the eager twin, pays back after 60 calls)"
+    assert "never pays back" in compile_note({**row, "break_even_steps": None})
+    earlier = {"compile_s": None, "speedup_vs_eager": 1.2, "break_even_steps": None, "compiled_earlier": True}
+    assert compile_note(earlier) == " (compiled by an earlier section of this run, 1.20x the eager twin)"
+
+
+def test_a_module_compiled_by_an_earlier_section_reports_no_compile_time():
+    timing = Timing(
+        seconds={"eager": [2.0, 2.0], "compiled": [1.0, 1.0]},
+        items={"eager": 1, "compiled": 1},
+        first_call_s={"compiled": 41.0},
+    )
+    fresh = compiled_row(timing, "compiled", ["eager"])
+    assert fresh["compile_s"] == 40.0 and fresh["break_even_steps"] == 40.0
+    earlier = compiled_row(timing, "compiled", ["eager"], compiled_earlier=True)
+    assert earlier["compile_s"] is None and earlier["break_even_steps"] is None
+    assert earlier["speedup_vs_eager"] == 2.0
