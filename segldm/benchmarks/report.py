@@ -45,6 +45,14 @@ def _f(value: Any, digits: int = 2, suffix: str = "") -> str:
     return f"{value:.{digits}f}{suffix}"
 
 
+def measured_note(results: dict[str, Any]) -> str:
+    """Where a run kept sections of an earlier one (merge=true): when each section was measured."""
+    when = results.get("measured_at") or {}
+    if len(set(when.values())) <= 1:
+        return ""
+    return " (sections measured at: " + ", ".join(f"{k} {v}" for k, v in when.items()) + ")"
+
+
 def _met(met: bool | None) -> str:
     return "not measured" if met is None else ("met" if met else "**NOT met**")
 
@@ -60,7 +68,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines = [
         "# segldm benchmarks (`make bench`)",
         "",
-        f"Written {time.strftime('%Y-%m-%d %H:%M')} by `python -m segldm.benchmarks` in {results['wall_s']:.0f} s. "
+        f"Written {time.strftime('%Y-%m-%d %H:%M')} by `python -m segldm.benchmarks` in {results['wall_s']:.0f} s"
+        f"{measured_note(results)}. "
         "Every ratio compares two ways of computing the same thing, measured in the same rounds on the "
         "same model (median over rounds of the per-round ratio); absolute times on a shared machine move "
         "with its load, the ratios much less.",

@@ -315,7 +315,7 @@ def bench_first_stage(name: str, cfg: DictConfig, models: ModelCache) -> dict[st
 
 
 def _throughput_row(row: dict[str, Any], unit: str) -> dict[str, Any]:
-    extra = ("compile_s", "speedup_vs_eager", "break_even_steps")
+    extra = ("compile_s", "speedup_vs_eager", "break_even_steps", "compared_with", "compiled_earlier")
     return {
         "median_s": row["median_s"],
         "rounds_s": row["rounds_s"],
@@ -505,6 +505,25 @@ def load_segmenter(cfg: DictConfig, device: torch.device) -> Any:
 
 
 # ---------------------------------------------------------------------------- suite
+def merge_previous(results: dict[str, Any], previous_path: Path, rerun: list[str]) -> dict[str, Any]:
+    """`merge=true`: keep the sections of an earlier results.json this run does not rerun (e.g. after a
+    later section failed), refusing when it was measured on another machine or torch."""
+    if not previous_path.is_file():
+        raise FileNotFoundError(f"bench merge=true: no {previous_path} to merge into; run without merge")
+    previous = json.loads(previous_path.read_text())
+    mine, theirs = results["machine"], previous["machine"]
+    for key in ("cpu", "logical_cores", "torch", "device", "torch_threads"):
+        if mine.get(key) != theirs.get(key):
+            raise ValueError(
+                f"bench merge=true: {previous_path} was measured with {key}={theirs.get(key)!r}, this run "
+                f"has {mine.get(key)!r}; rerun every section instead"
+            )
+    kept = {k: v for k, v in previous["sections"].items() if k not in rerun}
+    written = time.strftime("%Y-%m-%d %H:%M", time.localtime(previous_path.stat().st_mtime))
+    when = previous.get("measured_at") or {}
+    return {**results, "sections": kept, "measured_at": {k: when.get(k, written) for k in kept}}
+
+
 def run_suite(cfg: DictConfig) -> dict[str, Any]:
     """Run the selected sections; write `out_dir/results.json` and `results.md`; return the results."""
     if cfg.threads:
@@ -516,7 +535,10 @@ def run_suite(cfg: DictConfig) -> dict[str, Any]:
         "machine": describe_machine(device),
         "settings": OmegaConf.to_container(cfg, resolve=True),
         "sections": {},
+        "measured_at": {},
     }
+    if cfg.merge:
+        results = merge_previous(results, Path(str(cfg.out_dir)) / "results.json", list(cfg.sections))
     for section in cfg.sections:
         log.info("bench: %s", section)
         t0 = time.perf_counter()
@@ -535,6 +557,7 @@ def run_suite(cfg: DictConfig) -> dict[str, Any]:
         else:
             raise ValueError(f"bench.sections: unknown section {section!r}")
         log.info("bench: %s took %.0f s", section, time.perf_counter() - t0)
+        results["measured_at"][section] = time.strftime("%Y-%m-%d %H:%M")
         write_results(results, Path(str(cfg.out_dir)), started)  # a failing later section keeps these
     write_results(results, Path(str(cfg.out_dir)), started)
     return results

@@ -18,7 +18,7 @@ from segldm.benchmarks.machine import CPU_FLAGS, describe_machine, gpu_bf16_peak
 from segldm.benchmarks.measure import Run, Timing, compile_cost, interleave, peak_memory, tensor_bytes
 from segldm.benchmarks.modes import ABLATIONS, ANCHOR, variant_modes
 from segldm.benchmarks.report import compile_note
-from segldm.benchmarks.suite import compiled_row
+from segldm.benchmarks.suite import compiled_row, merge_previous
 from tests.conftest import CONF, REPO, compose_train
 
 MiB = 2**20
@@ -183,6 +183,17 @@ def test_make_bench_writes_results_at_toy_size(tmp_path):
     for heading in ("## Training step: `small`", "## First stage", "## Sampler", "## Data loading"):
         assert heading in table
     assert "| optimised+cached_latents |" in table and results["machine"]["torch_threads"] == 1
+    # merge=true reruns one section and keeps the others, saying when each was measured
+    rerun = subprocess.run(
+        [sys.executable, "-m", "segldm.benchmarks", *[a for a in args if not a.startswith("sections=")],
+         "sections=[data]", "merge=true"],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    merged = json.loads((tmp_path / "results.json").read_text())
+    assert set(merged["sections"]) == {"train", "first_stage", "sampler", "data"}
+    assert merged["sections"]["train"] == results["sections"]["train"]
+    assert set(merged["measured_at"]) == set(merged["sections"])
 
 
 def test_compile_notes_say_what_was_measured():
@@ -205,3 +216,14 @@ def test_a_module_compiled_by_an_earlier_section_reports_no_compile_time():
     earlier = compiled_row(timing, "compiled", ["eager"], compiled_earlier=True)
     assert earlier["compile_s"] is None and earlier["break_even_steps"] is None
     assert earlier["speedup_vs_eager"] == 2.0
+
+
+def test_merge_refuses_results_from_another_machine(tmp_path):
+    machine = describe_machine(torch.device("cpu"))
+    previous = {"machine": {**machine, "cpu": "Another CPU"}, "sections": {"train": {}}}
+    (tmp_path / "results.json").write_text(json.dumps(previous))
+    fresh = {"machine": machine, "sections": {}, "measured_at": {}}
+    with pytest.raises(ValueError, match="cpu='Another CPU'.*rerun every section"):
+        merge_previous(fresh, tmp_path / "results.json", ["data"])
+    with pytest.raises(FileNotFoundError, match="no .*results.json to merge into"):
+        merge_previous(fresh, tmp_path / "nowhere.json", ["data"])
