@@ -225,5 +225,5 @@ def test_merge_refuses_results_from_another_machine(tmp_path):
     fresh = {"machine": machine, "sections": {}, "measured_at": {}}
     with pytest.raises(ValueError, match="cpu='Another CPU'.*rerun every section"):
         merge_previous(fresh, tmp_path / "results.json", ["data"])
-    with pytest.raises(FileNotFoundError, match="no .*results.json to merge into"):
+    with pytest.raises(FileNotFoundError, match="no .*nowhere.json to merge into"):
         merge_previous(fresh, tmp_path / "nowhere.json", ["data"])
