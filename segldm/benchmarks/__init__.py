@@ -5,9 +5,10 @@ model instance, interleaving the ways round by round on the same machine, and re
 per-round ratios next to the machine's description and load (the CPU box this project runs on is
 shared, so absolute figures move and only ratios measured together mean anything).
 
-* :mod:`.modes`: the *baseline* mode (the reference's choices: materialised einsum attention with the
-  UNet attention blocks recomputed in backward, fp32, one-hot masks built by the data loader, frozen
-  first stage under no_grad) and the optimised choices, one switch each.
+* :mod:`.modes`: segldm's defaults (fp32: the anchor of the ratios; bf16 where native), each default
+  switched back to the CompVis code's way alone (``-x``) and each opt-in switched on (``+x``).
+* :mod:`.reference`, :mod:`.segldm_worker`, :mod:`.workers`: against the real CompVis code, each side
+  in its own process (``experiments/bench/compvis_worker.py`` is the reference's side).
 * :mod:`.measure`: interleaved timing, peak memory (CPU: the profiler's allocator events; CUDA: the
   caching allocator's peak), FLOP counting.
 * :mod:`.machine`: CPU/GPU description, bf16 support, the GPU's bf16 peak for model FLOP utilisation.
