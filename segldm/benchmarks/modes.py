@@ -67,6 +67,10 @@ class PerfMode:
         """Whether this mode runs anything through torch.compile (minutes of compiling on a CPU)."""
         return self.compile or self.compile_first_stage
 
+    def eager(self) -> PerfMode:
+        """The same mode with nothing compiled: what a compiled mode's speed-up and pay-back are against."""
+        return self.replace(compile=False, compile_first_stage=False)
+
     def replace(self, **changes: Any) -> PerfMode:
         return dataclasses.replace(self, **changes)
 

@@ -87,7 +87,7 @@ class SegldmWorker(BenchWorker):
         mode output (the graph the timed calls run) or of the encoder's latents, within the setup's
         tolerance; 2e-2 under bf16 (fusion changes which intermediates are rounded to bf16)."""
         mode = self.task_modes.get(task)
-        if mode is None or not (mode.compile or mode.compile_first_stage):
+        if mode is None or not mode.compiles:
             return
         tolerance = 2e-2 if mode.precision == "bf16" else float(self.setup.get("tolerance", 1e-4))
         images = self.setup["images"].permute(0, 3, 1, 2).contiguous()

@@ -45,7 +45,6 @@ from segldm.benchmarks.measure import (
 from segldm.benchmarks.modes import (
     ANCHOR,
     BatchSource,
-    CompiledCall,
     ModeSwitch,
     PerfMode,
     autocast,
@@ -191,7 +190,7 @@ def bench_training(name: str, cfg: DictConfig, models: ModelCache) -> dict[str, 
                 compiled_row(
                     timing,
                     variant,
-                    [k for k in wanted if modes[k] == mode.replace(compile=False, compile_first_stage=False)],
+                    [k for k in wanted if modes[k] == mode.eager()],
                 )
             )
     return {
@@ -258,13 +257,7 @@ def bench_first_stage(name: str, cfg: DictConfig, models: ModelCache) -> dict[st
         .to(device)
     )
     modes = first_stage_modes(bf16_supported(device), bool(cfg.compile))
-    compiled_encoder = CompiledCall(vq.encoder)
-
-    def set_mode(mode: PerfMode) -> None:
-        for module in vq.modules():
-            if hasattr(module, "attention_impl"):
-                module.attention_impl = mode.attention
-        compiled_encoder.use(mode.compile_first_stage)
+    switch = ModeSwitch(model)  # attention and the compiled encoder, as the other sections switch them
 
     def grad_mode(mode: PerfMode) -> Any:
         return torch.inference_mode() if mode.first_stage_inference_mode else torch.no_grad()
@@ -277,27 +270,27 @@ def bench_first_stage(name: str, cfg: DictConfig, models: ModelCache) -> dict[st
             with grad_mode(mode), autocast(mode, device):
                 vq.encode(images)
 
-        return Run(work, prepare=lambda: set_mode(mode), items=batch_size)
+        return Run(work, prepare=lambda: switch.apply(mode), items=batch_size)
 
     def decode_run(mode: PerfMode) -> Run:
         def work() -> None:
             with grad_mode(mode), autocast(mode, device):
                 vq.decode(latents)
 
-        return Run(work, prepare=lambda: set_mode(mode), items=batch_size)
+        return Run(work, prepare=lambda: switch.apply(mode), items=batch_size)
 
     rounds = int(spec.rounds)
     encode_timing = interleave({k: encode_run(m) for k, m in modes.items()}, rounds, device)
     encode = encode_timing.summary(ANCHOR)
     for variant, mode in modes.items():  # the encoder alone is compiled: encode rows only
         if mode.compile_first_stage:
-            eager = [k for k, m in modes.items() if m == mode.replace(compile_first_stage=False)]
+            eager = [k for k, m in modes.items() if m == mode.eager()]
             earlier = (name, "encoder", mode.precision) in models.compiled
             encode[variant].update(compiled_row(encode_timing, variant, eager, compiled_earlier=earlier))
             models.compiled.add((name, "encoder", mode.precision))
     decoders = {k: m for k, m in modes.items() if not m.compile_first_stage}
     decode = interleave({k: decode_run(m) for k, m in decoders.items()}, rounds, device).summary(ANCHOR)
-    compiled_encoder.use(False)
+    switch.apply(modes[ANCHOR])  # later sections find the encoder uncompiled
     with torch.no_grad():
         _, _, (_, _, fp32_indices) = vq.quantize(latents)
         with torch.autocast(device.type, dtype=torch.bfloat16):
