@@ -195,12 +195,10 @@ def check_equal(ref: WorkerProcess, seg: WorkerProcess, folder: Path, tolerance:
     return errors
 
 
-def bench_reference_config(
-    name: str, cfg: DictConfig, ldm: Path, taming: Path, worker_script: Path
-) -> dict[str, Any]:
+def wanted_comparisons(name: str, cfg: DictConfig, bf16: bool) -> list[str]:
+    """The comparisons of `reference.configs.<name>` this run times (bf16 rows where native, compiled
+    rows with `compile=true`); raises on an unknown one or a compiled row without its eager twin."""
     spec = cfg.reference.configs[name]
-    threads = int(cfg.threads or torch.get_num_threads())
-    bf16 = bf16_supported(torch.device("cpu"))
     unknown = sorted(set(spec.comparisons) - set(COMPARISONS))
     if unknown:
         raise ValueError(
@@ -220,6 +218,16 @@ def bench_reference_config(
             f"reference.configs.{name}.comparisons: a compiled row is compared with its eager twin, "
             f"add it: {missing_eager}"
         )
+    return wanted
+
+
+def bench_reference_config(
+    name: str, cfg: DictConfig, ldm: Path, taming: Path, worker_script: Path
+) -> dict[str, Any]:
+    spec = cfg.reference.configs[name]
+    threads = int(cfg.threads or torch.get_num_threads())
+    bf16 = bf16_supported(torch.device("cpu"))
+    wanted = wanted_comparisons(name, cfg, bf16)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"segldm-bench-ref-{name}-") as tmp:
         folder = Path(tmp)
@@ -374,6 +382,8 @@ def bench_reference(cfg: DictConfig) -> dict[str, Any]:
         raise FileNotFoundError(
             f"bench.reference.worker={worker_script}: the reference-side worker script is missing"
         )
+    for name in cfg.reference.configs:  # every config's list checked before the first one runs for minutes
+        wanted_comparisons(name, cfg, bf16_supported(torch.device("cpu")))
     out: dict[str, Any] = {"latent_diffusion": str(ldm), "taming_transformers": str(taming), "configs": {}}
     for name in cfg.reference.configs:
         out["configs"][name] = bench_reference_config(name, cfg, ldm, taming, worker_script)

@@ -19,6 +19,7 @@ from segldm.benchmarks.reference import (
     check_equal,
     locate_reference,
     relative_error,
+    wanted_comparisons,
     write_setup,
 )
 from segldm.benchmarks.workers import KERNEL_KINDS, WorkerError, WorkerProcess, kernel_kind
@@ -173,3 +174,18 @@ def test_against_the_real_reference_at_toy_size(tmp_path):
     assert all(row["speedup"] > 0 for row in result["comparisons"].values())
     compiled = result["comparisons"]["unet_fp32_compile"]
     assert compiled["compile_s"] > 0 and compiled["compiled_vs_eager_relative_error"] <= 1e-4
+
+
+def test_comparison_lists_are_checked_before_anything_runs():
+    def cfg(comparisons, compile_rows=True):
+        return OmegaConf.create(
+            {"compile": compile_rows, "reference": {"configs": {"toy": {"comparisons": comparisons}}}}
+        )
+
+    with pytest.raises(ValueError, match=r"unknown \['nope'\]"):
+        wanted_comparisons("toy", cfg(["unet_fp32", "nope"]), bf16=True)
+    with pytest.raises(ValueError, match=r"eager twin, add it: \['unet_fp32_compile needs unet_fp32'\]"):
+        wanted_comparisons("toy", cfg(["unet_fp32_compile"]), bf16=True)
+    both = ["unet_fp32", "unet_fp32_compile", "unet_bf16"]
+    assert wanted_comparisons("toy", cfg(both), bf16=True) == both
+    assert wanted_comparisons("toy", cfg(both, compile_rows=False), bf16=False) == ["unet_fp32"]
