@@ -9,11 +9,15 @@ import hydra
 from omegaconf import DictConfig
 
 import segldm  # noqa: F401  (config resolvers)
+from segldm.errors import reports_startup_errors
 from segldm.evaluation.ldm import evaluate
+from segldm.runtime.checks import check_config_shapes
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@reports_startup_errors
 def main(cfg: DictConfig) -> None:
+    check_config_shapes(cfg)  # a value of the wrong kind fails here, before the checkpoint is read
     evaluate(cfg)
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 import segldm  # noqa: F401  (config resolvers)
 from segldm.compat.compvis import load_compvis
+from segldm.errors import reports_startup_errors
 from segldm.pipeline.generation import SamplingSettings, generate, resolve_device, to_uint8
 from segldm.pipeline.masks import (
     SPLITS,
@@ -33,6 +34,7 @@ from segldm.pipeline.masks import (
     split_masks,
 )
 from segldm.pipeline.visualize import save_grid_rows
+from segldm.runtime.checks import check_config_shapes
 from segldm.runtime.loading import ldm_from_checkpoint
 from segldm.storage.checkpoint_files import read_checkpoint
 from segldm.training.ldm import LatentDiffusion
@@ -127,7 +129,9 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+@reports_startup_errors
 def main(cfg: DictConfig) -> None:
+    check_config_shapes(cfg)  # a value of the wrong kind fails here, before the checkpoint is read
     sample(cfg)
 
 

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 import segldm  # noqa: F401  (config resolvers)
+from segldm.errors import reports_startup_errors
 from segldm.metrics.segmenters import real_pairs, segment_scores
 from segldm.metrics.segmenters.trained import SegmenterModule, TrainedSegmenter, segmenter_checkpoint
 from segldm.storage.checkpoint_files import save_checkpoint
@@ -137,6 +138,7 @@ def train_segmenter(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train_segmenter")
+@reports_startup_errors
 def main(cfg: DictConfig) -> float:
     return float(train_segmenter(cfg)["real"]["miou"])
 

@@ -7,13 +7,18 @@ overrides equal this command's (ignoring ``resume`` and ``ckpt_path``), else a n
 
 from __future__ import annotations
 
+import datetime
+import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+log = logging.getLogger(__name__)
 
 IGNORED_OVERRIDE_KEYS = ("resume", "ckpt_path")
 
@@ -75,3 +80,34 @@ def run_dir(
         if found is not None:
             return str(found)
     return f"{task_dir}/{timestamp}"
+
+
+# ------------------------------------------------------------------------------------ throw-away runs
+def is_throwaway(cfg: Any) -> bool:
+    """A run nobody resumes or compares: Lightning's fast_dev_run (``trainer=debug``) in any form."""
+    trainer = cfg.get("trainer") if hasattr(cfg, "get") else None
+    return bool(trainer.get("fast_dev_run")) if trainer is not None and hasattr(trainer, "get") else False
+
+
+def throwaway_run_dir(output_root: str | Path, task_name: str, now: datetime.datetime | None = None) -> str:
+    """``<output_root>/debug/<task>/<timestamp>``: a debug run's own folder, never a real run's."""
+    stamp = (now or datetime.datetime.now()).strftime("%Y-%m-%d_%H-%M-%S-%f")
+    return f"{output_root}/debug/{task_name}/{stamp}"
+
+
+class ThrowawayRunFolder(Callback):
+    """Hydra callback (conf/train.yaml): a throw-away run gets its own folder, whatever the preset pins.
+
+    Presets pin ``hydra.run.dir`` (the quickstart writes ``outputs/quickstart/ldm``) so that
+    ``resume=auto`` finds the run again; a ``trainer=debug`` run of the same preset would otherwise
+    write its step-1 checkpoint and ``.hydra/`` record over the real run's. Hydra calls this before it
+    creates the run folder, so nothing of the debug run lands in the pinned one.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_throwaway(config):
+            return
+        folder = throwaway_run_dir(config.paths.output_root, str(config.get("task_name", "train")))
+        with read_write(config), open_dict(config):
+            config.hydra.run.dir = folder
+        log.info("trainer.fast_dev_run: a throw-away run in its own folder %s", folder)

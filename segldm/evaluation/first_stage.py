@@ -69,7 +69,7 @@ def evaluate_first_stage(cfg: DictConfig, checkpoint: Mapping[str, Any]) -> dict
     weights = resolve_inception_weights(
         backend, cfg.eval.fid.weights_path, cfg.paths.model_dir, download=bool(cfg.eval.fid.download)
     )
-    lpips_file = find_vgg16_weights(cfg.eval.get("lpips_vgg16_path"))
+    lpips_file = find_vgg16_weights(cfg.eval.get("lpips_vgg16_path"), key="eval.lpips_vgg16_path")
     lpips = LPIPS(lpips_file).to(device) if lpips_file is not None else None
 
     real = [p.image for p in pairs]

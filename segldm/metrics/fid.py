@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from segldm.errors import MissingFileError
 from segldm.storage.atomic import atomic_save
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 
 
-class InceptionWeightsError(FileNotFoundError):
+class InceptionWeightsError(MissingFileError):
     """No usable Inception weights: the message says every way to get them."""
 
 

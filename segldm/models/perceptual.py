@@ -21,13 +21,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from segldm.errors import MissingFileError
+
 TORCHVISION_VGG16_FILE = "vgg16-397923af.pth"
 # torchvision vgg16.features index -> LPIPS slice (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3)
 VGG16_SLICES = ((1, range(0, 4)), (2, range(4, 9)), (3, range(9, 16)), (4, range(16, 23)), (5, range(23, 30)))
 TAMING_PREFIX = "loss.perceptual_loss."
 
 
-class PerceptualWeightsError(FileNotFoundError):
+class PerceptualWeightsError(MissingFileError):
     """No VGG16 backbone for LPIPS; the message names every way to provide one."""
 
 
@@ -35,16 +37,19 @@ def torchvision_vgg16_cache() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_VGG16_FILE
 
 
-def find_vgg16_weights(vgg16_path: str | Path | None, checkpoint: str | Path | None = None) -> Path | None:
+def find_vgg16_weights(
+    vgg16_path: str | Path | None, checkpoint: str | Path | None = None, key: str = "model.loss.vgg16_path"
+) -> Path | None:
     """The file LPIPS's backbone comes from (see the module docstring), or None.
 
-    ``checkpoint`` (a first stage being fine-tuned) counts only when it holds LPIPS keys.
+    ``checkpoint`` (a first stage being fine-tuned) counts only when it holds LPIPS keys; ``key`` is
+    the config key ``vgg16_path`` came from, for the message.
     """
     if vgg16_path is not None:
         path = Path(vgg16_path)
         if not path.is_file():
             raise PerceptualWeightsError(
-                f"model.loss.vgg16_path={vgg16_path}: no such file (a torchvision vgg16 state_dict such as "
+                f"{key}={vgg16_path}: no such file (a torchvision vgg16 state_dict such as "
                 f"{TORCHVISION_VGG16_FILE}, an LPIPS state_dict, or a taming/CompVis VQ checkpoint)"
             )
         return path

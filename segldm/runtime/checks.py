@@ -15,10 +15,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from segldm.config.resolvers import downsample_factor
+from segldm.config.shapes import check_shapes
 from segldm.diffusion.ddim import check_ddim_steps
 from segldm.diffusion.guidance import check_guidance_scale
 from segldm.diffusion.objectives import objective_problems, zero_terminal_snr_problems
 from segldm.diffusion.samplers import SAMPLER_NAMES
+from segldm.errors import StartupError
 from segldm.models.discriminator import min_input_size
 from segldm.models.first_stage_loss import GAN_LOSSES
 from segldm.models.perceptual import PerceptualWeightsError, find_vgg16_weights, missing_weights_message
@@ -26,7 +28,7 @@ from segldm.runtime.preemption import parse_signals
 from segldm.training.options import DiffusionOptions, option_problems
 
 
-class ConfigError(ValueError):
+class ConfigError(StartupError):
     """A composed config that cannot train; the message says which keys disagree and how."""
 
 
@@ -215,17 +217,48 @@ def _is_ldm(cfg: DictConfig) -> bool:
     return str(cfg.model.get("_target_", "")).endswith("LatentDiffusion")
 
 
+def _cache_latents_problems(cfg: DictConfig) -> list[str]:
+    """Cached latents need training samples that never change: no random crop, no flip."""
+    if not OmegaConf.select(cfg, "model.performance.cache_latents", default=False):
+        return []
+    train = cfg.data.get("train")
+    augmented = [
+        f"data.train.{key}"
+        for key in ("random_crop", "flip")
+        if isinstance(train, DictConfig) and train.get(key)
+    ]
+    if not augmented:
+        return []
+    return [
+        f"model.performance.cache_latents=true, but the training data changes its samples between epochs "
+        f"({', '.join(f'{k}=true' for k in augmented)}): cached latents would be wrong. Set "
+        f"model.performance.cache_latents=false, or turn the augmentations off: "
+        + " ".join(f"{k}=false" for k in augmented)
+    ]
+
+
+def check_config_shapes(cfg: DictConfig) -> None:
+    """Values whose type does not fit their key (segldm.config.shapes), before anything else reads them."""
+    problems = check_shapes(cfg)
+    if problems:
+        raise ConfigError("config values of the wrong kind:\n  - " + "\n  - ".join(problems))
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError with every problem found, one per line."""
+    check_config_shapes(cfg)
     problems: list[str] = []
     data, model = cfg.data, cfg.model
     first = model.first_stage
     factor = downsample_factor(first.ddconfig.ch_mult)
     if data.size % factor:
-        lower, upper = data.size - data.size % factor, data.size - data.size % factor + factor
+        # suggest sizes every later check accepts too (the LDM's UNet halves the latent again)
+        multiple = factor * (2 ** (len(model.unet.channel_mult) - 1) if _is_ldm(cfg) else 1)
+        lower, upper = data.size - data.size % multiple, data.size - data.size % multiple + multiple
         problems.append(
             f"data.size={data.size} is not divisible by the first stage's downsampling factor {factor} "
-            f"(model.first_stage.ddconfig.ch_mult={list(first.ddconfig.ch_mult)}); use e.g. {lower} or {upper}"
+            f"(model.first_stage.ddconfig.ch_mult={list(first.ddconfig.ch_mult)}); use e.g. "
+            f"{f'{lower} or ' if lower else ''}{upper}"
         )
     if data.batch_size <= 0:
         problems.append(f"data.batch_size={data.batch_size} must be positive")
@@ -234,6 +267,7 @@ def validate_config(cfg: DictConfig) -> None:
             f"data.val_batch_size={data.val_batch_size} must be positive (or null: data.batch_size)"
         )
     problems += option_problems(model)
+    problems += _cache_latents_problems(cfg)
     base_lr = OmegaConf.select(model, "optimization.base_learning_rate", default=None)
     if base_lr is not None and base_lr <= 0:
         problems.append(f"model.optimization.base_learning_rate={base_lr} must be positive")

@@ -13,9 +13,11 @@ SIGTERM). Running the same command with ``resume=auto`` continues from that chec
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -38,6 +40,34 @@ class Preempted(SystemExit):
         super().__init__(128 + signum)
         self.signum = signum
         self.checkpoint = checkpoint
+
+
+class TerminatedBeforeTraining(SystemExit):
+    """A checkpoint signal arrived while the run was being set up: nothing to save, exit 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def exit_on_signals(signals: Any) -> Iterator[None]:
+    """While the run is set up (before Lightning's loop and :class:`PreemptionCheckpoint` take the
+    signals over), a checkpoint signal raises :class:`TerminatedBeforeTraining`: the run unwinds,
+    so its MLflow run is ended KILLED instead of being left RUNNING by the default handler's exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: FrameType | None) -> None:
+        raise TerminatedBeforeTraining(signum)
+
+    previous = {sig: signal.signal(sig, _raise) for sig in parse_signals(signals)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def parse_signals(names: Any) -> list[signal.Signals]:
@@ -151,4 +181,11 @@ class PreemptionCheckpoint(L.Callback):
         raise Preempted(signum, path)
 
 
-__all__ = ["DEFAULT_SIGNALS", "Preempted", "PreemptionCheckpoint", "parse_signals"]
+__all__ = [
+    "DEFAULT_SIGNALS",
+    "Preempted",
+    "PreemptionCheckpoint",
+    "TerminatedBeforeTraining",
+    "exit_on_signals",
+    "parse_signals",
+]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from segldm.errors import MissingFileError, StartupError
 from segldm.storage.atomic import atomic_save
 
 EMA_PREFIX = "model_ema."
@@ -35,7 +37,7 @@ KIND_DESCRIPTIONS: dict[str, str] = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(StartupError):
     """A checkpoint file is unreadable, of the wrong kind, or does not fit the model (names file and keys)."""
 
 
@@ -48,6 +50,50 @@ def list_keys(keys: Iterable[str], limit: int = 10) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
     return f"{shown}, ... ({len(keys) - limit} more)" if len(keys) > limit else shown
+
+
+# the first bytes of a legacy (pre-zip) torch.save file: pickle protocol 2, then torch's magic number
+LEGACY_TORCH_PREFIX = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
+ZIP_PREFIX = b"PK\x03\x04"
+
+
+def not_a_checkpoint_reason(path: Path) -> str | None:
+    """Why ``path`` is not a torch checkpoint at all, judged from its bytes (None: it looks like one).
+
+    torch.save writes a zip archive holding ``<name>/data.pkl`` (or, before torch 1.6, a pickle that
+    starts with torch's magic number). Telling these apart first keeps the "pickled Python objects"
+    advice (``trust_checkpoint``) for the one case where it is the way out.
+    """
+    with open(path, "rb") as f:
+        head = f.read(64)
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes): an interrupted copy or save?"
+    if head.startswith(ZIP_PREFIX):
+        if not zipfile.is_zipfile(path):
+            return (
+                f"starts like torch.save's zip format but its end is missing ({size} bytes): truncated by an "
+                "interrupted copy, download or save; copy it again or take an older checkpoint"
+            )
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if not any(name.endswith("data.pkl") for name in names):
+            return f"is a zip archive but not a torch checkpoint (no data.pkl among {names[:3]}...)"
+        return None
+    if head.startswith(LEGACY_TORCH_PREFIX):
+        return None
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+        return "is a safetensors file, not a torch checkpoint: load it with safetensors.torch.load_file"
+    if head[:1] == b"\x80":
+        return "is a plain Python pickle, not a file written by torch.save"
+    preview = head[:16]
+    text = preview.decode("utf-8", "replace")
+    readable = "\ufffd" not in text and all(c.isprintable() or c.isspace() for c in text)
+    kind = "a text file" if readable else "binary data"
+    return (
+        f"is not a torch checkpoint: it is {kind} starting with {preview!r} (torch.save writes a zip archive "
+        "starting with b'PK'); check the path"
+    )
 
 
 def read_checkpoint(
@@ -65,9 +111,12 @@ def read_checkpoint(
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{what} not found: {path}. {missing_help}".rstrip())
+        raise MissingFileError(f"{what} not found: {path}. {missing_help}".rstrip())
     if not path.is_file():
         raise CheckpointError(f"{what} {path} is not a file")
+    reason = not_a_checkpoint_reason(path)
+    if reason:
+        raise CheckpointError(f"{what} {path} {reason}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
     except pickle.UnpicklingError as err:

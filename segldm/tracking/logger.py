@@ -7,6 +7,8 @@ and sample grids (artifacts, from the SampleGridLogger callback).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import subprocess
 import tempfile
@@ -21,20 +23,46 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
+from segldm.errors import StartupError
 from segldm.tracking.resilient import FlushBeforeCheckpoint, ResilientMLFlowLogger
 
 log = logging.getLogger(__name__)
 ON_UNAVAILABLE = ("fail", "local")
 
 
-class TrackingUnavailableError(RuntimeError):
+class TrackingUnavailableError(StartupError, RuntimeError):
     """The configured MLflow tracking server cannot be reached."""
 
 
+def create_sqlite_store(uri: str) -> None:
+    """Create (and migrate) a local SQLite store once, under a file lock beside it.
+
+    MLflow builds a new store's tables on first use; two processes doing that at once both run the
+    schema migration and one dies (``duplicate column name``). The first to take ``<db>.lock``
+    creates the store, the others wait and find it made.
+    """
+    from mlflow.tracking import MlflowClient
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as err:  # noqa: BLE001 (an SQLite or migration error: say what and the way out)
+            raise TrackingUnavailableError(
+                f"could not create or open the MLflow store {db} ({type(err).__name__}: {err}). If another "
+                "process was creating it at the same moment, run the command again; if the file is damaged, "
+                "move it aside (a new store is created) or set logger.mlflow.tracking_uri=<other store>"
+            ) from err
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
 def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
-    """Create the SQLite store's folder, or make sure an HTTP tracking server answers."""
+    """Create the SQLite store (once, safely with concurrent first users), or make sure an HTTP server answers."""
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        create_sqlite_store(uri)
         return
     if uri.startswith(("http://", "https://")):
         health = uri.rstrip("/") + "/health"
@@ -160,6 +188,53 @@ def log_run_metadata(loggers: list[Logger], cfg: DictConfig, overrides: list[str
             path = Path(tmp) / "config.yaml"
             path.write_text(OmegaConf.to_yaml(OmegaConf.create(_without_hydra(container))))
             client.log_artifact(run_id, str(path), artifact_path="config")
+
+
+# an exception that ends a run by a signal or a user's interrupt, not by a failure
+KILLED_EXCEPTIONS: tuple[type[BaseException], ...] = (KeyboardInterrupt, SystemExit)
+
+
+def final_status(error: BaseException | None) -> str:
+    """The MLflow status of a run that ended with ``error`` (None: it ended normally)."""
+    if error is None:
+        return "FINISHED"
+    if isinstance(error, SystemExit) and error.code in (None, 0):
+        return "FINISHED"
+    return "KILLED" if isinstance(error, KILLED_EXCEPTIONS) else "FAILED"
+
+
+def end_open_runs(loggers: list[Logger], error: BaseException | None) -> None:
+    """End every MLflow run of ``loggers`` still RUNNING: FINISHED, FAILED or KILLED by how the process ends.
+
+    Lightning ends the run at the end of fit and on an exception inside it; this covers every other
+    exit: an error before or after fit, a signal outside the training loop, and fast_dev_run (which
+    swaps the loggers out, so nobody else would end the run).
+    """
+    for lg in mlflow_loggers(loggers):
+        run_id = getattr(lg, "_run_id", None)
+        if not run_id:  # the run was never created
+            continue
+        try:
+            client = lg._mlflow_client
+            if client.get_run(run_id).info.status != "RUNNING":
+                continue
+            status = getattr(lg, "terminal_status", None) or final_status(error)
+            if hasattr(lg, "flush"):
+                lg.flush()
+            client.set_terminated(run_id, status)
+        except Exception as err:  # noqa: BLE001 (never hide the error that ended the run)
+            log.warning("could not end MLflow run %s: %s", run_id, err)
+
+
+@contextlib.contextmanager
+def runs_ended(loggers: list[Logger]) -> Any:
+    """Within the block, every MLflow run ``loggers`` opens is ended on the way out, however it goes."""
+    try:
+        yield loggers
+    except BaseException as err:
+        end_open_runs(loggers, err)
+        raise
+    end_open_runs(loggers, None)
 
 
 def log_checkpoints(loggers: list[Logger], last: str | None, best: str | None) -> None:

@@ -433,7 +433,8 @@ class LatentDiffusion(Sampling, L.LightningModule):
             raise ValueError(
                 f"model.performance.cache_latents=true, but the training data ({type(dataset).__name__}) changes its "
                 "samples between epochs (random crops or flips): cached latents would be wrong. Set "
-                "model.performance.cache_latents=false, or turn off data.random_crop / data.flip"
+                "model.performance.cache_latents=false, or turn the augmentations off: data.train.random_crop=false "
+                "data.train.flip=false"
             )
 
     def on_train_batch_start(self, batch: dict[str, Any] | None, batch_idx: int) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from segldm.errors import StartupError
+
 COMPVIS_TARGETS: dict[str, str] = {
     "ldm": "ldm.models.diffusion.ddpm.LatentDiffusion",
     "unet": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
@@ -119,7 +121,7 @@ SEGLDM_ONLY_NOTE = (
 )
 
 
-class CompVisConfigError(ValueError):
+class CompVisConfigError(StartupError):
     """A CompVis config segldm cannot represent (names the key, its value and what is supported)."""
 
 
