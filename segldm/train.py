@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import segldm  # noqa: F401  (registers the config resolvers)
 from segldm.config.hardware import precision_message
+from segldm.data.precheck import precheck_data
 from segldm.runtime.checks import validate_config
 from segldm.runtime.lightning_state import check_lightning_internals
 from segldm.runtime.loading import apply_init_from
@@ -46,6 +47,7 @@ def train(cfg: DictConfig, sweep_job: SweepJob | None = None) -> dict[str, Any]:
     """Fit the configured model; returns the final metrics (and where things were written)."""
     started = time.monotonic()
     validate_config(cfg)
+    precheck_data(cfg.data)  # data.precheck: bad files fail here, before anything is built
     plan = plan_resume(
         cfg
     )  # resume=auto / ckpt_path: a checked checkpoint (and MLflow run), before anything is built
