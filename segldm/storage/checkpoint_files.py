@@ -72,8 +72,9 @@ def not_a_checkpoint_reason(path: Path) -> str | None:
     if head.startswith(ZIP_PREFIX):
         if not zipfile.is_zipfile(path):
             return (
-                f"starts like torch.save's zip format but its end is missing ({size} bytes): truncated by an "
-                "interrupted copy, download or save; copy it again or take an older checkpoint"
+                f"is not a readable torch checkpoint (truncated or corrupt?): it starts like torch.save's zip "
+                f"format but its end is missing ({size} bytes), as after an interrupted copy, download or save; "
+                "copy it again or take an older checkpoint"
             )
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()

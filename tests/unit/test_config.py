@@ -103,7 +103,7 @@ def test_valid_default_passes(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "fragments"),
     [
-        (["data.size=66"], ["data.size=66", "downsampling factor 4", "64 or 68"]),
+        (["data.size=66"], ["data.size=66", "downsampling factor 4", "64 or 80"]),
         (["model.cond_stage.in_channels=5"], ["model.cond_stage.in_channels=5", "data.n_labels=8"]),
         (["model.unet.in_channels=7"], ["model.unet.in_channels=7", "= 6"]),
         (["model.cond_stage.n_stages=3"], ["n_stages=3", "latent is 16px"]),
