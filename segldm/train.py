@@ -16,22 +16,28 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 import segldm  # noqa: F401  (registers the config resolvers)
 from segldm.config.hardware import precision_message
+from segldm.config.run_folder import is_throwaway
 from segldm.data.precheck import precheck_data
+from segldm.errors import reports_startup_errors
 from segldm.runtime.checks import validate_config
 from segldm.runtime.lightning_state import check_lightning_internals
 from segldm.runtime.loading import apply_init_from
+from segldm.runtime.preemption import DEFAULT_SIGNALS, PreemptionCheckpoint, exit_on_signals
 from segldm.runtime.resume import plan_resume, reliability_callbacks, write_run_record
+from segldm.runtime.run_lock import run_folder_lock
 from segldm.sweeps.jobs import SweepJob, find_finished, record_finished, reuse_finished, tag_runs
 from segldm.tracking.logger import (
     build_loggers,
     log_checkpoints,
     log_run_metadata,
     mlflow_loggers,
+    runs_ended,
     tracking_callbacks,
 )
 
@@ -43,53 +49,79 @@ def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return [instantiate(c) for c in callbacks_cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
+def without_checkpointing(callbacks: list[L.Callback]) -> list[L.Callback]:
+    """A throw-away run's callbacks: nothing that writes a checkpoint."""
+    return [c for c in callbacks if not isinstance(c, ModelCheckpoint | PreemptionCheckpoint)]
+
+
 def train(cfg: DictConfig, sweep_job: SweepJob | None = None) -> dict[str, Any]:
-    """Fit the configured model; returns the final metrics (and where things were written)."""
-    started = time.monotonic()
+    """Fit the configured model; returns the final metrics (and where things were written).
+
+    Every check that needs no model runs first. The run folder is then locked for this process
+    (a second training into it is refused), and every MLflow run opened here is ended FINISHED,
+    FAILED or KILLED however the call ends.
+    """
     validate_config(cfg)
     precheck_data(cfg.data)  # data.precheck: bad files fail here, before anything is built
-    plan = plan_resume(
-        cfg
-    )  # resume=auto / ckpt_path: a checked checkpoint (and MLflow run), before anything is built
-    if plan.reason != "new run":
-        log.info("%s", plan.reason)
-    loggers = build_loggers(cfg, run_id=plan.mlflow_run_id)  # an unreachable tracking server fails here
-    L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    loggers: list[Logger] = []
+    with run_folder_lock(output_dir), runs_ended(loggers):
+        return _train(cfg, sweep_job, output_dir, loggers)
 
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model, scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None)
-    model.segldm_config = OmegaConf.to_container(cfg, resolve=True)
-    model.segldm_config.pop("hydra", None)
-    auto = cfg.get("resume") == "auto" or cfg.get("ckpt_path") == "last"
-    init_cfg = {  # a resumed run takes its weights from the checkpoint; init_from only starts a run
-        "init_from": None if auto and plan.ckpt_path else cfg.get("init_from"),
-        "ckpt_path": None if auto else cfg.get("ckpt_path"),
-        "trust_checkpoint": cfg.get("trust_checkpoint", False),
-    }
-    apply_init_from(model, init_cfg)  # init_from=<ckpt>: start from its weights (fresh optimizer), strictly
 
-    callbacks = instantiate_callbacks(cfg) + reliability_callbacks(cfg) + tracking_callbacks(loggers)
-    if not loggers:  # Lightning refuses a LearningRateMonitor without a logger
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    check_lightning_internals(trainer)  # exact resume reads a few of them; before any step
-    log.info("%s", precision_message(cfg.trainer))
-
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    log_run_metadata(loggers, cfg, overrides, str(output_dir))
-    runs = mlflow_loggers(loggers)
-    if (
-        runs and trainer.is_global_zero
-    ):  # resume=auto continues this MLflow run, even before a checkpoint exists
-        write_run_record(output_dir, str(runs[0].run_id), str(runs[0]._tracking_uri))
-        if plan.ckpt_path:
-            runs[0].experiment.set_tag(
-                runs[0].run_id, "segldm.resumed_from", f"{plan.ckpt_path} (step {plan.global_step})"
+def _train(
+    cfg: DictConfig, sweep_job: SweepJob | None, output_dir: Path, loggers: list[Logger]
+) -> dict[str, Any]:
+    started = time.monotonic()
+    throwaway = is_throwaway(cfg)
+    signals = (cfg.get("reliability") or {}).get("checkpoint_signals", list(DEFAULT_SIGNALS))
+    with exit_on_signals(signals):  # until the training loop takes the signals over
+        # resume=auto / ckpt_path: a checked checkpoint (and MLflow run), before anything is built
+        plan = plan_resume(cfg)
+        if plan.reason != "new run":
+            log.info("%s", plan.reason)
+        if throwaway:
+            log.info(
+                "trainer.fast_dev_run: a throw-away run in %s (no checkpoints, no MLflow run)", output_dir
             )
-    if sweep_job is not None:
-        tag_runs(loggers, sweep_job)
+        else:
+            loggers.extend(build_loggers(cfg, run_id=plan.mlflow_run_id))  # an unreachable server fails here
+        L.seed_everything(cfg.seed, workers=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+        datamodule = instantiate(cfg.data)
+        model = instantiate(cfg.model, scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None)
+        model.segldm_config = OmegaConf.to_container(cfg, resolve=True)
+        model.segldm_config.pop("hydra", None)
+        auto = cfg.get("resume") == "auto" or cfg.get("ckpt_path") == "last"
+        init_cfg = {  # a resumed run takes its weights from the checkpoint; init_from only starts a run
+            "init_from": None if auto and plan.ckpt_path else cfg.get("init_from"),
+            "ckpt_path": None if auto else cfg.get("ckpt_path"),
+            "trust_checkpoint": cfg.get("trust_checkpoint", False),
+        }
+        apply_init_from(model, init_cfg)  # init_from=<ckpt>: its weights (fresh optimizer), strictly
+
+        callbacks = instantiate_callbacks(cfg) + reliability_callbacks(cfg) + tracking_callbacks(loggers)
+        if not loggers:  # Lightning refuses a LearningRateMonitor without a logger
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+        trainer_kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
+        if throwaway:
+            trainer_kwargs.update(callbacks=without_checkpointing(callbacks), enable_checkpointing=False)
+        trainer: L.Trainer = instantiate(cfg.trainer, **trainer_kwargs)
+        check_lightning_internals(trainer)  # exact resume reads a few of them; before any step
+        log.info("%s", precision_message(cfg.trainer))
+
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        log_run_metadata(loggers, cfg, overrides, str(output_dir))
+        runs = mlflow_loggers(loggers)
+        if runs and trainer.is_global_zero:  # resume=auto continues this MLflow run, even before a checkpoint
+            write_run_record(output_dir, str(runs[0].run_id), str(runs[0]._tracking_uri))
+            if plan.ckpt_path:
+                runs[0].experiment.set_tag(
+                    runs[0].run_id, "segldm.resumed_from", f"{plan.ckpt_path} (step {plan.global_step})"
+                )
+        if sweep_job is not None:
+            tag_runs(loggers, sweep_job)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=plan.ckpt_path)
 
@@ -127,6 +159,7 @@ def report(result: dict[str, Any]) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@reports_startup_errors
 def main(cfg: DictConfig) -> float | None:
     """Train; return the sweep objective (`sweep.objective`, default val/loss) to Hydra's sweepers.
 
