@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import Dataset
 
+from segldm.evaluation.common import select_pairs
 from segldm.metrics.fid import InceptionWeightsError
 from segldm.metrics.segmenters.trained import SegmenterModule, SegNet, segmenter_checkpoint
 from segldm.runtime.loading import build_ldm, ldm_checkpoint
@@ -153,6 +154,7 @@ def test_eval_end_to_end(root: Path, ldm_ckpt: Path, inception: Path, segmenter_
     for key in ("fid", "kid_mean", "miou", "pixel_accuracy", "miou_real", "pixel_accuracy_real"):
         assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
     assert metrics["num_samples"] == 3 and metrics["global_step"] == 3
+    assert_metrics_are_of_the_generated_images(out, metrics, inception, segmenter_run["ckpt"])
     # 3 samples, kid_subset_size 1000: one KID over all 3, no std, and the user was told before sampling
     assert metrics["sampler"]["steps"] == 2 and metrics["sampler"]["unet_evaluations_per_image"] == 2
     assert metrics["kid_subset_size"] == 3 and metrics["kid_std"] is None
@@ -190,8 +192,40 @@ def test_eval_end_to_end(root: Path, ldm_ckpt: Path, inception: Path, segmenter_
     assert client.get_run(training.info.run_id).data.metrics["eval/miou"] == pytest.approx(metrics["miou"])
 
 
+def assert_metrics_are_of_the_generated_images(
+    out: Path, metrics: dict, inception: Path, segmenter_ckpt: Path
+) -> None:
+    """FID and mIoU recomputed here from the PNGs eval wrote: FID is generated vs real (real vs real
+    would be ~0), mIoU is the segmenter's on generated/ and mIoU_real on real/ (swapped or both real,
+    the values would not match: this segmenter scores the two sets differently)."""
+    from segldm.metrics.fid import InceptionFeatures, InceptionWeights, fid_kid, read_folder_images
+    from segldm.metrics.segmenters import segment_scores
+    from segldm.metrics.segmenters.trained import TrainedSegmenter
+
+    generated, real = read_folder_images(out / "generated"), read_folder_images(out / "real")
+    for fake_image, real_image in zip(generated, real, strict=True):
+        assert np.abs(fake_image.astype(np.int16) - real_image.astype(np.int16)).mean() > 10
+    datamodule = instantiate(compose_train([*TINY_DATA, *EVAL_DATA]).data)
+    pairs = select_pairs(datamodule.val_dataset, None, need_images=True)
+    assert all(np.array_equal(p.image, image) for p, image in zip(pairs, real, strict=True))
+
+    extractor = InceptionFeatures(InceptionWeights(inception, "test"), batch_size=3)
+    fake_features, real_features = extractor(generated), extractor(real)
+    assert metrics["fid"] == pytest.approx(fid_kid(fake_features, real_features)["fid"], rel=1e-6)
+    assert abs(fid_kid(real_features, real_features)["fid"]) < 1e-3 < 1.0 < metrics["fid"]
+
+    segmenter = TrainedSegmenter(segmenter_ckpt)
+    labels = [p.labels for p in pairs]
+    on_generated = segment_scores(segmenter, generated, labels, datamodule.ignore_label).miou
+    on_real = segment_scores(segmenter, real, labels, datamodule.ignore_label).miou
+    assert on_generated != on_real, (
+        "the two image sets score alike here: the check below cannot tell them apart"
+    )
+    assert metrics["miou"] == pytest.approx(on_generated, rel=1e-9, abs=1e-12)
+    assert metrics["miou_real"] == pytest.approx(on_real, rel=1e-9, abs=1e-12)
+
+
 def test_generated_images_do_not_depend_on_batch_size_or_num_samples(root: Path, ldm_ckpt: Path) -> None:
-    from segldm.evaluation.common import select_pairs
     from segldm.pipeline.generation import SamplingSettings, generate
     from segldm.runtime.loading import load_ldm
 

@@ -165,11 +165,24 @@ def test_sflckr_missing_dataset_names_the_path(tmp_path):
         instantiate(cfg.data)
 
 
+def first(value):
+    return value[0] if OmegaConf.is_list(value) else value
+
+
 def test_scheduler_configs_instantiate_to_callables(tmp_path):
+    """Each option's multiplier starts at its f_start, peaks at f_max (1 unless given) when its
+    warm-up ends, and ends the run (trainer.max_steps) at its f_min (1 for constant)."""
+    assert set(GROUPS["scheduler"]) == {"constant", "cosine", "lambda_linear"}
     for option in GROUPS["scheduler"]:
         cfg = compose_train([f"scheduler={option}", "paths.output_dir=/tmp/unused"])
-        fn = instantiate(cfg.scheduler)
-        assert 0.0 <= fn(0) <= 1.0 and fn(10**7) >= 0.0
+        fn, s = instantiate(cfg.scheduler), cfg.scheduler
+        warm_up, last = first(s.warm_up_steps), cfg.trainer.max_steps
+        assert fn(0) == pytest.approx(first(s.f_start)), option
+        assert fn(warm_up) == pytest.approx(first(s.get("f_max", 1.0))), option
+        assert fn(last) == pytest.approx(first(s.get("f_min", 1.0))), option
+        if warm_up:  # linear in between
+            midway = (first(s.f_start) + first(s.get("f_max", 1.0))) / 2
+            assert fn(warm_up // 2) == pytest.approx(midway, rel=1e-3), option
 
 
 def test_repo_has_conf_root():

@@ -84,26 +84,34 @@ def test_update_matches_closed_form() -> None:
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     buffers = dict(ema.named_buffers())
     gen = torch.Generator().manual_seed(1)
-    for step in range(1, 8):
+
+    def step_and_check(n: int) -> None:
         with torch.no_grad():
             for _, p in model.named_parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * 3.0)
-        before = {n: buffers[shadow_name(n)].clone() for n, _ in trainable}
+        before = {name: buffers[shadow_name(name)].clone() for name, _ in trainable}
         ema(model)
-        # d = min(decay, (1+n)/(10+n)) in float32, as the reference: 0.18 at n = 1, so lerp's both branches run
-        n = torch.tensor(step, dtype=torch.int32)
-        w = (1.0 - torch.minimum(torch.tensor(0.9), (1 + n) / (10 + n))).double()
+        assert ema.num_updates.item() == n
+        # d = min(decay, (1+n)/(10+n)) in float32, as the reference
+        count = torch.tensor(n, dtype=torch.int32)
+        w = (1.0 - torch.minimum(torch.tensor(0.9), (1 + count) / (10 + count))).double()
         for name, p in trainable:
             s, q = before[name].double(), p.detach().double()
             exact = s - w * (s - q)
             reference = (before[name] - float(w) * (before[name] - p.detach())).double()
             bound = 2.0**-22 * torch.maximum(torch.maximum(s.abs(), q.abs()), exact.abs())
             got = buffers[shadow_name(name)].double()
-            assert ((got - exact).abs() <= bound).all(), name
-            assert ((reference - exact).abs() <= bound).all(), name
+            assert ((got - exact).abs() <= bound).all(), (n, name)
+            assert ((reference - exact).abs() <= bound).all(), (n, name)
+
+    # n = 1..7: (1+n)/(10+n) caps the decay (0.18 at n = 1, so lerp's both branches run)
+    for n in range(1, 8):
+        step_and_check(n)
     assert ema.num_updates.item() == 7 and ema.num_updates.dtype == torch.int32
-    # (1+n)/(10+n) caps the decay early on: 0.9 only from n = 80.
-    assert (1 + 7) / (10 + 7) < 0.9
+    # from n = 80 on the configured decay is the smaller: n = 100 moves each shadow by 1 - 0.9 exactly
+    ema.num_updates.fill_(99)
+    step_and_check(100)
+    assert ema.num_updates.dtype == torch.int32
 
 
 def test_constant_decay_without_num_updates() -> None:

@@ -27,6 +27,64 @@ def test_guided_eps_is_the_closed_form_from_one_batched_call() -> None:
     assert torch.equal(guided_eps(apply, x, t, c, 1.0, uncond), 2.0 * x + c) and calls[-1] == 3
 
 
+def eps_uncond_known(x: torch.Tensor) -> torch.Tensor:
+    return 0.25 - x
+
+
+def eps_cond_known(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x + torch.tanh(3.0 * c)
+
+
+def known_model(null: float):
+    """apply_model(x, t, c): eps_uncond_known(x) on the rows whose condition is all ``null`` (the
+    unconditional input), eps_cond_known(x, c) on the others; c a tensor or CompVis's [c_concat]."""
+
+    def apply(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        c = c[0] if isinstance(c, list) else c
+        unconditional = (c.flatten(1) == null).all(1)[:, None, None, None]
+        return torch.where(unconditional, eps_uncond_known(x), eps_cond_known(x, c))
+
+    return apply
+
+
+def test_guided_eps_is_eps_u_plus_s_times_eps_c_minus_eps_u() -> None:
+    """eps_u + s * (eps_c - eps_u) with a model whose conditional and unconditional outputs are known
+    and unrelated (neither zero nor the other plus a constant): guided_eps itself with a non-zero
+    unconditional input and with CompVis's list of concat maps, and the model's own sampler, whose
+    unconditional input must be the null condition (zeros) it was trained with."""
+    gen = torch.Generator().manual_seed(0)
+    x, c = torch.randn(3, 2, 4, 4, generator=gen), torch.randn(3, 2, 4, 4, generator=gen)
+    t = torch.full((3,), 500, dtype=torch.long)
+    apply, uncond = known_model(7.0), torch.full_like(c, 7.0)
+    eps_u, eps_c = eps_uncond_known(x), eps_cond_known(x, c)
+    assert (eps_c - eps_u).abs().min() > 1e-3  # guidance moves every element
+    for scale in (1.0, 1.5, 7.5):
+        expected = eps_u + scale * (eps_c - eps_u)
+        torch.testing.assert_close(guided_eps(apply, x, t, c, scale, uncond), expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            guided_eps(apply, x, t, [c], scale, [uncond]), expected, rtol=1e-6, atol=1e-6
+        )
+
+    model = tiny_ldm(cond_drop_prob=0.1).eval()
+    assert model.parameterization == "eps"  # the sampler's eps is then the guided prediction itself
+    model.apply_model = known_model(0.0)  # type: ignore[method-assign]  (null_condition: zeros)
+    seen: list[torch.Tensor] = []
+
+    class OneCall:  # a sampler that evaluates the model once, at x_T, and returns that eps
+        def sample(self, model_fn, x_T, alphas_cumprod, generators=None, progress=False):  # noqa: N803
+            seen.append(model_fn(x_T, torch.full((x_T.shape[0],), 500, dtype=torch.long)))
+            return seen[-1], {}
+
+    model.make_sampler = lambda *args, **kwargs: OneCall()  # type: ignore[method-assign]
+    z = torch.randn(2, model.channels, 8, 8, generator=gen)
+    cond = torch.randn(2, model.channels, 8, 8, generator=gen)
+    for scale in (1.0, 3.0):
+        got = model.sample(cond, x_T=z, guidance_scale=scale, use_ema=False)
+        expected = eps_uncond_known(z) + scale * (eps_cond_known(z, cond) - eps_uncond_known(z))
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert len(seen) == 2
+
+
 def test_guidance_scale_below_one_is_refused_naming_the_key() -> None:
     with pytest.raises(
         ValueError, match=r"eval.guidance_scale=0.5: classifier-free guidance scale must be >= 1"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -17,6 +15,7 @@ from segldm.sweeps.report import (
     ReportError,
     Sweep,
     heatmap_axes,
+    is_sweep_dir,
     load_experiment,
     load_sweep_dir,
     main,
@@ -148,6 +147,10 @@ def test_sweep_folder_without_mlflow_reports_from_markers(tmp_path):
     assert [r.status for r in sweep.runs] == ["FINISHED", "FINISHED", "FINISHED", "UNFINISHED"]
     _, rows = table_rows(sweep)
     assert rows[0][-2] == "1m01s" and rows[3][4] == "-"
+    # each job's objective is its marker's (the closed form), and the lowest one (lr 1e-4, no warm-up: 0.4) wins
+    assert [r.final for r in sweep.runs] == [*(final_loss(lr, warm) for lr, warm in GRID[:3]), None]
+    (winner,) = [r for r in rows if r[0].endswith("*")]
+    assert winner[:6] == ["2 *", "FINISHED", "0.0001", "0", "0.4", "0.4"]
     assert (sweep_dir / "report/heatmap.png").is_file() and (sweep_dir / "report/curves.png").is_file()
 
 
@@ -167,10 +170,10 @@ def test_axes_default_to_lr_and_warm_up_else_the_swept_keys():
     assert heatmap_axes(sweep_of(seeds), None, None) == ("seed", None)
     assert heatmap_axes(sweep_of([{"a": "1"}, {"a": "1"}]), None, None) is None
     assert parse_overrides(["+x.y=1", "a=b=c"]) == {"x.y": "1", "a": "b=c"}
-    assert math.isclose(final_loss("0.0001", "0"), 0.4)
 
 
 def test_reading_a_folder_that_is_not_a_sweep_fails_clearly(tmp_path):
     with pytest.raises(ReportError, match="holds no sweep jobs"):
         load_sweep_dir(tmp_path, None, "train/loss", None)
-    assert Path(tmp_path).is_dir()
+    assert not is_sweep_dir(tmp_path)  # so the CLI reads it as an experiment name, not as a folder
+    assert list(tmp_path.iterdir()) == []  # and nothing was written into it
