@@ -45,6 +45,7 @@ from segldm.data.transforms import (
     SampleError,
     check_same_size,
 )
+from segldm.errors import reports_startup_errors
 
 KINDS = (MISSING, UNREADABLE, SIZE_MISMATCH, OUT_OF_RANGE)
 MODES = ("headers", "full")  # what each sample's check reads: file headers, or every pixel
@@ -411,6 +412,7 @@ def run_check(cfg: DictConfig, console: Console | None = None) -> int:
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="check")
+@reports_startup_errors
 def main(cfg: DictConfig) -> None:
     if run_check(cfg):
         sys.exit(1)
