@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 import segldm  # noqa: F401  (config resolvers)
-from segldm.errors import reports_startup_errors
+from segldm.config.startup import reports_startup_errors
 from segldm.evaluation.ldm import evaluate
 from segldm.runtime.checks import check_config_shapes
 

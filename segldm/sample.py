@@ -22,7 +22,8 @@ from PIL import Image
 
 import segldm  # noqa: F401  (config resolvers)
 from segldm.compat.compvis import load_compvis
-from segldm.errors import reports_startup_errors
+from segldm.condition import ConditionError
+from segldm.config.startup import reports_startup_errors
 from segldm.pipeline.generation import SamplingSettings, generate, resolve_device, to_uint8
 from segldm.pipeline.masks import (
     SPLITS,
@@ -58,8 +59,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     model = load_model(str(cfg.ckpt), cfg.get("compvis_config"), bool(cfg.trust_checkpoint), device)
     if cfg.use_ema and not model.use_ema:
         log.info("%s has no EMA weights: sampling with the raw UNet weights", cfg.ckpt)
-    n_labels = int(model.cond_stage_model.in_channels)
-    ignore_label = getattr(model, "ignore_label", None)
+    condition = model.condition
     multiple, why = size_multiple(model)
     limit = None if cfg.num_samples is None else int(cfg.num_samples)
     masks_arg = str(cfg.masks)
@@ -71,7 +71,13 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
             raise FileNotFoundError(
                 f"masks={masks_arg}: no such folder or file (or say masks=val / masks=train for the checkpoint's data)"
             )
-        source = folder_masks(folder, limit)
+        instances = cfg.get("instances")
+        if condition.instance_edges and not instances:
+            raise ConditionError(
+                f"{cfg.ckpt} conditions on instance edges (data.instance_edges=true): pass instances=<folder of "
+                "instance-id PNGs named like the masks>, or masks=val / masks=train"
+            )
+        source = folder_masks(folder, limit, condition, Path(instances) if instances else None)
     resolution = model_resolution(model)
     masks = [fit_mask(m, str(cfg.get("resize", "model")), resolution, multiple) for m in source]
     settings = SamplingSettings(
@@ -90,7 +96,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         bool(cfg.get("force_guidance", False)),
     )
     for mask in masks:
-        check_mask(mask, n_labels, ignore_label, multiple, why)
+        check_mask(mask, condition, multiple, why)
     if not masks:
         raise ValueError(f"masks={masks_arg} gave no masks")
 
@@ -98,11 +104,15 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
     (out_dir / "conditions").mkdir(parents=True, exist_ok=True)
     seeds = [int(cfg.seed) + i for i in range(len(masks))]
-    generated = generate(model, [m.labels for m in masks], seeds, settings, progress="sampling")
-    model.colorize = torch.randn(3, n_labels, 1, 1, generator=torch.Generator().manual_seed(int(cfg.seed)))
+    inputs = [condition.sample_input(m.sample()) for m in masks]
+    generated = generate(model, inputs, seeds, settings, progress="sampling")
+    model.colorize = torch.randn(
+        3, condition.channels, 1, 1, generator=torch.Generator().manual_seed(int(cfg.seed))
+    )
     conditions = []
     for mask, image in zip(masks, generated.images, strict=True):
-        seg = model.label_map_to_one_hot(torch.from_numpy(mask.labels)[None])
+        batch = {k: torch.as_tensor(v)[None] for k, v in mask.sample().items()}
+        seg = condition.dense(condition.labels_of(batch), condition.instances_of(batch))
         # one mask's to_rgb picture (min-max over this mask alone); a one-label mask has max == min
         conditions.append(torch.nan_to_num(model.to_rgb(seg), nan=0.0)[0].cpu())
         Image.fromarray(to_uint8(image[None])[0]).save(out_dir / "samples" / f"{mask.name}.png")

@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 import segldm  # noqa: F401  (registers the config resolvers)
 from segldm.config.hardware import precision_message
 from segldm.config.run_folder import is_throwaway
+from segldm.config.startup import reports_startup_errors
 from segldm.data.precheck import precheck_data
-from segldm.errors import reports_startup_errors
 from segldm.runtime.checks import validate_config
 from segldm.runtime.lightning_state import check_lightning_internals
 from segldm.runtime.loading import apply_init_from

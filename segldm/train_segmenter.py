@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 import segldm  # noqa: F401  (config resolvers)
-from segldm.errors import reports_startup_errors
+from segldm.config.startup import reports_startup_errors
 from segldm.metrics.segmenters import real_pairs, segment_scores
 from segldm.metrics.segmenters.trained import SegmenterModule, TrainedSegmenter, segmenter_checkpoint
 from segldm.storage.checkpoint_files import save_checkpoint

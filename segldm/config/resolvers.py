@@ -29,6 +29,11 @@ def num_devices(devices: object) -> int:
     )
 
 
+def condition_channels(n_labels: int, instance_edges: object = False) -> int:
+    """The cond stage's input channels: one per label, plus the instance-edge channel (segldm.condition)."""
+    return int(n_labels) + int(bool(instance_edges))
+
+
 HIGHER_IS_BETTER = ("miou", "iou", "accuracy", "precision", "recall", "psnr", "f_score")
 
 
@@ -50,6 +55,7 @@ def register_resolvers() -> None:
         "segldm.run_dir": run_dir,
         "segldm.auto_precision": auto_precision,
         "segldm.objective_direction": objective_direction,
+        "segldm.condition_channels": condition_channels,
     }
     for name, fn in resolvers.items():
         OmegaConf.register_new_resolver(name, fn, replace=True)

@@ -29,13 +29,14 @@ import numpy as np
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
-from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
 import segldm  # noqa: F401  (config resolvers)
+from segldm.config.startup import reports_startup_errors
+from segldm.data.folder import pair_headers
 from segldm.data.transforms import (
     MISSING,
     OUT_OF_RANGE,
@@ -43,9 +44,7 @@ from segldm.data.transforms import (
     SKIP_HINT,
     UNREADABLE,
     SampleError,
-    check_same_size,
 )
-from segldm.errors import reports_startup_errors
 
 KINDS = (MISSING, UNREADABLE, SIZE_MISMATCH, OUT_OF_RANGE)
 MODES = ("headers", "full")  # what each sample's check reads: file headers, or every pixel
@@ -87,50 +86,15 @@ class SplitReport:
         self.problems.append(message)
 
 
-def header_size(path: Path, what: str) -> tuple[int, int]:
-    """(width, height) from the file's header only (PIL's lazy open: no pixel is decoded)."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except FileNotFoundError as err:
-        raise SampleError(f"{path}: {what} file is missing; {SKIP_HINT}", path, MISSING) from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise SampleError(
-            f"{path}: {what} file is corrupt, its header cannot be decoded "
-            f"({type(err).__name__}: {err}); {SKIP_HINT}",
-            path,
-            UNREADABLE,
-        ) from err
-
-
-def _shape(size: tuple[int, int]) -> np.ndarray:
-    """An empty array of (height, width) for `check_same_size` (one place for that rule and message)."""
-    return np.empty((size[1], size[0], 0), dtype=np.uint8)
-
-
 def inspect_headers(dataset: Any, index: int) -> dict[str, Any]:
-    """`inspect` at header level: both files open, sizes agree. Labels are not read (no histogram)."""
-    pair = dataset.pairs[index]
-    report: dict[str, Any] = {
-        "relative": pair.relative,
-        "problems": [],
-        "histogram": None,
-        "ignored": 0,
-        "out_of_range": [],
-        "image_size": None,
-        "mask_size": None,
-    }
-    for what, path in (("image", pair.image), ("mask", pair.mask)):
-        try:
-            report[f"{what}_size"] = header_size(path, what)
-        except SampleError as err:
-            report["problems"].append((err.kind, str(err)))
-    if report["image_size"] is not None and report["mask_size"] is not None:
-        try:
-            check_same_size(_shape(report["image_size"]), _shape(report["mask_size"]), pair.image, pair.mask)
-        except SampleError as err:
-            report["problems"].append((err.kind, str(err)))
-    return report
+    """`inspect` at header level: the files open, sizes agree. Labels are not read (no histogram).
+
+    A dataset with its own header rule (instance maps, part masks: `PairedSegmentation.inspect_headers`)
+    is asked; otherwise the pair's image and mask headers are compared here.
+    """
+    if hasattr(dataset, "inspect_headers"):
+        return dataset.inspect_headers(index)
+    return pair_headers(dataset.pairs[index])  # any dataset with image/mask `pairs`
 
 
 def inspect_full(dataset: Any, index: int) -> dict[str, Any]:

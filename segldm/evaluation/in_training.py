@@ -188,7 +188,8 @@ class GenerationMetrics(L.Callback):
         pl_module.eval()
         try:
             seeds = [self.seed + p.index for p in pairs]
-            result = generate(pl_module, [p.labels for p in pairs], seeds, self.settings, progress=None)
+            inputs = [pl_module.condition.sample_input(p.sample()) for p in pairs]
+            result = generate(pl_module, inputs, seeds, self.settings, progress=None)
         finally:
             pl_module.train(was_training)
         generated = result.uint8()

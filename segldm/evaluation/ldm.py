@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 import segldm  # noqa: F401  (config resolvers)
 from segldm.compat.compvis import load_compvis
+from segldm.condition import LabelCondition
 from segldm.evaluation.common import (
     fid_against_real,
     instantiate_plain,
@@ -51,7 +52,7 @@ from segldm.metrics.reconstruction import reconstruct
 from segldm.metrics.segmenters import RealPair, Segmenter, segment_scores
 from segldm.pipeline.generation import SamplingSettings, generate, resolve_device, to_uint8
 from segldm.pipeline.masks import Mask, check_mask, size_multiple
-from segldm.pipeline.visualize import colorize_labels, save_grid
+from segldm.pipeline.visualize import save_grid
 from segldm.runtime.loading import ldm_from_checkpoint
 from segldm.storage.checkpoint_files import checkpoint_kind, read_checkpoint
 from segldm.training.ldm import LatentDiffusion
@@ -115,13 +116,10 @@ def sampling_settings(cfg: DictConfig) -> SamplingSettings:
     )
 
 
-def colour_mask(labels: np.ndarray, n_labels: int, ignore_label: int | None) -> np.ndarray:
-    """The dataset palette colouring of a label map (ignore-label pixels black), uint8 (H, W, 3)."""
-    ids = torch.from_numpy(labels).long()
-    ignored = ids == ignore_label if ignore_label is not None else torch.zeros_like(ids, dtype=torch.bool)
-    rgb = colorize_labels(ids.masked_fill(ignored, 0)[None], n_labels)[0]
-    rgb = rgb.masked_fill(ignored[None], -1.0)
-    return to_uint8(rgb[None])[0]
+def colour_mask(condition: LabelCondition, pair: RealPair) -> np.ndarray:
+    """The condition's colouring of a pair's mask (ignore pixels black, instance edges white), uint8 (H, W, 3)."""
+    instances = None if pair.instances is None else torch.from_numpy(pair.instances)[None]
+    return to_uint8(condition.colorize(torch.from_numpy(pair.labels)[None], instances))[0]
 
 
 def write_images(
@@ -284,12 +282,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         bool(cfg.eval.get("force_guidance", False)),
     )
     multiple, why = size_multiple(model)
-    model_labels = int(model.cond_stage_model.in_channels)
+    condition = model.condition
     for pair in pairs:
         check_mask(
-            Mask(pair.name, pair.labels, f"validation[{pair.index}]"),
-            model_labels,
-            ignore_label,
+            Mask(pair.name, pair.labels, f"validation[{pair.index}]", pair.instances),
+            condition,
             multiple,
             why,
         )
@@ -314,10 +311,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     t0 = time.time()
     seeds = [int(cfg.eval.seed) + p.index for p in pairs]  # the image of validation sample i: seed + i
-    result = generate(model, [p.labels for p in pairs], seeds, sampling_settings(cfg))
+    result = generate(
+        model, [condition.sample_input(p.sample()) for p in pairs], seeds, sampling_settings(cfg)
+    )
     generated = result.uint8()
     timings["generate"] = time.time() - t0
-    masks = [colour_mask(p.labels, n_labels, ignore_label) for p in pairs]
+    masks = [colour_mask(condition, p) for p in pairs]
     write_images(out_dir, pairs, generated, masks)
 
     t0 = time.time()

@@ -1,5 +1,7 @@
-"""Masks as users have them: label-map PNG folders or a checkpoint's own data split, checked before
-any sampling (labels in range, sizes the first stage and UNet can take)."""
+"""Masks as users have them: label-map PNG folders (with instance-map folders for models that condition
+on instance edges) or a checkpoint's own data split, checked before any sampling (labels in range,
+sizes the first stage and UNet can take). What a mask means is the model's condition's to say
+(segldm.condition)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,12 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from segldm.data.transforms import crop_offsets, load_mask, out_of_range, resize_smallest_side
+from segldm.condition import INSTANCES_KEY, LABELS_KEY, LabelCondition
+from segldm.data.transforms import crop_offsets, resize_smallest_side
 
 log = logging.getLogger(__name__)
 SPLITS = {"val": "val_dataset", "validation": "val_dataset", "train": "train_dataset"}
@@ -22,22 +26,38 @@ SPLITS = {"val": "val_dataset", "validation": "val_dataset", "train": "train_dat
 
 @dataclass(frozen=True)
 class Mask:
-    """One condition: its output name, integer label map (H, W) and where it came from."""
+    """One condition: its output name, integer label map (H, W), where it came from and, for models
+    that condition on instance edges, its instance-id map (H, W)."""
 
     name: str
     labels: np.ndarray
     source: str
+    instances: np.ndarray | None = None
+
+    def sample(self) -> dict[str, np.ndarray]:
+        """The mask as one sample's condition keys (segldm.condition.LabelCondition.sample_input)."""
+        sample = {LABELS_KEY: self.labels}
+        if self.instances is not None:
+            sample[INSTANCES_KEY] = self.instances
+        return sample
 
 
-def folder_masks(folder: Path, limit: int | None) -> Iterator[Mask]:
-    """Every ``*.png`` label map in ``folder`` (sorted by name), or the one file given."""
+def folder_masks(
+    folder: Path, limit: int | None, condition: LabelCondition, instances: Path | None = None
+) -> Iterator[Mask]:
+    """Every ``*.png`` label map in ``folder`` (sorted by name), or the one file given; with a condition
+    that has instance edges, the instance map of the same name in ``instances``."""
     files = (
         [folder] if folder.is_file() else sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png")
     )
     if not files:
         raise FileNotFoundError(f"masks={folder}: no .png label maps in this folder")
     for path in files[:limit]:
-        yield Mask(path.stem, np.asarray(load_mask(path)), str(path))
+        instance_file = None
+        if condition.instance_edges and instances is not None:
+            instance_file = instances / path.name if instances.is_dir() else instances
+        read = condition.read_files(path, instance_file)
+        yield Mask(path.stem, read[LABELS_KEY], str(path), read.get(INSTANCES_KEY))
 
 
 def split_masks(model: Any, split: str, limit: int | None) -> Iterator[Mask]:
@@ -58,22 +78,20 @@ def split_masks(model: Any, split: str, limit: int | None) -> Iterator[Mask]:
         if isinstance(item, str):  # a skipped sample (data.on_error=skip) carries its error message
             log.warning("masks=%s: sample %d skipped: %s", split, index, item)
             continue
-        if "label_map" in item:
-            labels = np.asarray(item["label_map"])
-        else:
-            labels = np.asarray(item["segmentation"]).argmax(axis=-1)
-        yield Mask(f"{split}_{index:05d}", labels.astype(np.int64), f"{split}[{index}]")
-
-
-def check_mask(mask: Mask, n_labels: int, ignore_label: int | None, multiple: int, why: str) -> None:
-    """Labels within the model's range and a size the first stage and UNet can take, else name the file."""
-    bad = out_of_range(mask.labels, n_labels, ignore_label)
-    if bad.size:
-        raise ValueError(
-            f"{mask.source}: label(s) {bad.tolist()[:10]} >= n_labels={n_labels} of the model (labels must be "
-            f"in [0, {n_labels})"
-            + (f" or the ignore label {ignore_label})" if ignore_label is not None else ")")
+        batch = {k: torch.as_tensor(np.asarray(v))[None] for k, v in item.items() if not k.endswith("_")}
+        labels = model.condition.labels_of(batch)[0].numpy()
+        instances = model.condition.instances_of(batch)
+        yield Mask(
+            f"{split}_{index:05d}",
+            labels.astype(np.int64),
+            f"{split}[{index}]",
+            None if instances is None else instances[0].numpy(),
         )
+
+
+def check_mask(mask: Mask, condition: LabelCondition, multiple: int, why: str) -> None:
+    """Labels within the model's range and a size the first stage and UNet can take, else name the file."""
+    condition.check_labels(mask.labels, mask.source)
     height, width = mask.labels.shape[:2]
     if mask.labels.ndim != 2 or height % multiple or width % multiple:
         raise ValueError(
@@ -100,20 +118,27 @@ def fit_mask(mask: Mask, mode: str, resolution: int, multiple: int) -> Mask:
     """
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize={mode!r}: use one of {list(RESIZE_MODES)}")
-    labels = mask.labels
-    if mode == "none" or labels.ndim != 2:
+    if mode == "none" or mask.labels.ndim != 2:
         return mask
-    if mode == "model":
-        labels = resize_smallest_side(labels, resolution, cv2.INTER_NEAREST)
-        y, x = crop_offsets(labels.shape[0], labels.shape[1], resolution, random_crop=False)
-        labels = labels[y : y + resolution, x : x + resolution]
-    else:
-        height, width = (max(multiple, int(round(side / multiple)) * multiple) for side in labels.shape)
-        if (height, width) != labels.shape:
-            labels = cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST)
+    labels = fit_map(mask.labels, mode, resolution, multiple)
     if labels.shape == mask.labels.shape:
         return mask
-    return Mask(mask.name, np.ascontiguousarray(labels), f"{mask.source} (resized {mode})")
+    instances = None if mask.instances is None else fit_map(mask.instances, mode, resolution, multiple)
+    return Mask(mask.name, labels, f"{mask.source} (resized {mode})", instances)
+
+
+def fit_map(ids: np.ndarray, mode: str, resolution: int, multiple: int) -> np.ndarray:
+    """One id map (labels or instances) resized by :func:`fit_mask`'s rule, nearest neighbour."""
+    dtype, ids = ids.dtype, ids.astype(np.int32)  # OpenCV resizes no 64-bit integers
+    if mode == "model":
+        ids = resize_smallest_side(ids, resolution, cv2.INTER_NEAREST)
+        y, x = crop_offsets(ids.shape[0], ids.shape[1], resolution, random_crop=False)
+        ids = ids[y : y + resolution, x : x + resolution]
+    else:
+        height, width = (max(multiple, int(round(side / multiple)) * multiple) for side in ids.shape)
+        if (height, width) != ids.shape:
+            ids = cv2.resize(ids, (width, height), interpolation=cv2.INTER_NEAREST)
+    return np.ascontiguousarray(ids).astype(dtype)
 
 
 def size_multiple(model: Any) -> tuple[int, str]:

@@ -11,25 +11,8 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from segldm.data.synthetic import CLASS_COLORS
-
 log = logging.getLogger(__name__)
 GRID_COLUMNS = 8
-
-
-def label_palette(n_labels: int) -> np.ndarray:
-    """A fixed, well-spread RGB colour per label (uint8, n_labels x 3), the same in every run."""
-    if n_labels == 8:  # the built-in scenes: their own base colours read best
-        return CLASS_COLORS.astype(np.uint8)
-    rng = np.random.default_rng(12345)
-    return rng.integers(30, 256, size=(n_labels, 3), dtype=np.int64).astype(np.uint8)
-
-
-def colorize_labels(label_map: torch.Tensor, n_labels: int) -> torch.Tensor:
-    """(B, H, W) integer labels -> (B, 3, H, W) float images in [-1, 1]."""
-    palette = torch.from_numpy(label_palette(n_labels)).to(label_map.device)
-    rgb = palette[label_map.long().clamp(0, n_labels - 1)].permute(0, 3, 1, 2).float()
-    return rgb / 127.5 - 1.0
 
 
 def save_grid(rows: Sequence[torch.Tensor], path: str | Path) -> Path:

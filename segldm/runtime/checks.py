@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from segldm.condition import LabelCondition, as_condition
 from segldm.config.resolvers import downsample_factor
 from segldm.config.shapes import check_shapes
 from segldm.diffusion.ddim import check_ddim_steps
@@ -274,7 +275,12 @@ def validate_config(cfg: DictConfig) -> None:
 
     if _is_ldm(cfg):
         cond = model.cond_stage
-        if cond.in_channels != data.n_labels:
+        condition = model.get("condition")
+        if isinstance(condition, DictConfig):
+            problems += as_condition(condition, LabelCondition(int(data.n_labels))).config_problems(
+                cond.in_channels
+            )
+        elif cond.in_channels != data.n_labels:
             problems.append(
                 f"model.cond_stage.in_channels={cond.in_channels} but data.n_labels={data.n_labels}: "
                 "the cond stage reads one channel per label; set them equal"

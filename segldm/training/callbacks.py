@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from segldm.data.transforms import collate_samples
 from segldm.pipeline.generation import SamplingSettings, generate
-from segldm.pipeline.visualize import colorize_labels, save_grid
+from segldm.pipeline.visualize import save_grid
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +73,20 @@ class SampleGridLogger(L.Callback):
         module.eval()
         try:
             if hasattr(module, "generate"):
-                # one-hot from the batch, or expanded from its label_map (the training default)
-                seg = module.get_input(batch, module.cond_stage_key).to(module.device)
-                # label maps take the model's fused conditioning path; one-hot batches go as they are
-                masks = list(batch["label_map"]) if "label_map" in batch else list(seg)
+                condition = module.condition  # what the batch's mask means to this model
+                inputs = condition.model_input(batch)
                 seeds = [self.seed + i for i in range(real.shape[0])]
                 settings = SamplingSettings(
                     steps=self.ddim_steps,
                     eta=self.eta,
-                    batch_size=len(masks),
+                    batch_size=len(inputs),
                     guidance_scale=self.guidance_scale,
                 )
-                fake = torch.stack(generate(module, masks, seeds, settings, progress=None).images)
+                fake = torch.stack(generate(module, list(inputs), seeds, settings, progress=None).images)
                 fake = fake.to(module.device)
-                mask = colorize_labels(seg.argmax(1), seg.shape[1])
-                mask = mask.masked_fill(seg.sum(1, keepdim=True) == 0, -1.0)  # ignore pixels: black
+                mask = condition.colorize(condition.labels_of(batch), condition.instances_of(batch)).to(
+                    module.device
+                )
                 rows, kind = [mask, fake, real], "samples"
             else:
                 rows, kind = [real, module.reconstruct(real)], "reconstructions"

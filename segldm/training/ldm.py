@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from segldm.condition import LabelCondition, as_condition
 from segldm.diffusion.objectives import (
     PARAMETERIZATIONS,
     check_loss_weighting,
@@ -35,12 +36,10 @@ from segldm.diffusion.schedule import (
     schedule_buffers,
 )
 from segldm.diffusion.validation import mean_and_standard_error, validation_draws
-from segldm.models.cond_stage import one_hot_from_label_map
 from segldm.models.ema import LitEma
 from segldm.models.performance import (
     compile_module,
     compile_options,
-    label_map_conditioning,
     to_channels_last,
 )
 from segldm.training.guards import check_finite
@@ -111,6 +110,7 @@ class LatentDiffusion(Sampling, L.LightningModule):
         ema_decay: float = 0.9999,
         require_pretrained_first_stage: bool = True,
         ignore_label: int | None = None,
+        condition: LabelCondition | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         diffusion = build_options(DiffusionOptions, diffusion, "diffusion")
@@ -154,7 +154,11 @@ class LatentDiffusion(Sampling, L.LightningModule):
         self.original_elbo_weight = diffusion.original_elbo_weight
         self.first_stage_key = first_stage_key
         self.cond_stage_key = cond_stage_key
-        self.ignore_label = ignore_label  # label_map id that becomes an all-zero one-hot vector
+        # what a mask means (segldm/condition.py); checkpoints older than `model.condition` name only
+        # the ignore label, and their cond stage's input channels are the labels
+        self.condition = as_condition(
+            condition, LabelCondition(int(getattr(cond_stage, "in_channels", 1)), ignore_label)
+        )
         self.image_size = image_size
         self.channels = channels
         self.cond_stage_trainable = cond_stage_trainable
@@ -240,41 +244,33 @@ class LatentDiffusion(Sampling, L.LightningModule):
             if self.use_ema:
                 self.model_ema.restore(self.model.parameters())
 
+    @property
+    def ignore_label(self) -> int | None:
+        """The label id conditioned as an all-zero vector (the condition's; CompVis code reads it here)."""
+        return self.condition.ignore_label
+
     def get_input(self, batch: dict[str, Any], key: str) -> torch.Tensor:
         """batch[key] (B, H, W, C) -> (B, C, H, W) float, as DDPM.get_input.
 
-        A batch without the one-hot cond key but with an integer `label_map` (B, H, W) (what the
-        data loaders ship by default: ~180x less to move than a one-hot) gets it expanded here,
-        on the batch's device.
+        The cond key of a batch that ships an integer `label_map` (what the data loaders do by
+        default: ~180x less to move than a one-hot) gets the condition's dense map, built here on
+        the batch's device.
         """
-        if key not in batch and key == self.cond_stage_key and "label_map" in batch:
-            return self.label_map_to_one_hot(batch["label_map"])
+        if key == self.cond_stage_key and key not in batch:
+            return self.condition.model_input(batch, fused=False)
         x = batch[key]
         if x.ndim == 3:
             x = x[..., None]
         return rearrange(x, "b h w c -> b c h w").contiguous().float()
 
     def label_map_to_one_hot(self, label_map: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) integer ids -> (B, n_labels, H, W) float one-hot, n_labels = cond-stage in_channels."""
-        n_labels = getattr(self.cond_stage_model, "in_channels", None)
-        if n_labels is None:
-            raise ValueError("label_map conditioning needs the cond stage's in_channels (number of labels)")
-        return one_hot_from_label_map(label_map, n_labels, self.ignore_label)
+        """(B, H, W) integer ids -> (B, n_labels, H, W) float one-hot (the condition's)."""
+        return self.condition.one_hot(label_map)
 
     def get_learned_conditioning(self, c: torch.Tensor) -> torch.Tensor:
-        """One-hot masks (B, n_labels, H, W) -> conditioning maps at latent resolution.
-
-        An integer label map (B, H, W) gives the same maps without building its one-hot
-        (`label_map_conditioning`: exact for the bilinear x0.5 SpatialRescaler).
-        """
-        if not torch.is_floating_point(c):
-            n_labels = getattr(self.cond_stage_model, "in_channels", None)
-            if n_labels is None:
-                raise ValueError(
-                    "label_map conditioning needs the cond stage's in_channels (number of labels)"
-                )
-            return label_map_conditioning(self.cond_stage_model, c, n_labels, self.ignore_label)
-        return self.cond_stage_model.encode(c)
+        """A condition input (the dense float map, or an integer label map: the fused path that builds
+        no one-hot) -> conditioning maps at latent resolution (segldm.condition.LabelCondition.encode)."""
+        return self.condition.encode(self.cond_stage_model, c)
 
     def encode_first_stage(self, x: torch.Tensor) -> torch.Tensor:
         """Image in [-1, 1] -> pre-quantisation latent h (VQModelInterface.encode).
@@ -388,10 +384,10 @@ class LatentDiffusion(Sampling, L.LightningModule):
         else:
             h = self.encode_first_stage(x)
         z = self.get_first_stage_encoding(h).detach()
-        if self.fused_label_conditioning and self.cond_stage_key not in batch and "label_map" in batch:
-            c = batch["label_map"]
-        else:
+        if self.cond_stage_key in batch:  # the reference loaders' one-hot
             c = self.get_input(batch, self.cond_stage_key)
+        else:
+            c = self.condition.model_input(batch, fused=self.fused_label_conditioning)
         if not self.cond_stage_trainable:
             with torch.no_grad():
                 c = self.get_learned_conditioning(c)

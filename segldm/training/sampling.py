@@ -130,8 +130,8 @@ class Sampling:
             )
 
     def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
-        """The unconditional input guidance compares with: what condition dropout trained on (zeros)."""
-        return torch.zeros_like(cond)
+        """The unconditional input guidance compares with (the condition's: zeros, what dropout trained on)."""
+        return self.condition.null(cond)
 
     @torch.no_grad()
     def generate(
@@ -145,8 +145,8 @@ class Sampling:
         sampler: str | None = None,
         guidance_scale: float | None = None,
     ) -> torch.Tensor:
-        """Masks -> images (B, 3, H, W) in [-1, 1]; masks are one-hot (B, n_labels, H, W) floats or integer
-        label maps (B, H, W), which take the fused conditioning path (no one-hot built)."""
+        """Masks -> images (B, 3, H, W) in [-1, 1]; masks are condition inputs (``self.condition``): dense
+        float maps (B, C, H, W) or integer label maps (B, H, W), which take the fused path (no one-hot built)."""
         if torch.is_floating_point(segmentation):
             segmentation = segmentation.to(self.device, torch.float32)
         cond = self.get_learned_conditioning(segmentation.to(self.device))

@@ -30,12 +30,21 @@ class Segmenter(Protocol):
 
 @dataclass(frozen=True)
 class RealPair:
-    """One validation sample: output name, real image (H, W, 3) uint8 and label map (H, W) int64."""
+    """One validation sample: output name, real image (H, W, 3) uint8, label map (H, W) int64 and, when
+    the dataset ships them, its instance map (H, W) (the condition's edge channel)."""
 
     name: str
     index: int
     image: np.ndarray | None
     labels: np.ndarray
+    instances: np.ndarray | None = None
+
+    def sample(self) -> dict[str, np.ndarray]:
+        """The pair's condition keys, as a dataset sample has them."""
+        sample = {"label_map": self.labels}
+        if self.instances is not None:
+            sample["instance_map"] = self.instances
+        return sample
 
 
 def image_to_uint8(image: Any) -> np.ndarray:
@@ -73,7 +82,8 @@ def real_pairs(dataset: Dataset, count: int, prefix: str = "val", log: Any = Non
                 "so the data config must yield masks (data=synthetic, sflckr or folder with masks)"
             )
         image = image_to_uint8(item["image"]) if "image" in item else None
-        yield RealPair(f"{prefix}_{index:05d}", index, image, labels)
+        instances = np.asarray(item["instance_map"]).astype(np.int64) if "instance_map" in item else None
+        yield RealPair(f"{prefix}_{index:05d}", index, image, labels, instances)
 
 
 def segment_scores(
