@@ -10,8 +10,10 @@ owns every decision about it that used to be re-made by dtype in each caller:
   one instance-edge channel with ``instance_edges`` (SPADE / OASIS / SDM on Cityscapes and
   COCO-Stuff: a pixel is an edge where its instance id differs from a 4-neighbour's);
 * turning it into the cond stage's output: the fused label-histogram path when there is nothing
-  but labels (no full-resolution one-hot is built, bit-exact for the SpatialRescaler), else the
-  dense map (one-hot + edges) through the cond stage;
+  but labels, else the dense map (one-hot + edges) through the cond stage. For the seed (182
+  labels, 256 px) the one-hot is 45.5 MiB per image and two bilinear passes read it; a bilinear
+  (or area) x0.5 stage on a one-hot is an exact 2x2 average, so n stages are the label histogram of
+  each 2^n x 2^n cell divided by 4^n, which one scatter-add builds bit-exactly;
 * the null condition classifier-free guidance compares with (zeros: what condition dropout trains);
 * colouring it for grids and reports; checking label ranges and its own config.
 
@@ -32,12 +34,92 @@ from torch import nn
 from segldm.data.synthetic import CLASS_COLORS
 from segldm.data.transforms import load_mask, out_of_range
 from segldm.errors import StartupError
-from segldm.models.cond_stage import one_hot_from_label_map
-from segldm.models.performance import label_map_conditioning
+from segldm.models.cond_stage import SpatialRescaler
 
 LABELS_KEY = "label_map"
 ONE_HOT_KEY = "segmentation"
 INSTANCES_KEY = "instance_map"
+
+
+# ------------------------------------------------------------------------------------ one-hot and the fused path
+def check_label_ids(ids: torch.Tensor, n_labels: int, ignore_label: int | None) -> torch.Tensor:
+    """Mask of ignored pixels; raises on ids outside [0, n_labels) that are not the ignore label."""
+    ignored = torch.zeros_like(ids, dtype=torch.bool) if ignore_label is None else ids == ignore_label
+    bad = ((ids < 0) | (ids >= n_labels)) & ~ignored
+    if bad.any():
+        values = torch.unique(ids[bad]).tolist()[:10]
+        raise ValueError(
+            f"label_map holds ids {values} outside [0, {n_labels}) (model.cond_stage.in_channels) and not "
+            f"model.condition.ignore_label={ignore_label}; set data.n_labels / data.ignore_label to match the data"
+        )
+    return ignored
+
+
+def one_hot_from_label_map(
+    label_map: torch.Tensor, n_labels: int, ignore_label: int | None = None
+) -> torch.Tensor:
+    """(B, H, W) integer ids -> (B, n_labels, H, W) float32 one-hot, built where `label_map` lives.
+
+    Equal to F.one_hot(ids, n_labels).permute(0, 3, 1, 2).float(), but scattered straight into the
+    float layout (no int64 one-hot in between: 8x less memory). Pixels equal to `ignore_label` get
+    an all-zero vector; any other id outside [0, n_labels) raises (never a silently wrong condition).
+    """
+    ids = label_map.long()
+    ignored = check_label_ids(ids, n_labels, ignore_label)
+    out = torch.zeros((ids.shape[0], n_labels, *ids.shape[1:]), dtype=torch.float32, device=ids.device)
+    index = ids.masked_fill(ignored, 0).unsqueeze(1)
+    return out.scatter_(1, index, (~ignored).unsqueeze(1).to(torch.float32))
+
+
+FUSABLE_METHODS = ("bilinear", "area")  # modes where a x0.5 stage is exactly a 2x2 mean
+
+
+def fused_cell_size(cond_stage: nn.Module, height: int, width: int) -> int | None:
+    """Cell edge (2^n_stages) when `cond_stage` on a one-hot equals a label histogram, else None."""
+    if not isinstance(cond_stage, SpatialRescaler):
+        return None
+    if cond_stage.method not in FUSABLE_METHODS or cond_stage.multiplier != 0.5:
+        return None
+    cell = 2**cond_stage.n_stages
+    if height % cell or width % cell:
+        return None  # odd sizes: the interpolation drops edge rows; leave them to the reference path
+    return cell
+
+
+def label_histograms(
+    label_map: torch.Tensor, n_labels: int, cell: int, ignore_label: int | None = None
+) -> torch.Tensor:
+    """(B, H, W) ids -> (B, n_labels, H/cell, W/cell): share of each label in each cell x cell block.
+
+    Equal, bit for bit, to `cell` = 2^n halvings (bilinear or area, x0.5) of the float32 one-hot:
+    every partial sum is a multiple of 1/cell^2 <= 1, so the order of additions cannot round.
+    Ignored pixels count for nothing (their one-hot vector is all zero).
+    """
+    ids = label_map.long()
+    batch, height, width = ids.shape
+    ignored = check_label_ids(ids, n_labels, ignore_label)
+    rows, cols = height // cell, width // cell
+    cell_index = (
+        torch.arange(height, device=ids.device)[:, None] // cell * cols
+        + torch.arange(width, device=ids.device)[None, :] // cell
+    )
+    index = ids.masked_fill(ignored, 0) * (rows * cols) + cell_index
+    weight = (~ignored).to(torch.float32) / float(cell * cell)
+    out = torch.zeros((batch, n_labels * rows * cols), dtype=torch.float32, device=ids.device)
+    out.scatter_add_(1, index.reshape(batch, -1), weight.reshape(batch, -1))
+    return out.reshape(batch, n_labels, rows, cols)
+
+
+def label_map_conditioning(
+    cond_stage: nn.Module, label_map: torch.Tensor, n_labels: int, ignore_label: int | None = None
+) -> torch.Tensor:
+    """`cond_stage.encode(one_hot(label_map))` without materialising the full-resolution one-hot
+    when the cond stage allows it (:func:`fused_cell_size`); otherwise exactly that."""
+    cell = fused_cell_size(cond_stage, label_map.shape[-2], label_map.shape[-1])
+    if cell is None:
+        return cond_stage.encode(one_hot_from_label_map(label_map, n_labels, ignore_label))
+    x = label_histograms(label_map, n_labels, cell, ignore_label)
+    return cond_stage.channel_mapper(x) if cond_stage.remap_output else x
 
 
 def instance_edges(instances: torch.Tensor) -> torch.Tensor:
@@ -256,6 +338,11 @@ def as_condition(
 
 
 __all__ = [
+    "check_label_ids",
+    "fused_cell_size",
+    "label_histograms",
+    "label_map_conditioning",
+    "one_hot_from_label_map",
     "INSTANCES_KEY",
     "LABELS_KEY",
     "ONE_HOT_KEY",

@@ -24,9 +24,9 @@ import torch
 from einops import rearrange
 
 from segldm.benchmarks.suite import write_sflckr_like
+from segldm.condition import one_hot_from_label_map
 from segldm.data.datamodule import SegmentationDataModule
 from segldm.data.sflckr import FlickrSegTrain
-from segldm.models.cond_stage import one_hot_from_label_map
 
 N_LABELS = 182
 

@@ -54,11 +54,11 @@ from segldm.benchmarks.modes import (
 )
 from segldm.benchmarks.reference import bench_reference
 from segldm.benchmarks.report import render_markdown
+from segldm.condition import label_histograms
 from segldm.data.datamodule import SegmentationDataModule
 from segldm.data.sflckr import FlickrSegTrain
 from segldm.metrics.fid import InceptionFeatures, resolve_inception_weights
 from segldm.metrics.segmenters.trained import SegNet, TrainedSegmenter
-from segldm.models.performance import label_histograms
 from segldm.training.ldm import LatentDiffusion
 
 log = logging.getLogger(__name__)

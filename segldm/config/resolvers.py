@@ -29,9 +29,9 @@ def num_devices(devices: object) -> int:
     )
 
 
-def condition_channels(n_labels: int, instance_edges: object = False) -> int:
+def condition_channels(labels: int, instance_edges: object = False) -> int:
     """The cond stage's input channels: one per label, plus the instance-edge channel (segldm.condition)."""
-    return int(n_labels) + int(bool(instance_edges))
+    return int(labels) + int(bool(instance_edges))
 
 
 HIGHER_IS_BETTER = ("miou", "iou", "accuracy", "precision", "recall", "psnr", "f_score")

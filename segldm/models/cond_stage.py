@@ -58,32 +58,3 @@ class SpatialRescaler(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Same as ``forward``; LatentDiffusion.get_learned_conditioning calls ``encode``."""
         return self(x)
-
-
-def check_label_ids(ids: torch.Tensor, n_labels: int, ignore_label: int | None) -> torch.Tensor:
-    """Mask of ignored pixels; raises on ids outside [0, n_labels) that are not the ignore label."""
-    ignored = torch.zeros_like(ids, dtype=torch.bool) if ignore_label is None else ids == ignore_label
-    bad = ((ids < 0) | (ids >= n_labels)) & ~ignored
-    if bad.any():
-        values = torch.unique(ids[bad]).tolist()[:10]
-        raise ValueError(
-            f"label_map holds ids {values} outside [0, {n_labels}) (model.cond_stage.in_channels) and not "
-            f"model.ignore_label={ignore_label}; set data.n_labels / data.ignore_label to match the data"
-        )
-    return ignored
-
-
-def one_hot_from_label_map(
-    label_map: torch.Tensor, n_labels: int, ignore_label: int | None = None
-) -> torch.Tensor:
-    """(B, H, W) integer ids -> (B, n_labels, H, W) float32 one-hot, built where `label_map` lives.
-
-    Equal to F.one_hot(ids, n_labels).permute(0, 3, 1, 2).float(), but scattered straight into the
-    float layout (no int64 one-hot in between: 8x less memory). Pixels equal to `ignore_label` get
-    an all-zero vector; any other id outside [0, n_labels) raises (never a silently wrong condition).
-    """
-    ids = label_map.long()
-    ignored = check_label_ids(ids, n_labels, ignore_label)
-    out = torch.zeros((ids.shape[0], n_labels, *ids.shape[1:]), dtype=torch.float32, device=ids.device)
-    index = ids.masked_fill(ignored, 0).unsqueeze(1)
-    return out.scatter_(1, index, (~ignored).unsqueeze(1).to(torch.float32))

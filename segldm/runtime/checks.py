@@ -275,16 +275,9 @@ def validate_config(cfg: DictConfig) -> None:
 
     if _is_ldm(cfg):
         cond = model.cond_stage
-        condition = model.get("condition")
-        if isinstance(condition, DictConfig):
-            problems += as_condition(condition, LabelCondition(int(data.n_labels))).config_problems(
-                cond.in_channels
-            )
-        elif cond.in_channels != data.n_labels:
-            problems.append(
-                f"model.cond_stage.in_channels={cond.in_channels} but data.n_labels={data.n_labels}: "
-                "the cond stage reads one channel per label; set them equal"
-            )
+        # a CompVis-translated or older config has no model.condition: the data's labels are its condition
+        condition = as_condition(model.get("condition"), LabelCondition.from_data(data))
+        problems += condition.config_problems(cond.in_channels)
         latent = data.size // factor
         cond_size = data.size
         for _ in range(cond.n_stages):

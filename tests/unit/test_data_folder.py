@@ -14,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
+from segldm.condition import one_hot_from_label_map
 from segldm.data.datamodule import SegmentationDataModule
 from segldm.data.folder import FolderSegmentation
 from segldm.data.transforms import (
@@ -23,7 +24,6 @@ from segldm.data.transforms import (
     collate_samples,
     resize_smallest_side,
 )
-from segldm.models.cond_stage import one_hot_from_label_map
 from segldm.training.ldm import LatentDiffusion
 from tests.conftest import TINY_FIRST_STAGE, TINY_UNET, compose_train
 
@@ -391,7 +391,7 @@ def test_folder_config_trains_from_label_maps(tmp_path):
         "paths.output_dir=/tmp/unused",
     ]
     cfg = compose_train(overrides)
-    assert cfg.model.ignore_label == 255 and cfg.model.cond_stage.in_channels == 19
+    assert cfg.model.condition.ignore_label == 255 and cfg.model.cond_stage.in_channels == 19
     dm = instantiate(cfg.data)
     assert dm.train_dataset.flip and not dm.val_dataset.flip and dm.train_dataset.random_crop
     (tmp_path / "val.txt").write_text("1.png\n")  # a split list, relative to data.root

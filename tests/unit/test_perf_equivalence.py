@@ -16,10 +16,10 @@ from segldm.benchmarks.modes import (
     randomize_zero_parameters,
 )
 from segldm.benchmarks.suite import write_sflckr_like
+from segldm.condition import label_histograms, label_map_conditioning, one_hot_from_label_map
 from segldm.data.sflckr import FlickrSegEval, FlickrSegTrain
 from segldm.data.synthetic import SyntheticScenes
-from segldm.models.cond_stage import SpatialRescaler, one_hot_from_label_map
-from segldm.models.performance import label_histograms, label_map_conditioning
+from segldm.models.cond_stage import SpatialRescaler
 from segldm.training.latent_cache import has_fixed_samples
 from segldm.training.ldm import LatentDiffusion
 from segldm.training.options import FLAT_OPTION_KEYS
