@@ -41,7 +41,6 @@ from segldm.data.transforms import (
     MISSING,
     OUT_OF_RANGE,
     SIZE_MISMATCH,
-    SKIP_HINT,
     UNREADABLE,
     SampleError,
 )

@@ -19,7 +19,8 @@ class SegmentationDataModule(L.LightningDataModule):
     """Train/validation loaders for segmentation-conditioned image datasets.
 
     `size` and `n_labels` are the numbers the rest of the config reads (first-stage and
-    cond-stage checks); they are checked against the datasets here. Batches are collated with
+    cond-stage checks); they are checked against the datasets here, and so is `instance_edges`
+    (each sample then carries `instance_map`, which the condition turns into an edge channel). Batches are collated with
     `collate_samples`: samples a dataset skipped (`on_error=skip`) are dropped from their batch and
     counted in `skipped_samples`. Other keys of the data config (file lists, folders, flip, ...) are
     read by the dataset configs through interpolation and kept in `dataset_keys`.
@@ -41,6 +42,7 @@ class SegmentationDataModule(L.LightningDataModule):
         root: str | None = None,
         ignore_label: int | None = None,
         one_hot_in_loader: bool = False,
+        instance_edges: bool = False,
         on_error: str = "raise",
         seed: int | None = None,
         **dataset_keys: Any,
@@ -56,6 +58,13 @@ class SegmentationDataModule(L.LightningDataModule):
                 )
             if len(dataset) == 0:  # type: ignore[arg-type]
                 raise ValueError(f"data.{split} is empty ({type(dataset).__name__})")
+            if bool(getattr(dataset, "instance_edges", False)) != bool(instance_edges):
+                raise ValueError(
+                    f"data.instance_edges={bool(instance_edges)} but data.{split} ({type(dataset).__name__}) "
+                    f"{'yields' if getattr(dataset, 'instance_edges', False) else 'yields no'} instance maps; "
+                    "only the presets with instance maps (data=cityscapes, data=cocostuff with its instance "
+                    "folders) can set data.instance_edges=true"
+                )
         self.train_dataset = train
         self.val_dataset = validation
         self.size = size
@@ -72,6 +81,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.root = root
         self.ignore_label = ignore_label
         self.one_hot_in_loader = one_hot_in_loader
+        self.instance_edges = bool(instance_edges)
         self.on_error = check_on_error(on_error)
         self.dataset_keys = dataset_keys
         self.skipped_samples: list[str] = []  # every skip seen by the loaders, in order

@@ -1,10 +1,13 @@
-"""Any image/mask folder pair (COCO-Stuff, ADE20K, Cityscapes, CelebAMask-HQ, your own labels).
+"""Any image/mask folder pair (your own labels, or a benchmark in a layout of your own).
 
-`PairedSegmentation` is the one loader behind `data=folder` and `data=sflckr`: it checks every pair
-exists when built (so a missing mask fails before training, not at step 90,000), decodes each file
-fully, refuses mask/image size mismatches and labels outside [0, n_labels) other than the ignore
-label, and applies taming's resize/crop (plus an optional joint horizontal flip). With
-`on_error="skip"` a bad sample is dropped from its batch, logged and counted instead.
+`PairedSegmentation` is the one loader behind `data=folder`, `data=sflckr` and the benchmark presets
+(segldm/data/ade20k.py, cocostuff.py, cityscapes.py, celebamask_hq.py): it checks every pair (and
+instance map) exists when built (so a missing mask fails before training, not at step 90,000),
+decodes each file fully, refuses mask/image size mismatches and labels outside [0, n_labels) other
+than the ignore label, and resizes and crops image, labels and instances together: taming's rule by
+default (smaller side -> size, centre or random crop), or a window of another aspect, a larger
+load size before the crop, a stretch to the window (SPADE's rules); plus an optional joint
+horizontal flip. With `on_error="skip"` a bad sample is dropped from its batch, logged and counted.
 """
 
 from __future__ import annotations
@@ -22,38 +25,105 @@ from torch.utils.data import Dataset
 
 from segldm.data.resumable import AugmentationRandomState
 from segldm.data.transforms import (
+    FITS,
+    INSTANCE_MODES,
     INTERPOLATIONS,
     MISSING,
+    PIL_INTERPOLATIONS,
+    SIZE_MISMATCH,
     SKIP_HINT,
     LabelRemap,
     SampleError,
     SkippedSample,
+    check_instance_mode,
     check_on_error,
     check_same_size,
     crop_offsets,
+    fit_size,
+    header,
     label_dtype,
     label_map_tensor,
     load_image,
+    load_instances,
     load_mask,
     one_hot,
     out_of_range,
     prepare_labels,
-    resize_smallest_side,
+    resize_to,
     to_model_range,
 )
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+INSTANCE_MAP_KEY = "instance_map"  # sample key of the (H, W) int32 instance ids (with instance_edges)
 
 
 @dataclass(frozen=True)
 class Pair:
-    """One sample's files; `relative` is what the reference calls `relative_file_path_`."""
+    """One sample's files; `relative` is what the reference calls `relative_file_path_`.
+
+    `instance`: its instance-id map, where the dataset has them (read with `instance_edges`).
+    """
 
     relative: str
     image: Path
     mask: Path
+    instance: Path | None = None
+
+
+def empty_report(relative: str) -> dict[str, Any]:
+    """What `inspect` / `inspect_headers` fill in for one sample."""
+    return {
+        "relative": relative,
+        "problems": [],
+        "histogram": None,
+        "ignored": 0,
+        "out_of_range": [],
+        "image_size": None,
+        "mask_size": None,
+    }
+
+
+def _shape(size: tuple[int, int]) -> np.ndarray:
+    """An empty array of (height, width) for `check_same_size` (one place for that rule and message)."""
+    return np.empty((size[1], size[0], 0), dtype=np.uint8)
+
+
+def pair_headers(
+    pair: Pair, instance_modes: tuple[str, ...] | None = None, instance_expected: str = "an integer id map"
+) -> dict[str, Any]:
+    """Header-level check of one pair (no pixel decoded): the files open, the image, mask and (with
+    `instance_modes`) instance map agree in size, the instance map's mode is one of `instance_modes`."""
+    report = empty_report(pair.relative)
+    files = [("image", pair.image), ("mask", pair.mask)]
+    if instance_modes is not None and pair.instance is not None:
+        files.append(("instance map", pair.instance))
+    sizes: dict[str, tuple[int, int]] = {}
+    for what, path in files:
+        try:
+            sizes[what], mode = header(path, what)
+            if what == "instance map":
+                check_instance_mode(mode, path, instance_modes or INSTANCE_MODES, instance_expected)
+        except SampleError as err:
+            report["problems"].append((err.kind, str(err)))
+    report["image_size"], report["mask_size"] = sizes.get("image"), sizes.get("mask")
+    if "image" in sizes and "mask" in sizes:
+        try:
+            check_same_size(_shape(sizes["image"]), _shape(sizes["mask"]), pair.image, pair.mask)
+        except SampleError as err:
+            report["problems"].append((err.kind, str(err)))
+    if "mask" in sizes and "instance map" in sizes and sizes["mask"] != sizes["instance map"]:
+        report["problems"].append(instance_size_error(pair, sizes["mask"], sizes["instance map"]))
+    return report
+
+
+def instance_size_error(pair: Pair, mask: tuple[int, int], instance: tuple[int, int]) -> tuple[str, str]:
+    return (
+        SIZE_MISMATCH,
+        f"{pair.instance}: instance map is {instance[0]}x{instance[1]} but its mask {pair.mask} is "
+        f"{mask[0]}x{mask[1]} (width x height); {SKIP_HINT}",
+    )
 
 
 class PairedSegmentation(AugmentationRandomState, Dataset):
@@ -61,8 +131,20 @@ class PairedSegmentation(AugmentationRandomState, Dataset):
 
     Sample keys: `image` (H, W, 3) float32 in [-1, 1]; `label_map` (H, W) uint8 (int16 when ids or
     the ignore label exceed 255); with `one_hot`, `segmentation` (H, W, n_labels) float32 as the
-    reference (ignore pixels all-zero); `relative_file_path_`, `file_path_`, `segmentation_path_`.
+    reference (ignore pixels all-zero); with `instance_edges`, `instance_map` (H, W) int32 (resized
+    nearest, cropped and flipped with the labels); `relative_file_path_`, `file_path_`,
+    `segmentation_path_`.
+
+    Geometry (with `size`; None: every sample at its native size, flips only): the output window is
+    `size` high and round(size * aspect) wide. The arrays are first resized to a window `load_scale`
+    times larger (SPADE's load_size 286 for a 256 crop: 286/256) by `fit` (`cover`: keep the aspect
+    and cover it, for a square window exactly taming's SmallestMaxSize; `stretch`: resize to it,
+    aspect ignored), then cropped to the output window (random or centre).
     """
+
+    # the instance-map modes this dataset accepts, and how errors describe them
+    instance_modes: tuple[str, ...] = INSTANCE_MODES
+    instance_expected: str = "an integer id map (mode L, I;16 or I)"
 
     def __init__(
         self,
@@ -78,16 +160,32 @@ class PairedSegmentation(AugmentationRandomState, Dataset):
         one_hot: bool = True,
         on_error: str = "raise",
         name: str = "dataset",
+        aspect: float = 1.0,
+        load_scale: float = 1.0,
+        fit: str = "cover",
+        instance_edges: bool = False,
     ) -> None:
         if n_labels <= 0:
             raise ValueError(f"{name}: data.n_labels must be positive, got {n_labels}")
-        if interpolation not in INTERPOLATIONS:
+        if interpolation not in INTERPOLATIONS and interpolation not in PIL_INTERPOLATIONS:
             raise ValueError(
-                f"{name}: interpolation={interpolation!r} is not one of {sorted(INTERPOLATIONS)}"
+                f"{name}: interpolation={interpolation!r} is not one of "
+                f"{sorted(INTERPOLATIONS) + sorted(PIL_INTERPOLATIONS)}"
+            )
+        if fit not in FITS:
+            raise ValueError(f"{name}: data.fit={fit!r} is not one of {list(FITS)}")
+        if not aspect > 0 or not load_scale >= 1:
+            raise ValueError(
+                f"{name}: data.aspect={aspect} must be > 0 and data.load_scale={load_scale} >= 1 (the load "
+                "window is never smaller than the crop)"
             )
         self.name = name
         self.n_labels = int(n_labels)
         self.size = int(size) if size is not None and size > 0 else None
+        self.aspect = float(aspect)
+        self.load_scale = float(load_scale)
+        self.fit = fit
+        self.instance_edges = bool(instance_edges)
         self.random_crop = random_crop
         self.flip = flip
         self.ignore_label = None if ignore_label is None else int(ignore_label)
@@ -96,31 +194,50 @@ class PairedSegmentation(AugmentationRandomState, Dataset):
             self.remap = label_remap
         else:
             self.remap = LabelRemap(label_remap, self.n_labels, self.ignore_label)
-        self.interpolation = INTERPOLATIONS[interpolation]
+        self.interpolation: int | str = INTERPOLATIONS.get(interpolation, interpolation)
         self.one_hot = one_hot
         self.on_error = check_on_error(on_error)
         self.skipped: list[str] = []  # problems found while building (skip mode), in this process
-        self.pairs = self._keep_complete(list(pairs))
+        pairs = list(pairs)
+        if self.instance_edges and any(pair.instance is None for pair in pairs):
+            raise ValueError(
+                f"{name}: data.instance_edges=true but this dataset has no instance maps; set "
+                "data.instance_edges=false"
+            )
+        self.pairs = self._keep_complete(pairs)
 
     # ------------------------------------------------------------------ building
+    def files_of(self, pair: Pair) -> list[tuple[str, Path]]:
+        """The files a sample needs, as (what, path): image, mask, and its instance map when read."""
+        files = [("image", pair.image), ("mask", pair.mask)]
+        if self.instance_edges and pair.instance is not None:
+            files.append(("instance map", pair.instance))
+        return files
+
     def _keep_complete(self, pairs: list[Pair]) -> list[Pair]:
-        """Every image and mask must exist; raise naming them, or drop them (skip mode)."""
+        """Every file of every sample must exist; raise naming them, or drop them (skip mode)."""
         if not pairs:
             raise ValueError(f"{self.name}: no samples found")
-        missing = [
-            (pair, what, path)
-            for pair in pairs
-            for what, path in (("image", pair.image), ("mask", pair.mask))
-            if not path.is_file()
-        ]
+        missing = []
+        for pair in pairs:
+            absent = [(what, path) for what, path in self.files_of(pair) if not path.is_file()]
+            if any(what in ("image", "mask") for what, _ in absent):  # its other files do not matter then
+                absent = [(what, path) for what, path in absent if what in ("image", "mask")]
+            missing += [(pair, what, path) for what, path in absent]
         if not missing:
             return pairs
         lines = [f"{path} ({what} of {pair.relative})" for pair, what, path in missing]
         if self.on_error == "raise":
             shown = "\n  ".join(lines[:10])
             more = f"\n  ... and {len(lines) - 10} more" if len(lines) > 10 else ""
+            counts = {}
+            for _, what, _ in missing:
+                counts[what] = counts.get(what, 0) + 1
+            by_kind = ", ".join(
+                f"{n} {what}{'s' if n > 1 and not what.endswith('s') else ''}" for what, n in counts.items()
+            )
             raise SampleError(
-                f"{self.name}: {len(missing)} file(s) missing:\n  {shown}{more}\n{SKIP_HINT}",
+                f"{self.name}: {len(missing)} file(s) missing:\n  {shown}{more}\n({by_kind} missing) {SKIP_HINT}",
                 missing[0][2],
                 MISSING,
             )
@@ -142,37 +259,64 @@ class PairedSegmentation(AugmentationRandomState, Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Full-size (image uint8 H x W x 3, labels H x W in `self.dtype`) after every check."""
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Full size (image uint8 H x W x 3, labels H x W in `self.dtype`, instance ids H x W int32 or
+        None without `instance_edges`) after every check."""
         pair = self.pairs[index]
         image = load_image(pair.image)
-        mask = load_mask(pair.mask)
-        check_same_size(image, mask, pair.image, pair.mask)
+        mask = self.load_labels(pair)
+        image = self.image_for(image, mask, pair)
         labels = prepare_labels(mask, self.n_labels, self.ignore_label, self.remap, pair.mask, self.dtype)
-        return image, labels
+        return image, labels, self.read_instances(pair, labels)
 
-    def transform(self, image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Resize (smaller side -> size; image bicubic, labels nearest), joint crop, joint flip."""
+    def read_instances(self, pair: Pair, labels: np.ndarray) -> np.ndarray | None:
+        """The pair's instance ids (int32, the labels' size), or None without `instance_edges`."""
+        if not self.instance_edges or pair.instance is None:
+            return None
+        instances = load_instances(pair.instance, self.instance_modes, self.instance_expected)
+        if instances.shape != labels.shape:
+            kind, message = instance_size_error(
+                pair, (labels.shape[1], labels.shape[0]), (instances.shape[1], instances.shape[0])
+            )
+            raise SampleError(message, pair.instance, kind)
+        return instances
+
+    @property
+    def crop_width(self) -> int | None:
+        return None if self.size is None else round(self.size * self.aspect)
+
+    def transform(
+        self, image: np.ndarray, labels: np.ndarray, instances: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Resize (image by `interpolation`, labels and instances nearest: PIL's beside a PIL image filter,
+        as SPADE, else OpenCV's), joint crop, joint flip."""
+        maps = [labels] if instances is None else [labels, instances]
         if self.size is not None:
-            image = resize_smallest_side(image, self.size, self.interpolation)
-            labels = resize_smallest_side(labels, self.size, INTERPOLATIONS["nearest"])
-            y, x = crop_offsets(image.shape[0], image.shape[1], self.size, self.random_crop)
-            image = image[y : y + self.size, x : x + self.size]
-            labels = labels[y : y + self.size, x : x + self.size]
+            crop_h, crop_w = self.size, self.crop_width
+            load_h = round(crop_h * self.load_scale)
+            load_w = round(crop_w * self.load_scale)
+            new = fit_size(image.shape[0], image.shape[1], load_h, load_w, self.fit)
+            image = resize_to(image, new, self.interpolation)
+            nearest = "pil_nearest" if isinstance(self.interpolation, str) else INTERPOLATIONS["nearest"]
+            maps = [resize_to(m, new, nearest) for m in maps]
+            y, x = crop_offsets(image.shape[0], image.shape[1], crop_h, self.random_crop, crop_w)
+            image = image[y : y + crop_h, x : x + crop_w]
+            maps = [m[y : y + crop_h, x : x + crop_w] for m in maps]
         if self.flip and random.random() < 0.5:
-            image, labels = image[:, ::-1], labels[:, ::-1]
-        return np.ascontiguousarray(image), np.ascontiguousarray(labels)
+            image, maps = image[:, ::-1], [m[:, ::-1] for m in maps]
+        image, maps = np.ascontiguousarray(image), [np.ascontiguousarray(m) for m in maps]
+        return image, maps[0], (maps[1] if len(maps) > 1 else None)
 
     def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
         try:
-            image, labels = self.read(index)
+            image, labels, instances = self.read(index)
         except SampleError as err:
             if self.on_error == "raise":
                 raise
             # logged and counted once per batch by the data module (in the main process)
             log.debug("%s: skipping sample %d (data.on_error=skip): %s", self.name, index, err)
             return SkippedSample(str(err))
-        image, labels = self.transform(image, labels)
+        image, labels, instances = self.transform(image, labels, instances)
         pair = self.pairs[index]
         sample: dict[str, Any] = {
             "image": torch.from_numpy(to_model_range(image)),
@@ -181,6 +325,8 @@ class PairedSegmentation(AugmentationRandomState, Dataset):
             "file_path_": str(pair.image),
             "segmentation_path_": str(pair.mask),
         }
+        if instances is not None:
+            sample[INSTANCE_MAP_KEY] = torch.from_numpy(instances)
         if self.one_hot:
             sample["segmentation"] = torch.from_numpy(one_hot(labels, self.n_labels, self.ignore_label))
         return sample
@@ -193,17 +339,10 @@ class PairedSegmentation(AugmentationRandomState, Dataset):
         of ignore pixels and the out-of-range ids found.
         """
         pair = self.pairs[index]
-        report: dict[str, Any] = {
-            "relative": pair.relative,
-            "problems": [],
-            "histogram": np.zeros(self.n_labels, dtype=np.int64),
-            "ignored": 0,
-            "out_of_range": [],
-            "image_size": None,
-            "mask_size": None,
-        }
+        report = empty_report(pair.relative)
+        report["histogram"] = np.zeros(self.n_labels, dtype=np.int64)
         image = mask = None
-        for what, loader, path in (("image", load_image, pair.image), ("mask", load_mask, pair.mask)):
+        for what, loader, path in (("image", load_image, pair.image), ("mask", self.load_labels, pair)):
             try:
                 array = loader(path)
             except SampleError as err:
@@ -218,9 +357,13 @@ class PairedSegmentation(AugmentationRandomState, Dataset):
             return report
         if image is not None:
             try:
-                check_same_size(image, mask, pair.image, pair.mask)
+                self.image_for(image, mask, pair)
             except SampleError as err:
                 report["problems"].append((err.kind, str(err)))
+        try:
+            self.read_instances(pair, mask)
+        except SampleError as err:
+            report["problems"].append((err.kind, str(err)))
         try:
             labels = self.remap(mask, pair.mask) if self.remap is not None else mask
         except SampleError as err:
@@ -241,6 +384,20 @@ class PairedSegmentation(AugmentationRandomState, Dataset):
             valid &= ~ignored
         report["histogram"] = np.bincount(flat[valid], minlength=self.n_labels)
         return report
+
+    def load_labels(self, pair: Pair) -> np.ndarray:
+        """The pair's stored label ids at full size (before the remap); `inspect` reads labels here."""
+        return load_mask(pair.mask)
+
+    def image_for(self, image: np.ndarray, mask: np.ndarray, pair: Pair) -> np.ndarray:
+        """The image at its mask's size: here they must agree (a SampleError otherwise)."""
+        check_same_size(image, mask, pair.image, pair.mask)
+        return image
+
+    def inspect_headers(self, index: int) -> dict[str, Any]:
+        """`inspect` at header level (`segldm.data.check mode=headers`, `data.precheck=headers`)."""
+        modes = self.instance_modes if self.instance_edges else None
+        return pair_headers(self.pairs[index], modes, self.instance_expected)
 
     def unpaired_masks(self) -> list[Path]:
         """Mask files no sample uses (only meaningful when the pairs came from scanning folders)."""

@@ -31,6 +31,15 @@ INTERPOLATIONS: dict[str, int] = {
     "area": cv2.INTER_AREA,
     "lanczos": cv2.INTER_LANCZOS4,
 }
+# PIL's filters widen with the scale (antialiased downsampling): what SPADE, OASIS and SDM resize
+# images with (Image.BICUBIC); the benchmark presets use it, data=sflckr/folder keep OpenCV's.
+PIL_INTERPOLATIONS: dict[str, int] = {
+    "pil_nearest": Image.Resampling.NEAREST,  # label and instance maps beside a pil_* image resize
+    "pil_bicubic": Image.Resampling.BICUBIC,
+    "pil_bilinear": Image.Resampling.BILINEAR,
+    "pil_lanczos": Image.Resampling.LANCZOS,
+}
+FITS = ("cover", "stretch")  # resize before the crop: keep the aspect and cover the window, or stretch to it
 ON_ERROR_MODES = ("raise", "skip")
 SKIP_HINT = "fix or remove the file, or set data.on_error=skip to skip such samples (logged and counted)"
 SKIPPED_KEY = "skipped_"  # batch key listing the samples a skipping collate dropped
@@ -93,6 +102,27 @@ def open_fully(path: Path, what: str) -> Image.Image:
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
+def header(path: Path, what: str) -> tuple[tuple[int, int], str]:
+    """((width, height), mode) from the file's header only (PIL's lazy open: no pixel is decoded)."""
+    try:
+        with Image.open(path) as image:
+            return image.size, image.mode
+    except FileNotFoundError as err:
+        raise SampleError(f"{path}: {what} file is missing; {SKIP_HINT}", path, MISSING) from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise SampleError(
+            f"{path}: {what} file is corrupt, its header cannot be decoded "
+            f"({type(err).__name__}: {err}); {SKIP_HINT}",
+            path,
+            UNREADABLE,
+        ) from err
+
+
+def header_size(path: Path, what: str) -> tuple[int, int]:
+    """(width, height) from the file's header only."""
+    return header(path, what)[0]
+
+
 def load_image(path: Path) -> np.ndarray:
     """Any PIL image (grey, palette, RGBA, CMYK, 16-bit grey) -> (H, W, 3) uint8 RGB.
 
@@ -142,6 +172,30 @@ def load_mask(path: Path) -> np.ndarray:
     raise SampleError(
         f"{path}: mask mode {mode!r} is not a label map; save it as mode L, P or I;16", path, UNREADABLE
     )
+
+
+# Instance maps: one integer id per object (Cityscapes *_instanceIds.png: class id x 1000 + k, 16 bit;
+# SPADE's COCO maps: 8 bit). Colour or palette files are refused: they are not instance ids.
+INSTANCE_MODES = ("L", "I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def check_instance_mode(mode: str, path: Path, modes: Sequence[str], expected: str) -> None:
+    if mode not in modes:
+        raise SampleError(
+            f"{path}: instance map has mode {mode!r}, not {expected}; it is not an instance-id file (a colour or "
+            f"label file in its place?) - use the dataset's instance maps, or set data.instance_edges=false",
+            path,
+            UNREADABLE,
+        )
+
+
+def load_instances(
+    path: Path, modes: Sequence[str] = INSTANCE_MODES, expected: str = "an integer id map"
+) -> np.ndarray:
+    """An instance-id map -> (H, W) int32, refusing any mode not in `modes` (named in the error)."""
+    image = open_fully(path, "instance map")
+    check_instance_mode(image.mode, path, modes, expected)
+    return np.asarray(image).astype(np.int32)
 
 
 def check_same_size(image: np.ndarray, mask: np.ndarray, image_path: Path, mask_path: Path) -> None:
@@ -296,17 +350,55 @@ def resize_smallest_side(array: np.ndarray, size: int, interpolation: int) -> np
     return cv2.resize(array, (new[1], new[0]), interpolation=interpolation)
 
 
-def crop_offsets(height: int, width: int, size: int, random_crop: bool) -> tuple[int, int]:
-    """(y, x) of a size x size window: centre as albumentations CenterCrop, or RandomCrop's rule.
+def crop_offsets(
+    height: int, width: int, size: int, random_crop: bool, crop_width: int | None = None
+) -> tuple[int, int]:
+    """(y, x) of a size x crop_width window (square without crop_width): centre as albumentations
+    CenterCrop, or RandomCrop's rule.
 
     The random draw uses Python's `random`, which DataLoader seeds differently in every worker.
     """
-    if height < size or width < size:
-        raise ValueError(f"cannot crop {size}x{size} from {width}x{height}")
+    crop_width = size if crop_width is None else crop_width
+    if height < size or width < crop_width:
+        raise ValueError(f"cannot crop {crop_width}x{size} from {width}x{height}")
     if random_crop:
         h_start, w_start = random.random(), random.random()
-        return int((height - size) * h_start), int((width - size) * w_start)
-    return (height - size) // 2, (width - size) // 2
+        return int((height - size) * h_start), int((width - crop_width) * w_start)
+    return (height - size) // 2, (width - crop_width) // 2
+
+
+def fit_size(height: int, width: int, out_height: int, out_width: int, fit: str) -> tuple[int, int] | None:
+    """The (height, width) an array is resized to before its crop; None: no resize.
+
+    `cover` keeps the aspect and scales until the out_height x out_width window is covered (for a
+    square window exactly `SmallestMaxSize`, the reference rule); `stretch` resizes to the window
+    itself, aspect ignored (SPADE's `resize_and_crop` / `fixed`).
+    """
+    if fit not in FITS:
+        raise ValueError(f"fit={fit!r} is not one of {FITS}")
+    if fit == "stretch":
+        return None if (height, width) == (out_height, out_width) else (out_height, out_width)
+    if out_height == out_width:
+        return smallest_side_size(height, width, out_height)
+    scale = max(out_height / height, out_width / width)
+    if scale == 1:
+        return None
+    return max(out_height, round(height * scale)), max(out_width, round(width * scale))
+
+
+def resize_to(array: np.ndarray, size: tuple[int, int] | None, interpolation: int | str) -> np.ndarray:
+    """Resize an H x W [x C] array to size=(height, width) (None: unchanged) with an OpenCV flag or a
+    `PIL_INTERPOLATIONS` name (PIL: uint8 images; id maps of any integer type with `pil_nearest`)."""
+    if size is None or tuple(array.shape[:2]) == tuple(size):
+        return array
+    height, width = size
+    if isinstance(interpolation, str):
+        resample = PIL_INTERPOLATIONS[interpolation]
+        if array.dtype == np.uint8:
+            return np.asarray(Image.fromarray(array).resize((width, height), resample))
+        ids = Image.fromarray(array.astype(np.int32)).resize((width, height), resample)  # mode I
+        return np.asarray(ids).astype(array.dtype)
+    return cv2.resize(array, (width, height), interpolation=interpolation)
 
 
 def to_model_range(image: np.ndarray) -> np.ndarray:
