@@ -12,6 +12,13 @@
 3. The final checkpoints must be identical (every tensor of the state_dict, optimizer moments,
    LR scheduler, data position) and the single MLflow run of the killed command must hold, at every
    step, exactly the reference's values.
+4. Every restarted process must have continued from the checkpoint it names ("resume=auto: <ckpt>
+   (global step N)"): a process that ignored it and trained again from step 0 would end the same and
+   log the same values, so step 3 cannot tell. MLflow stores each metric value with the wall-clock
+   time it was logged at; the values one process logged (between its start and the next one's) must
+   begin at step N (the first train/loss) and hold nothing below N, except the step metrics the
+   checkpoint carries (written before Lightning logged them; segldm's TrainingState logs them on
+   resuming when the store lacks them).
 
 Writes a JSON summary (--json) and experiments/faults/results.md (unless --no-results-md).
 Exit status 0 when everything matched.
@@ -74,7 +81,10 @@ FAULTS = ("sigkill-at-startup", "sigkill", "sigkill-during-save", "sigterm")
 RESUMED = re.compile(r"resume=auto: (\S+) \(global step (\d+)\)")
 
 
-def start(args: list[str], root: Path) -> subprocess.Popen:
+def start(args: list[str], root: Path, started: list[int] | None = None) -> subprocess.Popen:
+    """``python -m segldm.train <args>``; appends its start time (ms, MLflow's clock) to ``started``."""
+    if started is not None:
+        started.append(int(time.time() * 1000))
     env = {**os.environ, "SEGLDM_ROOT": str(root), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "segldm.train", *args],
@@ -99,6 +109,52 @@ def complete_steps(folder: Path) -> list[int]:
     for path in [*folder.glob("checkpoints/*.ckpt"), *folder.glob("hpc_ckpt_*.ckpt")]:
         steps.append(int(torch.load(path, map_location="cpu", weights_only=True)["global_step"]))
     return sorted(steps)
+
+
+def checkpoint_record(folder: Path) -> dict[str, dict[str, Any]]:
+    """{path: global step, and the (metric, step) pairs of step metrics it carries} of every complete
+    checkpoint of a run folder: read before a process starts, which may overwrite last.ckpt."""
+    record = {}
+    for path in [*folder.glob("checkpoints/*.ckpt"), *folder.glob("hpc_ckpt_*.ckpt")]:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        state = (ckpt.get("callbacks") or {}).get("TrainingState") or {}
+        pending = state.get("unlogged_metrics") or {}
+        carried = sorted((k, int(pending["step"])) for k in pending.get("metrics", {}))
+        record[str(path.resolve())] = {"global_step": int(ckpt["global_step"]), "carried": carried}
+    return record
+
+
+def process_log(
+    client: MlflowClient, run_id: str, since_ms: int, until_ms: int | None, loss_key: str = "train/loss"
+) -> dict[str, Any]:
+    """What one process logged to ``run_id`` (the values timestamped between its start and the next
+    process's): its train/loss steps and every (metric, step) pair."""
+    logged = []
+    for key in client.get_run(run_id).data.metrics:
+        for m in client.get_metric_history(run_id, key):
+            if m.timestamp >= since_ms and (until_ms is None or m.timestamp < until_ms):
+                logged.append((key, int(m.step)))
+    return {"pairs": sorted(logged), "trained": sorted(s for k, s in logged if k == loss_key)}
+
+
+def continued_from_checkpoint(
+    log: dict[str, Any], resumed_step: int | None, carried: list[tuple[str, int]]
+) -> dict[str, Any]:
+    """Did a process continue from the checkpoint of ``resumed_step`` (None: it started fresh)? Its
+    first trained step is that step (or it trained none before it was killed), and nothing it logged
+    is below it but the metrics the checkpoint carried."""
+    carried_pairs = {tuple(c) for c in carried}
+    own = [(k, s) for k, s in log["pairs"] if (k, s) not in carried_pairs]
+    trained = sorted(s for k, s in own if k == "train/loss")
+    first = trained[0] if trained else None
+    if resumed_step is None:
+        return {"first_step_trained": first, "logged_below_resume_step": [], "continued": first in (None, 0)}
+    below = sorted(f"{k}@{s}" for k, s in own if s < resumed_step)
+    return {
+        "first_step_trained": first,
+        "logged_below_resume_step": below,
+        "continued": first in (None, resumed_step) and not below,
+    }
 
 
 def newest_step_file(ckpt_dir: Path) -> int:
@@ -139,6 +195,7 @@ def inject(
         "target_step": None if fault == "sigkill-at-startup" else after_step,
         "after_s": round(at, 2),
         "exit_status": proc.returncode,
+        "resumed_from": resumed.group(1) if resumed else None,
         "resumed_from_step": int(resumed.group(2)) if resumed else None,
         "temporary_files_left": sorted(p.name for p in ckpt_dir.glob(".*.tmp")),
         "output_tail": out[-1500:],
@@ -236,6 +293,8 @@ def main() -> int:
     command = [*args, "run_name=faulty", "resume=auto"]
     folder = root / "outputs/runs/train/faulty"
     attempts: list[dict[str, Any]] = []
+    started_ms: list[int] = []  # when each process of the killed command started (MLflow's clock)
+    checkpoints_seen: list[dict[str, dict[str, Any]]] = []  # the checkpoints each one found
     done = 0  # newest complete checkpoint of the killed command
     for i in range(opts.kills):
         fault = rng.choice(FAULTS)
@@ -249,7 +308,8 @@ def main() -> int:
         delay = (
             rng.uniform(0.3, 0.5 * startup_s) if fault == "sigkill-at-startup" else rng.uniform(0.0, step_s)
         )
-        record = inject(start(command, root), fault, target, delay, folder / "checkpoints")
+        checkpoints_seen.append(checkpoint_record(folder))
+        record = inject(start(command, root, started_ms), fault, target, delay, folder / "checkpoints")
         record["attempt"] = i + 1
         complete = complete_steps(folder)
         record["newest_step_after"] = max(complete, default=0)
@@ -261,10 +321,12 @@ def main() -> int:
             f"checkpoint now step {done}",
             flush=True,
         )
-    out = finish(start(command, root))
+    checkpoints_seen.append(checkpoint_record(folder))
+    out = finish(start(command, root, started_ms))
     resumed_from = next(
         (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("resumed from")), None
     )
+    final_plan = RESUMED.search(out)
 
     reference = torch.load(
         root / "outputs/reference/checkpoints/last.ckpt", map_location="cpu", weights_only=True
@@ -294,6 +356,28 @@ def main() -> int:
         for s, v in steps.items()
         if s in ref_hist.get(k, {})
     )
+    # 4. each process of the killed command continued from the checkpoint it names
+    processes = [(a["resumed_from"], a["resumed_from_step"]) for a in attempts] + [
+        (final_plan.group(1) if final_plan else None, int(final_plan.group(2)) if final_plan else None)
+    ]
+    continuation = []
+    for i, (path, step) in enumerate(processes):
+        if len(runs["faulty"]) != 1:
+            break
+        seen = checkpoints_seen[i].get(str(Path(path).resolve()), {}) if path else {}
+        if path is not None and seen.get("global_step") != step:
+            continuation.append({"continued": False, "error": f"{path} (step {step}) was not a checkpoint"})
+            continue
+        log = process_log(
+            client,
+            runs["faulty"][0].info.run_id,
+            started_ms[i],
+            started_ms[i + 1] if i + 1 < len(started_ms) else None,
+        )
+        continuation.append(continued_from_checkpoint(log, step, seen.get("carried", [])))
+    for attempt, verdict in zip(attempts, continuation, strict=False):
+        attempt.update(verdict)
+    final_continuation = continuation[-1] if len(continuation) == len(processes) else {"continued": False}
     result.update(
         {
             "kills": len(attempts),
@@ -305,6 +389,10 @@ def main() -> int:
             "metric_steps_extra": extra,
             "metric_values_logged_twice": duplicates,
             "metrics_identical": len(runs["faulty"]) == 1 and not mismatched and not extra,
+            "final_first_step_trained": final_continuation.get("first_step_trained"),
+            "final_resumed_from_step": processes[-1][1],
+            "every_process_continued_from_its_checkpoint": len(continuation) == len(processes)
+            and all(c["continued"] for c in continuation),
             "reference_seconds": round(reference_s, 1),
             "total_seconds": round(time.monotonic() - t0, 1),
             "machine": machine(),
@@ -324,17 +412,20 @@ def main() -> int:
     if not opts.no_results_md:
         write_results_md(result)
     print(json.dumps({k: v for k, v in result.items() if k != "attempts"}, indent=2))
-    return 0 if result["identical"] and result["metrics_identical"] else 1
+    ok = result["identical"] and result["metrics_identical"]
+    return 0 if ok and result["every_process_continued_from_its_checkpoint"] else 1
 
 
 def write_results_md(result: dict[str, Any]) -> None:
     rows = "\n".join(
         f"| {a['attempt']} | {a['fault']} | {a['resumed_from_step'] if a['resumed_from_step'] is not None else 'start'} "
+        f"| {a.get('first_step_trained') if a.get('first_step_trained') is not None else '-'} "
         f"| {a['target_step'] if a['target_step'] is not None else 'start-up'} | {a['after_s']} | {a['exit_status']} "
         f"| {a['newest_step_after']} | {len(a['temporary_files_left'])} |"
         for a in result["attempts"]
     )
-    verdict = "identical" if result["identical"] and result["metrics_identical"] else "DIFFERENT"
+    same = result["identical"] and result["metrics_identical"]
+    verdict = "identical" if same and result["every_process_continued_from_its_checkpoint"] else "DIFFERENT"
     text = f"""# Fault injection: killed and restarted training vs. an uninterrupted run
 
 `make faults` (`python experiments/faults/run_faults.py --kills {result["kills"]} --seed {result["seed"]} --steps {result["steps"]}`).
@@ -345,11 +436,14 @@ A tiny deterministic CPU run (32 px synthetic scenes, 8 batches of 4 per epoch, 
 interruption ({result["reference_seconds"]} s) and once with `resume=auto`, killed {result["kills"]} times at random
 moments and restarted with the same command each time ({result["total_seconds"]} s in all, reference included).
 
-| kill | fault | started from step | fired after checkpoint of step | at (s after launch) | exit status | newest complete checkpoint after the kill | temporary files left by a killed write |
-|---|---|---|---|---|---|---|---|
+| kill | fault | started from step | first step it trained (MLflow) | fired after checkpoint of step | at (s after launch) | exit status | newest complete checkpoint after the kill | temporary files left by a killed write |
+|---|---|---|---|---|---|---|---|---|
 {rows}
 
-Final run resumed from: `{result["final_resumed_from"]}`.
+Final run resumed from: `{result["final_resumed_from"]}` (step {result["final_resumed_from_step"]}); the first
+step it trained: {result["final_first_step_trained"]}. Every restarted process continued from the checkpoint it
+names (first step trained = its step, nothing logged below it but the metrics the checkpoint carried, read from
+the MLflow values each process logged): {result["every_process_continued_from_its_checkpoint"]}.
 
 **Result: {verdict}.** Final checkpoint at step {result["global_step"][1]} (reference {result["global_step"][0]}):
 {result["tensors"] - len(result["tensors_different"])}/{result["tensors"]} state_dict tensors bit-identical

@@ -4,7 +4,9 @@ A reference run trains 12 steps uninterrupted (8 batches per epoch, so the resum
 epoch boundary). Another run of the same command with `resume=auto` is killed after a checkpoint
 exists and started again; its final checkpoint (weights, EMA, optimizer, scheduler, loop and data
 position) must equal the reference's bit for bit, and its single MLflow run must hold, at every
-step, exactly the reference's values.
+step, exactly the reference's values. As a run that ignored its checkpoint and trained again from
+step 0 would end the same, the restarted process must also show that it continued from the
+checkpoint it names: the first step it trains and logs is the checkpoint's (tests/resume_helpers.py).
 """
 
 from __future__ import annotations
@@ -18,9 +20,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO, TINY_DATA, TINY_FIRST_STAGE, TINY_TRAINER, TINY_UNET, run_train
+from tests.resume_helpers import (
+    assert_process_resumed_from,
+    load_checkpoints,
+    now_ms,
+    planned_resume,
+)
 from tests.unit.test_data_folder import blocky_labels, write_pair
 
 MAX_STEPS = 12
@@ -119,6 +128,22 @@ def single_run(client: MlflowClient, run_name: str):
     return runs[0]
 
 
+def resume(command: list[str], root: Path, folder: Path, run_name: str, loss_key: str = "train/loss") -> str:
+    """Start the interrupted command again, to the end: the process must continue from the checkpoint
+    it names (its first trained and logged step is that checkpoint's), not train again from step 0."""
+    checkpoints = load_checkpoints(folder)  # before the resumed run overwrites last.ckpt
+    started = now_ms()
+    output = train(command, root)
+    path, step = planned_resume(output)
+    assert path in checkpoints and checkpoints[path]["global_step"] == step, (path, step, sorted(checkpoints))
+    client = MlflowClient(f"sqlite:///{root}/outputs/mlflow.db")
+    run_id = single_run(client, run_name).info.run_id
+    assert_process_resumed_from(
+        client, run_id, checkpoints[path], started, last_step=MAX_STEPS - 1, loss_key=loss_key
+    )
+    return output
+
+
 def assert_same_metrics(
     client: MlflowClient, run_name: str, reference_id: str, loss_key: str = "train/loss"
 ) -> None:
@@ -129,6 +154,41 @@ def assert_same_metrics(
     assert sorted(reference[loss_key]) == list(range(MAX_STEPS))
     for key, steps in reference.items():
         assert resumed[key] == steps, key  # every step present, every recorded value the reference's
+
+
+def test_the_resume_check_fails_a_run_that_restarted_from_step_0(tmp_path):
+    """What resume() checks, on a store written by hand: a process that ignored its checkpoint of step
+    6 and trained again from step 0 logs the reference's values at every step, as the resumed one
+    does; only its own entries (logged after it started) show it, and the check fails it."""
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment_id = client.create_experiment("segldm", artifact_location=str(tmp_path / "artifacts"))
+    checkpoint = {  # written after step 6; Lightning had not sent step 5's metrics yet
+        "global_step": 6,
+        "callbacks": {"TrainingState": {"unlogged_metrics": {"step": 5, "metrics": {"train/loss": 0.5}}}},
+    }
+
+    def run_of(second_process: range, extra: tuple[str, int] | None = None) -> str:
+        run_id = client.create_run(experiment_id).info.run_id
+        first = [Metric("train/loss", 1.0 / (s + 1), 1_000 + s, s) for s in range(5)]  # killed after 6
+        second = [Metric("train/loss", 1.0 / (s + 1), 2_000 + s, s) for s in second_process]
+        if extra:
+            second.append(Metric(extra[0], 0.0, 2_100, extra[1]))
+        client.log_batch(run_id, metrics=first + second)
+        return run_id
+
+    resumed = run_of(range(5, MAX_STEPS))  # step 5 from the checkpoint, then 6..11 trained
+    assert_process_resumed_from(client, resumed, checkpoint, since_ms=2_000, last_step=MAX_STEPS - 1)
+    restarted = run_of(range(MAX_STEPS))
+    with pytest.raises(
+        AssertionError, match="trained step 0 first, but it was resumed from the checkpoint of step 6"
+    ):
+        assert_process_resumed_from(client, restarted, checkpoint, since_ms=2_000)
+    early = run_of(range(5, MAX_STEPS), extra=("val/loss", 3))
+    with pytest.raises(AssertionError, match=r"logged steps before it: \['val/loss@3'\]"):
+        assert_process_resumed_from(client, early, checkpoint, since_ms=2_000)
+    skipped = run_of(range(7, MAX_STEPS))
+    with pytest.raises(AssertionError, match="trained step 7 first"):
+        assert_process_resumed_from(client, skipped, checkpoint, since_ms=2_000)
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +214,7 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(reference):
     complete = [load(p)["global_step"] for p in (folder / "checkpoints").glob("*.ckpt")]
     assert 6 <= max(complete) < 8, "the kill must land mid-epoch, before the run finished"
 
-    resumed = train(command, root)
+    resumed = resume(command, root, folder, "killed")
     assert f"resumed from:    {folder}/checkpoints/" in resumed
     assert_same_training_state(load(folder / "checkpoints/last.ckpt"), final)
     assert_same_metrics(MlflowClient(f"sqlite:///{root}/outputs/mlflow.db"), "killed", reference_id)
@@ -193,7 +253,7 @@ def test_sigkill_with_two_workers_and_random_augmentations_resumes_exactly(tmp_p
     proc = start_train(command, tmp_path)
     output = signal_when(proc, folder / "checkpoints/step0000006.ckpt", signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL, output[-3000:]
-    resumed = train(command, tmp_path)
+    resumed = resume(command, tmp_path, folder, "killed")
     assert f"resumed from:    {folder}/checkpoints/" in resumed
     assert_same_training_state(load(folder / "checkpoints/last.ckpt"), final)
 
@@ -237,7 +297,7 @@ def test_two_optimizer_first_stage_resumes_exactly_after_sigkill(tmp_path):
     proc = start_train(command, tmp_path)
     output = signal_when(proc, folder / "checkpoints/step0000006.ckpt", signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL, output[-3000:]
-    train(command, tmp_path)
+    resume(command, tmp_path, folder, "gan_killed", loss_key="train/aeloss")
     assert_same_training_state(load(folder / "checkpoints/last.ckpt"), final)
     assert_same_metrics(client, "gan_killed", reference_id, loss_key="train/aeloss")
 
@@ -256,7 +316,7 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_resumes_exactly(reference)
     client = MlflowClient(f"sqlite:///{root}/outputs/mlflow.db")
     assert single_run(client, "terminated").info.status == "KILLED"
 
-    train(command, root)
+    resume(command, root, folder, "terminated")
     assert_same_training_state(load(folder / "checkpoints/last.ckpt"), final)
     assert_same_metrics(client, "terminated", reference_id)
 
@@ -285,7 +345,7 @@ def test_sigusr1_under_slurm_saves_and_requeues_then_resumes_exactly(reference, 
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     assert list(folder.glob("hpc_ckpt_*.ckpt")) and (folder / "checkpoints/last.ckpt").is_file()
 
-    train(command, root)  # the requeued job: same command
+    resume(command, root, folder, "requeued")  # the requeued job: same command
     assert_same_training_state(load(folder / "checkpoints/last.ckpt"), final)
     assert_same_metrics(MlflowClient(f"sqlite:///{root}/outputs/mlflow.db"), "requeued", reference_id)
 
@@ -328,7 +388,8 @@ def test_unreachable_server_with_local_fallback_trains(tmp_path):
 
 @pytest.mark.slow
 def test_fault_injection_script(tmp_path):
-    """experiments/faults/run_faults.py with 3 random kills: the final checkpoint equals the reference."""
+    """experiments/faults/run_faults.py with 3 random kills: the final checkpoint equals the reference,
+    and every restarted process continued from the checkpoint it names."""
     out = tmp_path / "faults.json"
     proc = subprocess.run(
         [
@@ -349,8 +410,13 @@ def test_fault_injection_script(tmp_path):
         text=True,
         timeout=900,
     )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert out.is_file(), proc.stdout[-4000:] + proc.stderr[-4000:]
     import json
 
     result = json.loads(out.read_text())
     assert result["identical"] and result["kills"] == 3 and result["metrics_identical"]
+    # and each restarted process continued from its checkpoint (a restart from 0 ends identical too)
+    assert result["final_resumed_from_step"] > 0
+    assert result["final_first_step_trained"] == result["final_resumed_from_step"], result["attempts"]
+    assert result["every_process_continued_from_its_checkpoint"], result["attempts"]
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import TINY_DATA, TINY_FIRST_STAGE, TINY_TRAINER, TINY_UNET, run_train
+from tests.resume_helpers import assert_process_resumed_from, now_ms
 
 AUTOENCODER = [
     "model=autoencoder",
@@ -93,7 +96,7 @@ def test_mlflow_run_read_back_from_another_process(two_stage_run):
     assert run.data.tags["segldm.last_checkpoint"].endswith("ldm/checkpoints/last.ckpt")
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in losses] == [0, 1, 2, 3]
-    assert all(m.value == m.value for m in losses)  # finite, logged per step
+    assert all(math.isfinite(m.value) for m in losses)  # finite (no NaN, no inf), logged per step
     assert len(client.get_metric_history(run.info.run_id, "lr-AdamW")) == 4
     assert client.get_metric_history(run.info.run_id, "val/loss")
     assert client.get_metric_history(run.info.run_id, "val/loss_ema")
@@ -106,14 +109,19 @@ def test_mlflow_run_read_back_from_another_process(two_stage_run):
 
 
 def test_resume_with_ckpt_path_continues_the_step_count(two_stage_run):
+    """ckpt_path=<the 4-step run's last.ckpt>, max_steps=6: the new process trains steps 4 and 5 only
+    (a restart from step 0 would end at step 6 too, bit-identical; it would log steps 0-5)."""
     root, _, _ = two_stage_run
     last = root / "outputs/ldm/checkpoints/last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 4
     args = [
         a
         for a in ldm_args(root / "outputs/ae/checkpoints/last.ckpt")
         if not a.startswith(("trainer.max_steps", "hydra.run.dir", "run_name"))
     ]
-    run_train(
+    started = now_ms()
+    proc = run_train(
         [*args, "trainer.max_steps=6", f"ckpt_path={last}", "hydra.run.dir=${paths.output_root}/resumed"],
         root,
     )
@@ -122,6 +130,9 @@ def test_resume_with_ckpt_path_continues_the_step_count(two_stage_run):
     )
     assert resumed["global_step"] == 6
     assert int(resumed["state_dict"]["model_ema.num_updates"]) == 6
+    (run_id,) = re.findall(r"^MLflow run:\s+(\S+) ", proc.stdout, re.MULTILINE)
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/outputs/mlflow.db")
+    assert_process_resumed_from(client, run_id, checkpoint, since_ms=started, last_step=5)
 
 
 def test_fast_dev_run_of_both_stages(tmp_path):
