@@ -103,16 +103,22 @@ def check_mask(mask: Mask, condition: LabelCondition, multiple: int, why: str) -
 RESIZE_MODES = ("model", "round", "none")
 
 
-def model_resolution(model: Any) -> int:
-    """The image side the model was trained at: latent size x first-stage factor."""
-    return int(model.image_size) * int(getattr(model.first_stage_model, "downsample_factor", 1))
+def model_resolution(model: Any) -> tuple[int, int]:
+    """(height, width) of the images the model was trained on: the checkpoint's ``data.size`` (the
+    height) and ``data.aspect`` (width / height, 2 for Cityscapes' 512x256), else the latent size x
+    first-stage factor, square."""
+    data = (getattr(model, "segldm_config", None) or {}).get("data") or {}
+    size = data.get("size") or int(model.image_size) * int(
+        getattr(model.first_stage_model, "downsample_factor", 1)
+    )
+    return int(size), int(round(int(size) * float(data.get("aspect") or 1.0)))
 
 
-def fit_mask(mask: Mask, mode: str, resolution: int, multiple: int) -> Mask:
-    """A label map sized for the model, never blending labels (nearest neighbour).
+def fit_mask(mask: Mask, mode: str, resolution: int | tuple[int, int], multiple: int) -> Mask:
+    """A label map (and its instance map) sized for the model, never blending ids (nearest neighbour).
 
-    ``model``: scale the smaller side to the model's resolution and centre-crop a square, as the
-    evaluation loaders do (SmallestMaxSize + CenterCrop); ``round``: keep its own size, each side
+    ``model``: scale to cover the model's (height, width) and centre-crop it, as the evaluation loaders
+    do (SmallestMaxSize + CenterCrop for square models); ``round``: keep its own size, each side
     rounded to the nearest multiple the first stage and UNet can take; ``none``: as given (a size
     they cannot take is refused by :func:`check_mask`).
     """
@@ -127,17 +133,25 @@ def fit_mask(mask: Mask, mode: str, resolution: int, multiple: int) -> Mask:
     return Mask(mask.name, labels, f"{mask.source} (resized {mode})", instances)
 
 
-def fit_map(ids: np.ndarray, mode: str, resolution: int, multiple: int) -> np.ndarray:
+def fit_map(ids: np.ndarray, mode: str, resolution: int | tuple[int, int], multiple: int) -> np.ndarray:
     """One id map (labels or instances) resized by :func:`fit_mask`'s rule, nearest neighbour."""
     dtype, ids = ids.dtype, ids.astype(np.int32)  # OpenCV resizes no 64-bit integers
-    if mode == "model":
-        ids = resize_smallest_side(ids, resolution, cv2.INTER_NEAREST)
-        y, x = crop_offsets(ids.shape[0], ids.shape[1], resolution, random_crop=False)
-        ids = ids[y : y + resolution, x : x + resolution]
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    if mode == "model" and height == width:
+        ids = resize_smallest_side(ids, height, cv2.INTER_NEAREST)
+        y, x = crop_offsets(ids.shape[0], ids.shape[1], height, random_crop=False)
+        ids = ids[y : y + height, x : x + width]
+    elif mode == "model":
+        scale = max(height / ids.shape[0], width / ids.shape[1])
+        covered = (max(width, round(ids.shape[1] * scale)), max(height, round(ids.shape[0] * scale)))
+        if covered != (ids.shape[1], ids.shape[0]):
+            ids = cv2.resize(ids, covered, interpolation=cv2.INTER_NEAREST)
+        y, x = (ids.shape[0] - height) // 2, (ids.shape[1] - width) // 2
+        ids = ids[y : y + height, x : x + width]
     else:
-        height, width = (max(multiple, int(round(side / multiple)) * multiple) for side in ids.shape)
-        if (height, width) != ids.shape:
-            ids = cv2.resize(ids, (width, height), interpolation=cv2.INTER_NEAREST)
+        rounded = tuple(max(multiple, int(round(side / multiple)) * multiple) for side in ids.shape)
+        if rounded != ids.shape:
+            ids = cv2.resize(ids, (rounded[1], rounded[0]), interpolation=cv2.INTER_NEAREST)
     return np.ascontiguousarray(ids).astype(dtype)
 
 
