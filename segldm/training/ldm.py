@@ -244,17 +244,12 @@ class LatentDiffusion(Sampling, L.LightningModule):
             if self.use_ema:
                 self.model_ema.restore(self.model.parameters())
 
-    @property
-    def ignore_label(self) -> int | None:
-        """The label id conditioned as an all-zero vector (the condition's; CompVis code reads it here)."""
-        return self.condition.ignore_label
-
     def get_input(self, batch: dict[str, Any], key: str) -> torch.Tensor:
         """batch[key] (B, H, W, C) -> (B, C, H, W) float, as DDPM.get_input.
 
-        The cond key of a batch that ships an integer `label_map` (what the data loaders do by
-        default: ~180x less to move than a one-hot) gets the condition's dense map, built here on
-        the batch's device.
+        The cond key of a batch that ships integer label ids (what the data loaders do by default:
+        ~180x less to move than a one-hot) gets the condition's dense map, built here on the
+        batch's device.
         """
         if key == self.cond_stage_key and key not in batch:
             return self.condition.model_input(batch, fused=False)
@@ -262,10 +257,6 @@ class LatentDiffusion(Sampling, L.LightningModule):
         if x.ndim == 3:
             x = x[..., None]
         return rearrange(x, "b h w c -> b c h w").contiguous().float()
-
-    def label_map_to_one_hot(self, label_map: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) integer ids -> (B, n_labels, H, W) float one-hot (the condition's)."""
-        return self.condition.one_hot(label_map)
 
     def get_learned_conditioning(self, c: torch.Tensor) -> torch.Tensor:
         """A condition input (the dense float map, or an integer label map: the fused path that builds

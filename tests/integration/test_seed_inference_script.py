@@ -103,7 +103,7 @@ def test_ddim_sampler_api_matches_segldm_ddim_and_guides() -> None:
     randomize(model, 0)  # CompVis zero-initialises the UNet's output conv: eps would be 0
     size = model.image_size * model.first_stage_model.downsample_factor
     labels = torch.randint(0, model.cond_stage_model.in_channels, (2, size, size))
-    cond = model.get_learned_conditioning(model.label_map_to_one_hot(labels))
+    cond = model.get_learned_conditioning(model.condition.one_hot(labels))
     x_T = torch.randn(
         2, model.channels, model.image_size, model.image_size, generator=torch.Generator().manual_seed(1)
     )
