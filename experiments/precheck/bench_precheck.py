@@ -78,6 +78,7 @@ def data_config(root: Path, mode: str):
                 f"data.root={root}",
                 f"data.n_labels={N_LABELS}",
                 f"data.precheck={mode}",
+                "data.precheck_labels=0",  # the per-file cost; the label sample adds a constant (docs/data.md)
                 "data.num_workers=0",
             ],
         )

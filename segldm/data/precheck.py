@@ -7,7 +7,10 @@ any model is built, and does what `python -m segldm.data.check` does (the same c
 
 - `headers`: every image and mask exists and pairs, its header decodes (PIL's lazy open, no pixel
   decoded) and the image and mask sizes agree. Seconds per 10k files
-  (experiments/precheck/results.md).
+  (experiments/precheck/results.md). Then `data.precheck_labels` pairs per split, spread evenly
+  over it, have their label ids read, so a dataset whose ids do not fit `data.n_labels` (a wrong
+  preset, a wrong label convention) fails here and not at its first batch; rare bad ids in a few
+  files need `full`.
 - `full`: every file decoded at full size, labels checked against [0, data.n_labels) and the
   ignore label, in `data.num_workers` processes: exactly `segldm.data.check`'s default scan.
 - `off`: nothing.
@@ -27,7 +30,16 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from segldm.data.check import KINDS, SplitReport, inspect_results, open_split, record, scan_size
+from segldm.data.check import (
+    KINDS,
+    OUT_OF_RANGE,
+    SplitReport,
+    inspect_full,
+    inspect_results,
+    open_split,
+    record,
+    scan_size,
+)
 from segldm.errors import StartupError
 
 log = logging.getLogger(__name__)
@@ -38,6 +50,7 @@ SPLITS = ("train", "validation")
 SHOWN = 10  # problem lines in the error message
 PROGRESS_EVERY_S = 10.0  # a progress log line this often while a big split is scanned
 ANNOUNCE_FROM = 5000  # samples in a split from which its scan is announced before it starts
+DEFAULT_LABEL_SAMPLE = 0  # data.precheck_labels of a data config without the key
 
 
 class DataCheckError(StartupError):
@@ -70,7 +83,12 @@ def precheck_data(data: DictConfig, mode: str | None = None) -> list[SplitReport
         return []
     started = time.monotonic()
     workers = int(data.get("num_workers", 0) or 0) if mode == "full" else 0
-    reports = [_scan(data, split, mode, workers, started) for split in SPLITS if split in data]
+    label_sample = int(data.get("precheck_labels", DEFAULT_LABEL_SAMPLE) or 0) if mode == "headers" else 0
+    if label_sample < 0:
+        raise StartupError(
+            f"data.precheck_labels={label_sample} must be >= 0 (0: read no labels in headers mode)"
+        )
+    reports = [_scan(data, split, mode, workers, started, label_sample) for split in SPLITS if split in data]
     elapsed = time.monotonic() - started
     n_errors = sum(r.n_errors for r in reports)
     checked = " + ".join(f"{r.checked} {r.split}" for r in reports)
@@ -101,7 +119,29 @@ def precheck_data(data: DictConfig, mode: str | None = None) -> list[SplitReport
     raise DataCheckError(message)
 
 
-def _scan(data: DictConfig, split: str, mode: str, workers: int, started: float) -> SplitReport:
+def spread(count: int, total: int) -> list[int]:
+    """``count`` indices spread evenly over ``range(total)`` (all of them when count >= total)."""
+    if count >= total:
+        return list(range(total))
+    return sorted({round(i * (total - 1) / max(1, count - 1)) for i in range(count)})
+
+
+def _sample_labels(report: SplitReport, dataset: object, count: int) -> None:
+    """Read ``count`` pairs of a split in full and add their label-id problems to its report (a file
+    that does not decode was already named by its header, or needs `full`)."""
+    if count <= 0 or not hasattr(dataset, "inspect"):
+        return
+    for index in spread(count, len(dataset)):  # type: ignore[arg-type]
+        result = inspect_full(dataset, index)
+        for kind, message in result["problems"]:
+            if kind == OUT_OF_RANGE and message not in report.problems:
+                report.add(kind, message)
+        report.out_of_range_ids.update(int(v) for v in result["out_of_range"])
+
+
+def _scan(
+    data: DictConfig, split: str, mode: str, workers: int, started: float, label_sample: int = 0
+) -> SplitReport:
     report, dataset = open_split(data, split)
     if dataset is None:
         return report
@@ -122,6 +162,7 @@ def _scan(data: DictConfig, split: str, mode: str, workers: int, started: float)
                 report.n_errors,
                 now - started,
             )
+    _sample_labels(report, dataset, label_sample)
     return report
 
 

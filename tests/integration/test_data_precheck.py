@@ -12,7 +12,8 @@ from PIL import Image
 from rich.console import Console
 
 from segldm.data.check import run_check
-from segldm.data.precheck import DataCheckError, precheck_data, precheck_mode
+from segldm.data.precheck import DataCheckError, precheck_data, precheck_mode, spread
+from segldm.errors import StartupError
 from tests.conftest import CONF, TINY_FIRST_STAGE, TINY_TRAINER, compose_train, run_train
 
 N_LABELS = 5
@@ -69,7 +70,7 @@ def test_clean_dataset_passes_and_logs_its_time(tmp_path, caplog):
 
 def test_headers_names_every_file_problem_at_once(broken):
     with pytest.raises(DataCheckError) as err:
-        precheck_data(data_cfg(broken))  # data=folder defaults to headers
+        precheck_data(data_cfg(broken, "data.precheck_labels=0"))  # data=folder defaults to headers
     text = str(err.value)
     assert "data.precheck=headers found 3 problem(s)" in text
     assert "train: 1 missing file, 1 unreadable file, 1 size mismatch; validation: ok" in text
@@ -80,6 +81,24 @@ def test_headers_names_every_file_problem_at_once(broken):
     )
     assert "2.png" not in text  # labels are not read in header mode
     assert "data.precheck=off to skip this scan" in text and "python -m segldm.data.check" in text
+
+
+def test_headers_reads_the_labels_of_a_spread_sample(broken):
+    with pytest.raises(DataCheckError) as err:
+        precheck_data(data_cfg(broken, "data.precheck_labels=64"))  # more than the split: every pair
+    text = str(err.value)
+    assert "data.precheck=headers found 4 problem(s)" in text
+    assert f"{broken}/masks/train/2.png: label ids 99 (1 px) are outside [0, data.n_labels=5)" in text
+    with pytest.raises(DataCheckError) as err:
+        precheck_data(data_cfg(broken, "data.precheck_labels=2"))  # pairs 0 and 3 of 0..3: not 2.png
+    assert "2.png: label ids" not in str(err.value)
+    with pytest.raises(StartupError, match="data.precheck_labels=-1 must be >= 0"):
+        precheck_data(data_cfg(broken, "data.precheck_labels=-1"))
+
+
+def test_spread_covers_the_split_evenly():
+    assert spread(3, 10) == [0, 4, 9]  # 4.5 rounds to even
+    assert spread(5, 3) == [0, 1, 2] and spread(1, 7) == [0] and spread(0, 7) == []
 
 
 def test_full_also_finds_out_of_range_labels(broken):
@@ -113,8 +132,8 @@ def test_a_split_that_cannot_be_built_fails_even_with_on_error_skip(tmp_path):
 def test_on_error_skip_warns_instead_of_failing(broken, caplog):
     caplog.set_level(logging.INFO, logger="segldm.data.precheck")
     reports = precheck_data(data_cfg(broken, "data.on_error=skip"))
-    assert reports[0].n_errors == 3
-    assert "found 3 problem(s)" in caplog.text and "data.on_error=skip drops these samples" in caplog.text
+    assert reports[0].n_errors == 4  # 3 files + the label ids of 2.png (data.precheck_labels)
+    assert "found 4 problem(s)" in caplog.text and "data.on_error=skip drops these samples" in caplog.text
 
 
 def test_mode_values_and_preset_defaults():
@@ -158,8 +177,9 @@ def test_training_fails_at_startup_before_any_step(broken, tmp_path):
         check=False,
     )
     assert proc.returncode != 0
-    assert "data.precheck=headers found 3 problem(s)" in proc.stderr
+    assert "data.precheck=headers found 4 problem(s)" in proc.stderr  # 3 files + 2.png's label ids
     assert f"{broken}/masks/train/0.png: mask file is corrupt" in proc.stderr
+    assert f"{broken}/masks/train/2.png: label ids 99" in proc.stderr
     assert "data.precheck=off to skip this scan" in proc.stderr
     assert "Epoch" not in proc.stdout + proc.stderr  # no model was built, no step was taken
     assert not (tmp_path / "outputs/run/checkpoints").exists()
