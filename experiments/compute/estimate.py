@@ -126,7 +126,9 @@ def main() -> int:
         rates = [PEAK_TFLOPS * 1e3 * mfu / m["train_gflops"] for mfu in ASSUMED_MFU]
         images = m["steps"] * m["batch"]
         hours = [images / rate / 3600 for rate in rates]
-        sample_s = [m["ddim_steps"] * m["sample_step_gflops"] / (PEAK_TFLOPS * 1e3 * mfu) for mfu in ASSUMED_MFU]
+        sample_s = [
+            m["ddim_steps"] * m["sample_step_gflops"] / (PEAK_TFLOPS * 1e3 * mfu) for mfu in ASSUMED_MFU
+        ]
         lines.append(
             f"| `experiment={preset}` | {m['width']}x{m['height']} | {m['channels']} | {m['batch']} | "
             f"{m['steps']:,} | {m['train_gflops']:.0f} | {rates[0]:.0f}-{rates[1]:.0f} | "
