@@ -89,6 +89,14 @@ def run_folder_lock(folder: str | Path) -> Iterator[dict[str, Any] | None]:
                 "or train into another folder: a new timestamped one (drop hydra.run.dir / resume=auto), "
                 "run_name=<other name>, or hydra.run.dir=<dir>"
             ) from None
+        except OSError as err:  # a file system without flock (some NFS/Lustre mounts): train unguarded
+            log.warning(
+                "run folder %s cannot be locked (%s): a second training into it would not be refused",
+                folder,
+                err,
+            )
+            yield None
+            return
         previous = _read_record(handle)
         if previous and previous.get("pid") != os.getpid():
             log.warning(

@@ -181,6 +181,16 @@ def test_lock_of_a_killed_run_is_taken_over_with_a_note(tmp_path, caplog):
         assert previous is None
 
 
+def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    def no_locks(fd, operation):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr("segldm.runtime.run_lock.fcntl.flock", no_locks)
+    with caplog.at_level(logging.WARNING), run_folder_lock(tmp_path) as previous:
+        assert previous is None
+    assert "cannot be locked ([Errno 37] No locks available)" in caplog.text
+
+
 # ------------------------------------------------------------------------------------ 4: concurrent first users
 CREATOR = textwrap.dedent(
     """
