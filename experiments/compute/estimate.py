@@ -13,7 +13,6 @@ follow from a card's dense bf16 peak times an assumed model-FLOPs utilisation (M
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
@@ -23,19 +22,13 @@ from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
 import segldm  # noqa: F401  (resolvers)
+from segldm.config.hardware import cpu_model
 from segldm.models.autoencoder import Encoder
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = ("ade20k_256", "cocostuff_256", "cityscapes_512x256", "celebamask_hq_256")
 CARD, PEAK_TFLOPS = "H100 SXM", 989.4  # dense bf16 (segldm/benchmarks/machine.py)
 ASSUMED_MFU = (0.15, 0.40)  # a range, not a measurement: convolution UNets in bf16 at batch 8-16
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def config(preset: str):
@@ -112,7 +105,7 @@ def main() -> int:
     lines = [
         "# Compute estimate of the benchmark presets (from FLOPs, not measured on a GPU)",
         "",
-        f"Written by `python experiments/compute/estimate.py` on {cpu_name()} "
+        f"Written by `python experiments/compute/estimate.py` on {cpu_model()} "
         f"(torch {torch.__version__}); FLOPs are counted by `torch.utils.flop_counter` on the real modules at "
         "each preset's sizes (batch 1), so they do not depend on the CPU. Throughput assumes "
         f"{CARD} dense bf16 peak {PEAK_TFLOPS} TFLOPS at {ASSUMED_MFU[0]:.0%}-{ASSUMED_MFU[1]:.0%} model-FLOPs "

@@ -9,7 +9,7 @@ that every file exists). Files were just written, so they are in the page cache:
 PIL and Python, not the disk (a cold disk or a network file system adds its latency per file open).
 
     .venv/bin/python experiments/precheck/bench_precheck.py            # writes experiments/precheck/results.md
-    .venv/bin/python experiments/precheck/bench_precheck.py --pairs 1000 --out -   # quick look, stdout
+    .venv/bin/python experiments/precheck/bench_precheck.py --config 64x48:1000 --out -   # quick look, stdout
 """
 
 from __future__ import annotations
@@ -32,21 +32,12 @@ import PIL  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from segldm.config.hardware import cpu_model  # noqa: E402
 from segldm.data.check import open_split  # noqa: E402
 from segldm.data.precheck import precheck_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 N_LABELS = 182
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_pairs(root: Path, pairs: int, width: int, height: int) -> int:
@@ -216,7 +207,7 @@ def main() -> int:
             "",
             "## Machine",
             "",
-            f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs visible, shared with other jobs, so rounds",
+            f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs visible, shared with other jobs, so rounds",
             f"vary; {load}), {platform.system()} {platform.machine()}, Python {platform.python_version()}, Pillow",
             f"{PIL.__version__}, numpy {np.__version__}. Temporary folder: `{tempfile.gettempdir()}`.",
             "",
