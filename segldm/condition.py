@@ -314,16 +314,6 @@ class LabelCondition:
             rgb = rgb.masked_fill(instance_edges(instances.to(ids.device))[:, None].bool(), 1.0)
         return rgb
 
-    def colorize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """A :meth:`model_input` tensor (label map or dense map) as (B, 3, H, W) colours."""
-        if not torch.is_floating_point(x):
-            return self.colorize(x)
-        labels = x[:, : int(self.n_labels)].argmax(1)
-        rgb = self.colorize(labels)
-        if self.instance_edges:
-            rgb = rgb.masked_fill(x[:, int(self.n_labels) :].bool(), 1.0)
-        return rgb
-
 
 def as_condition(
     value: LabelCondition | Mapping[str, Any] | None, fallback: LabelCondition

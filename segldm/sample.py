@@ -112,7 +112,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     conditions = []
     for mask, image in zip(masks, generated.images, strict=True):
         batch = {k: torch.as_tensor(v)[None] for k, v in mask.sample().items()}
-        seg = condition.dense(condition.labels_of(batch), condition.instances_of(batch))
+        seg = condition.model_input(batch, fused=False)  # the dense map (one-hot, + edges)
         # one mask's to_rgb picture (min-max over this mask alone); a one-label mask has max == min
         conditions.append(torch.nan_to_num(model.to_rgb(seg), nan=0.0)[0].cpu())
         Image.fromarray(to_uint8(image[None])[0]).save(out_dir / "samples" / f"{mask.name}.png")
