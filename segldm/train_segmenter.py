@@ -50,6 +50,7 @@ def real_image_scores(segmenter_path: Path, datamodule: Any, device: str = "cpu"
             segmenter,
             [p.image for p in pairs],
             [p.labels for p in pairs],
+            int(datamodule.n_labels),
             datamodule.ignore_label,
             datamodule.class_names,
             progress=progress,

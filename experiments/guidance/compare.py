@@ -57,8 +57,8 @@ def train(experiment: str, out: Path, val_every: int) -> Path:
             f"trainer.val_check_interval={val_every}",
             f"callbacks.generation_metrics.every_n_steps={val_every}",
             "callbacks.generation_metrics.num_samples=64",
-            f"callbacks.generation_metrics.segmenter.ckpt={SEGMENTER}",
-            f"callbacks.generation_metrics.fid.cache_dir={out / 'fid_cache'}",
+            f"callbacks.generation_metrics.metrics.segmentation.segmenter.ckpt={SEGMENTER}",
+            f"callbacks.generation_metrics.metrics.inception.cache_dir={out / 'fid_cache'}",
         ]
         run(
             "segldm.train",

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from omegaconf import OmegaConf
 
 from segldm.config.hardware import auto_precision
+from segldm.config.metric_directions import objective_direction
 from segldm.config.run_folder import run_dir
 
 
@@ -32,16 +33,6 @@ def num_devices(devices: object) -> int:
 def condition_channels(labels: int, instance_edges: object = False) -> int:
     """The cond stage's input channels: one per label, plus the instance-edge channel (segldm.condition)."""
     return int(labels) + int(bool(instance_edges))
-
-
-HIGHER_IS_BETTER = ("miou", "iou", "accuracy", "precision", "recall", "psnr", "f_score")
-
-
-def objective_direction(metric: str) -> str:
-    """`maximize` for metrics where higher is better (mIoU, accuracy, precision, recall, PSNR), else
-    `minimize` (losses, FID, KID, LPIPS): what a sweep's objective asks of Optuna and of the report."""
-    name = str(metric).rsplit("/", 1)[-1].lower()
-    return "maximize" if any(word in name for word in HIGHER_IS_BETTER) else "minimize"
 
 
 def register_resolvers() -> None:

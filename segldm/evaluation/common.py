@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from segldm.config.instantiation import instantiate_plain  # noqa: F401  (re-exported for the evaluators)
 from segldm.metrics.fid import (
     EXTRACTOR_NAME,
     InceptionFeatures,
@@ -103,16 +102,6 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
     return out
 
 
-def instantiate_plain(config: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` that raises the target's own error (missing file, wrong kind) unwrapped."""
-    try:
-        return instantiate(config, **kwargs)
-    except InstantiationException as err:
-        if err.__cause__ is not None:
-            raise err.__cause__ from None
-        raise
-
-
 def log_eval_run(
     cfg: DictConfig,
     out_dir: Path,
@@ -120,9 +109,12 @@ def log_eval_run(
     global_step: int | None,
     files: Sequence[Path],
     headline_keys: Iterable[str],
+    extra_tags: Mapping[str, str] | None = None,
+    extra_params: Mapping[str, str] | None = None,
 ) -> dict[str, str] | None:
-    """An MLflow run with ``values``, the eval params and ``files``; the ``headline_keys`` also go into
-    the source training run as ``eval/<key>`` at the checkpoint's step. None with logger=none."""
+    """An MLflow run with ``values``, the eval params (and ``extra_params``), ``extra_tags`` and
+    ``files``; the ``headline_keys`` also go into the source training run as ``eval/<key>`` at the
+    checkpoint's step. None with logger=none."""
     logger_cfg = (cfg.get("logger") or {}).get("mlflow")
     if (
         not logger_cfg or "tracking_uri" not in logger_cfg
@@ -157,6 +149,7 @@ def log_eval_run(
         tags["segldm.source_run_id"] = source.info.run_id
     if global_step is not None:
         tags["segldm.source_step"] = str(global_step)
+    tags |= dict(extra_tags or {})
     run = client.create_run(experiment_id, run_name=cfg.get("run_name") or f"eval-{ckpt.stem}", tags=tags)
     run_id = run.info.run_id
     now = int(time.time() * 1000)
@@ -164,7 +157,7 @@ def log_eval_run(
     client.log_batch(
         run_id,
         metrics=[Metric(k, float(v), now, step) for k, v in values.items()],
-        params=[Param(k, v) for k, v in flat_params(cfg).items()],
+        params=[Param(k, v) for k, v in (flat_params(cfg) | dict(extra_params or {})).items()],
     )
     for path in files:
         client.log_artifact(run_id, str(path))

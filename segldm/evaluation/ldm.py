@@ -1,16 +1,18 @@
-"""An LDM checkpoint's evaluation (`python -m segldm.eval ckpt=<LDM checkpoint>`): FID, KID and mIoU of generated images against their masks.
+"""An LDM checkpoint's evaluation (`python -m segldm.eval ckpt=<LDM checkpoint>`): every configured
+metric of images generated from the validation masks, under a stated protocol.
 
 One image is generated per validation mask (image of sample i seeded with ``eval.seed + i``, so the
-set does not depend on batch size or on ``eval.num_samples``) and written as PNG beside the real
-image and the coloured mask. Then:
+set does not depend on batch size or on ``eval.num_samples``) and written (PNG, or JPEG when asked and
+no protocol forbids it) beside the real image and the coloured mask. Then each metric of
+``metrics.*`` (:class:`segldm.metrics.metric.Metric`: Inception FID/KID/precision-recall with its
+floor and ceiling, a segmenter's mIoU against the masks, or any other) computes its numbers from
+those images, with paired bootstrap intervals where it can be resampled.
 
-* FID / KID between generated and real images with torch-fidelity's Inception
-  (:mod:`segldm.metrics.fid`; real features cached per dataset, resolution and weights);
-* mIoU / pixel accuracy / per-class IoU of a segmenter's labels of the generated images against the
-  masks they came from (one confusion matrix over the set), and of the real images (the ceiling).
-
-Everything lands in ``metrics.json``, ``report.md`` (grid mask | generated | real and the per-class
-table) and an MLflow run tagged with the checkpoint and the training run it came from.
+Before any sampling: the checkpoint, data, masks, sampler settings, the protocol (``eval/protocol``:
+:mod:`segldm.evaluation.protocol`) and every metric's weights and label fit are checked. Everything
+lands in ``metrics.json`` (with the protocol card), ``report.md`` (headline table, card, the published
+rows of the same protocol, grid, per-class table) and an MLflow run tagged with the checkpoint, the
+training run it came from and the card key.
 """
 
 from __future__ import annotations
@@ -25,31 +27,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from tqdm.auto import tqdm
 
 import segldm  # noqa: F401  (config resolvers)
 from segldm.compat.compvis import load_compvis
 from segldm.condition import LabelCondition
-from segldm.evaluation.common import (
-    fid_against_real,
-    instantiate_plain,
-    log_eval_run,
-    real_image_features,
-    select_pairs,
-)
+from segldm.config.instantiation import instantiate_plain
+from segldm.evaluation.common import log_eval_run, select_pairs
 from segldm.evaluation.first_stage import evaluate_first_stage
-from segldm.metrics.bootstrap import bootstrap_intervals, interval_text, precision_recall, real_halves_fid
-from segldm.metrics.fid import (
-    EXTRACTOR_NAME,
-    InceptionFeatures,
-    kid_plan,
-    resolve_inception_weights,
-)
-from segldm.metrics.miou import SegmentationScores
-from segldm.metrics.reconstruction import reconstruct
-from segldm.metrics.segmenters import RealPair, Segmenter, segment_scores
+from segldm.evaluation.protocol import check_protocol, dataset_name, protocol_card
+from segldm.evaluation.published import published_rows
+from segldm.metrics.metric import EvalSet, Metric, MetricContext, MetricResult, flat_values, paired_bootstrap
+from segldm.metrics.segmenters import RealPair
 from segldm.pipeline.generation import SamplingSettings, generate, resolve_device, to_uint8
 from segldm.pipeline.masks import Mask, check_mask, size_multiple
 from segldm.pipeline.visualize import save_grid
@@ -58,19 +49,7 @@ from segldm.storage.checkpoint_files import checkpoint_kind, read_checkpoint
 from segldm.training.ldm import LatentDiffusion
 
 log = logging.getLogger(__name__)
-METRIC_KEYS = (
-    "fid",
-    "kid_mean",
-    "kid_std",
-    "first_stage_rfid",
-    "real_halves_fid",
-    "precision",
-    "recall",
-    "miou",
-    "pixel_accuracy",
-    "miou_real",
-    "pixel_accuracy_real",
-)
+JPEG_QUALITY = 95
 
 
 def load_checkpoint_model(
@@ -123,59 +102,30 @@ def colour_mask(condition: LabelCondition, pair: RealPair) -> np.ndarray:
 
 
 def write_images(
-    out_dir: Path, pairs: Sequence[RealPair], generated: Sequence[np.ndarray], masks: Sequence[np.ndarray]
-) -> None:
-    """``generated/``, ``real/`` and ``masks/`` PNGs, one file per validation sample, same names."""
+    out_dir: Path,
+    pairs: Sequence[RealPair],
+    generated: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    image_format: str = "png",
+) -> list[np.ndarray]:
+    """``generated/`` (PNG or JPEG), ``real/`` and ``masks/`` (PNG), one file per validation sample, same
+    names. Returns the generated images as written: metrics are computed on what is on disk (JPEG
+    artefacts included), as the published evaluation code read its folders."""
     for sub in ("generated", "real", "masks"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    written = []
     for pair, image, mask in zip(pairs, generated, masks, strict=True):
-        Image.fromarray(image).save(out_dir / "generated" / f"{pair.name}.png")
+        if image_format == "jpg":
+            path = out_dir / "generated" / f"{pair.name}.jpg"
+            Image.fromarray(image).save(path, quality=JPEG_QUALITY)
+            written.append(np.asarray(Image.open(path).convert("RGB")))
+        else:
+            Image.fromarray(image).save(out_dir / "generated" / f"{pair.name}.png")
+            written.append(image)
         Image.fromarray(mask).save(out_dir / "masks" / f"{pair.name}.png")
         if pair.image is not None:
             Image.fromarray(pair.image).save(out_dir / "real" / f"{pair.name}.png")
-
-
-def run_segmenter(
-    segmenter: Segmenter,
-    images: Sequence[np.ndarray],
-    pairs: Sequence[RealPair],
-    ignore_label: int | None,
-    class_names: Sequence[str] | None,
-    desc: str,
-) -> SegmentationScores:
-    with tqdm(total=len(images), desc=desc, unit="img") as progress:
-        return segment_scores(
-            segmenter, images, [p.labels for p in pairs], ignore_label, class_names, progress=progress
-        )
-
-
-def per_class_rows(
-    generated: SegmentationScores,
-    real: SegmentationScores,
-    pairs: Sequence[RealPair],
-    n_labels: int,
-    ignore_label: int | None,
-    class_names: Sequence[str] | None,
-) -> list[dict[str, Any]]:
-    """Per class: IoU on generated and on real images (None where the class is absent), mask pixel share."""
-    counts = np.zeros(n_labels, dtype=np.int64)
-    for pair in pairs:
-        labels = pair.labels[pair.labels != ignore_label] if ignore_label is not None else pair.labels
-        counts += np.bincount(labels.ravel(), minlength=n_labels)[:n_labels]
-    total = max(int(counts.sum()), 1)
-    names = list(class_names or [str(i) for i in range(n_labels)])
-    rows = []
-    for i in range(n_labels):
-        rows.append(
-            {
-                "id": i,
-                "name": names[i] if i < len(names) else str(i),
-                "iou_generated": generated.per_class_iou[i] if generated.present[i] else None,
-                "iou_real": real.per_class_iou[i] if real.present[i] else None,
-                "mask_pixel_share": counts[i] / total,
-            }
-        )
-    return rows
+    return written
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -184,77 +134,145 @@ def fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def write_report(out_dir: Path, metrics: Mapping[str, Any], grid: Path | None) -> Path:
-    """A short markdown report: headline numbers, the grid, the per-class table."""
+def build_metrics(cfg: DictConfig) -> dict[str, Metric]:
+    """``metrics.<name>`` of the eval config, each a :class:`Metric` (null entries are switched off)."""
+    metrics: dict[str, Metric] = {}
+    for name, metric_cfg in (cfg.get("metrics") or {}).items():
+        if metric_cfg is None:
+            continue
+        metric = instantiate_plain(metric_cfg)
+        if not isinstance(metric, Metric):
+            raise TypeError(
+                f"metrics.{name}: {type(metric).__name__} is not a segldm.metrics.metric.Metric (the one interface "
+                "eval, in-training evaluation and sweeps read)"
+            )
+        metrics[name] = metric
+    return metrics
+
+
+def segmenter_choice(cfg: DictConfig) -> str | None:
+    """The conf/segmenter option this run composed (None outside a Hydra run)."""
+    if HydraConfig.initialized():
+        return HydraConfig.get().runtime.choices.get("segmenter")
+    return cfg.get("segmenter_choice")
+
+
+def write_report(out_dir: Path, metrics: Mapping[str, Any], rows: Sequence[tuple[str, str, str]], grid: Path | None) -> Path:
+    """A short markdown report: the protocol card, headline numbers, published rows, grid, per-class table."""
     sampler = metrics["sampler"]
     boot = metrics.get("bootstrap") or {}
-    ci = (
-        f" [{100 * boot['level']:.0f} % bootstrap interval, {boot['draws']} draws]"
-        if boot.get("draws")
-        else ""
-    )
+    card = metrics["protocol_card"]
+    ci = f" [{100 * boot['level']:.0f} % bootstrap interval, {boot['draws']} draws]" if boot.get("draws") else ""
     lines = [
         f"# Evaluation of `{metrics['checkpoint']}`",
         "",
         f"step {metrics.get('global_step')}, {metrics['num_samples']} validation masks, "
-        f"{sampler['name']} {sampler['steps']} steps, eta {sampler['eta']}, EMA {sampler['use_ema']}, seed {sampler['seed']}",
+        f"{sampler['name']} {sampler['steps']} steps, eta {sampler['eta']}, guidance {sampler['guidance_scale']}, "
+        f"EMA {sampler['use_ema']}, seeds {card['seed_range']}",
         "",
-        f"| metric | generated{ci} | real (upper bound) | reference points at this N |",
-        "|---|---|---|---|",
-        f"| mIoU | {interval_text(metrics['miou'], boot, 'miou', 4)} | {fmt(metrics['miou_real'])} | |",
-        f"| pixel accuracy | {fmt(metrics['pixel_accuracy'])} | {fmt(metrics['pixel_accuracy_real'])} | |",
-        f"| FID | {interval_text(metrics.get('fid'), boot, 'fid', 2)} | "
-        f"{fmt(metrics.get('real_halves_fid'), 2)} (two real halves, N/2 each: the floor) | "
-        f"{fmt(metrics.get('first_stage_rfid'), 2)} (first-stage rFID: its reconstructions of the same real "
-        "images, the ceiling) |",
-        f"| KID (x1000) | {fmt(None if metrics.get('kid_mean') is None else 1000 * metrics['kid_mean'], 2)}"
-        f" ± {fmt(None if metrics.get('kid_std') is None else 1000 * metrics['kid_std'], 2)} | | |",
-        f"| precision / recall (k = {metrics.get('prc_neighborhood', 3)}) | {fmt(metrics.get('precision'), 3)} / "
-        f"{fmt(metrics.get('recall'), 3)} | | |",
+        f"| metric | generated{ci} | reference points at this N |",
+        "|---|---|---|",
+        *[f"| {label} | {value} | {reference} |" for label, value, reference in rows],
         "",
-        f"Segmenter: {metrics['segmenter']['name']}.  FID/KID: {metrics['fid_backend'].get('implementation', 'skipped')}"
-        + (
-            f", weights: {metrics['fid_backend']['weights']['source']}"
-            if metrics["fid_backend"].get("weights")
-            else ""
-        ),
+        *card_lines(card),
         "",
+        *published_lines(card, metrics),
     ]
     if grid is not None:
         lines += [f"![rows: mask | generated | real]({grid.name})", ""]
-    lines += ["| id | class | IoU generated | IoU real | mask pixels |", "|---|---|---|---|---|"]
-    shown = [r for r in metrics["per_class"] if r["iou_generated"] is not None or r["iou_real"] is not None]
-    if len(shown) < len(metrics["per_class"]):
-        lines.insert(
-            -2,
-            f"Classes absent from masks and predictions are left out ({len(shown)} of {len(metrics['per_class'])} shown).\n",
-        )
-    for row in shown:
-        lines.append(
-            f"| {row['id']} | {row['name']} | {fmt(row['iou_generated'])} | {fmt(row['iou_real'])} | "
-            f"{100 * row['mask_pixel_share']:.1f}% |"
-        )
+    per_class = metrics.get("per_class") or []
+    shown = [r for r in per_class if r["iou_generated"] is not None or r["iou_real"] is not None]
+    if per_class:
+        if len(shown) < len(per_class):
+            lines.append(
+                f"Classes absent from masks and predictions are left out ({len(shown)} of {len(per_class)} shown).\n"
+            )
+        lines += ["| id | class | IoU generated | IoU real | mask pixels |", "|---|---|---|---|---|"]
+        for row in shown:
+            lines.append(
+                f"| {row['id']} | {row['name']} | {fmt(row['iou_generated'])} | {fmt(row['iou_real'])} | "
+                f"{100 * row['mask_pixel_share']:.1f}% |"
+            )
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
+def card_lines(card: Mapping[str, Any]) -> list[str]:
+    """The protocol card as report lines."""
+    lines = ["## Protocol card", ""]
+    if card["protocol"]:
+        status = "comparable with its published rows" if card["comparable"] else "NOT comparable"
+        lines.append(f"Protocol **{card['protocol']}** on {card['dataset']} ({status}).")
+        for deviation in card["deviations"]:
+            lines.append(f"- deviation: {deviation}")
+    else:
+        lines.append(f"No protocol (eval/protocol=none) on {card['dataset']}: compare only with the same card.")
+    lines.append("")
+    lines.append(
+        f"N {card['num_samples']}, {card['resolution'][0]}x{card['resolution'][1]} (HxW), {card['image_format'].upper()}, "
+        f"card key `{card['card_key']}`"
+    )
+    for name, metric_card in card["metrics"].items():
+        lines.append(f"- {name}: `{json.dumps(metric_card, sort_keys=True, default=str)}`")
+    return lines
+
+
+def published_lines(card: Mapping[str, Any], metrics: Mapping[str, Any]) -> list[str]:
+    """This row beside the published rows of the same protocol and dataset (only when comparable)."""
+    if not card["protocol"]:
+        return []
+    rows = published_rows(card["protocol"], card["dataset"])
+    if not card["comparable"]:
+        return [f"Published {card['protocol']} rows on {card['dataset']} are not shown: this number's card differs.", ""]
+    lines = [f"## Beside the published {card['protocol']} rows ({card['dataset']})", "", "| method | FID | mIoU | source |", "|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['method']} | {fmt(row.get('fid'), 1)} | {fmt(row.get('miou'), 1)} | {row.get('source', '')} |")
+    miou = metrics.get("miou")
+    lines.append(
+        f"| **this checkpoint** | {fmt(metrics.get('fid'), 1)} | {fmt(None if miou is None else 100 * miou, 1)} | this run |"
+    )
+    return [*lines, ""]
+
+
 def log_to_mlflow(
-    cfg: DictConfig, out_dir: Path, metrics: dict[str, Any], files: Sequence[Path]
+    cfg: DictConfig,
+    out_dir: Path,
+    metrics: dict[str, Any],
+    values: Mapping[str, float],
+    headline: Sequence[str],
+    files: Sequence[Path],
 ) -> dict[str, str] | None:
-    """An MLflow run with the metrics (and per-class IoUs), params, report files, tagged with the checkpoint."""
-    values = {
-        k: metrics[k] for k in METRIC_KEYS if isinstance(metrics.get(k), float) and math.isfinite(metrics[k])
-    }
-    for row in metrics["per_class"]:
+    """An MLflow run with every metric value (and per-class IoUs), the eval params, the protocol card
+    (params ``card.*``, tags ``segldm.protocol`` / ``segldm.card_key``) and the report files."""
+    values = dict(values)
+    for row in metrics.get("per_class") or []:
         for which in ("generated", "real"):
             if row[f"iou_{which}"] is not None:
                 values[f"iou_{which}/{row['name']}"] = float(row[f"iou_{which}"])
-    return log_eval_run(cfg, out_dir, values, metrics.get("global_step"), files, METRIC_KEYS)
+    card = metrics["protocol_card"]
+    tags = {"segldm.protocol": str(card["protocol"]), "segldm.card_key": card["card_key"]}
+    params = flat_card(card)
+    return log_eval_run(cfg, out_dir, values, metrics.get("global_step"), files, headline, tags, params)
+
+
+def flat_card(card: Mapping[str, Any]) -> dict[str, str]:
+    """The card as MLflow params ``card.<path>`` (strings, MLflow's 6000-character limit)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        else:
+            out[prefix] = str(value)[:6000]
+
+    walk("card", card)
+    return out
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Generate, segment, measure; returns the metrics dict also written to ``metrics.json``.
+    """Generate, measure every configured metric; returns the metrics dict also written to ``metrics.json``.
 
     A first-stage checkpoint is scored on its reconstructions instead (:mod:`segldm.evaluation.first_stage`).
     """
@@ -271,8 +289,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate_plain(data_cfg)
     n_labels, ignore_label = int(datamodule.n_labels), datamodule.ignore_label
     class_names = list(datamodule.class_names or []) or None
-    backend = str(cfg.eval.fid.backend)
-    pairs = select_pairs(datamodule.val_dataset, cfg.eval.num_samples, need_images=backend != "none")
+    metrics_by_name = build_metrics(cfg)
+    need_real = any(m.needs_real and getattr(m, "backend", "auto") != "none" for m in metrics_by_name.values())
+    pairs = select_pairs(datamodule.val_dataset, cfg.eval.num_samples, need_images=need_real)
     model.check_sampler_settings(
         cfg.eval.steps,
         cfg.eval.sampler,
@@ -284,93 +303,53 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     multiple, why = size_multiple(model)
     condition = model.condition
     for pair in pairs:
-        check_mask(
-            Mask(pair.name, pair.labels, f"validation[{pair.index}]", pair.instances),
-            condition,
-            multiple,
-            why,
-        )
-    if backend != "none":
-        _, _, kid_note = kid_plan(
-            int(cfg.eval.fid.kid_subsets), int(cfg.eval.fid.kid_subset_size), len(pairs), len(pairs)
-        )
-        if kid_note:
-            print(f"eval.fid.kid_subset_size={cfg.eval.fid.kid_subset_size}: {kid_note}", flush=True)
-    # everything that can fail for a missing file fails here, before minutes of sampling
-    weights = resolve_inception_weights(
-        backend, cfg.eval.fid.weights_path, cfg.paths.model_dir, download=bool(cfg.eval.fid.download)
+        check_mask(Mask(pair.name, pair.labels, f"validation[{pair.index}]", pair.instances), condition, multiple, why)
+    resolution = list(pairs[0].labels.shape)
+    image_format = str(cfg.eval.get("image_format", "png"))
+    inception = metrics_by_name.get("inception")
+    plan = check_protocol(
+        cfg.eval.get("protocol"),
+        dataset_name(data_cfg),
+        fid_implementation=getattr(inception, "implementation", None),
+        image_format=image_format,
+        segmenter_choice=segmenter_choice(cfg),
+        num_samples=len(pairs),
+        split_size=len(datamodule.val_dataset),
+        resolution=resolution,
+        strict=bool(cfg.eval.get("strict_protocol", True)),
     )
-    segmenter: Segmenter = instantiate_plain(cfg.segmenter, device=str(device))
-    if segmenter.n_classes != n_labels:
-        raise ValueError(
-            f"the segmenter ({segmenter.name}) predicts {segmenter.n_classes} classes but the data has "
-            f"data.n_labels={n_labels}; use a segmenter trained on this data (segmenter=trained "
-            "segmenter.ckpt=<python -m segldm.train_segmenter data=... output>)"
-        )
+    # everything that can fail for a missing file or a misfit fails here, before minutes of sampling
+    context = MetricContext(
+        device=device,
+        n_labels=n_labels,
+        ignore_label=ignore_label,
+        class_names=class_names,
+        num_samples=len(pairs),
+        need_real=need_real,
+        model_dir=str(cfg.paths.model_dir),
+    )
+    for metric in metrics_by_name.values():
+        metric.setup(context)
     timings: dict[str, float] = {"load": time.time() - started}
 
     t0 = time.time()
     seeds = [int(cfg.eval.seed) + p.index for p in pairs]  # the image of validation sample i: seed + i
-    result = generate(
-        model, [condition.sample_input(p.sample()) for p in pairs], seeds, sampling_settings(cfg)
-    )
+    result = generate(model, [condition.sample_input(p.sample()) for p in pairs], seeds, sampling_settings(cfg))
     generated = result.uint8()
     timings["generate"] = time.time() - t0
     masks = [colour_mask(condition, p) for p in pairs]
-    write_images(out_dir, pairs, generated, masks)
+    generated = write_images(out_dir, pairs, generated, masks, image_format)
 
-    t0 = time.time()
-    scores = run_segmenter(segmenter, generated, pairs, ignore_label, class_names, "segmenting generated")
-    real_images = [p.image for p in pairs if p.image is not None]
-    if len(real_images) == len(pairs):
-        real_scores = run_segmenter(
-            segmenter, real_images, pairs, ignore_label, class_names, "segmenting real"
-        )
-    else:
-        real_scores = SegmentationScores(
-            float("nan"), float("nan"), [float("nan")] * n_labels, [False] * n_labels, 0
-        )
-    timings["segment"] = time.time() - t0
-
-    fid_info: dict[str, Any] = {"backend": backend}
-    fid_metrics: dict[str, Any] = {"fid": None, "kid_mean": None, "kid_std": None}
-    if weights is not None:
+    real_images = [p.image for p in pairs] if all(p.image is not None for p in pairs) else None
+    images = EvalSet([p.name for p in pairs], generated, [p.labels for p in pairs], real_images, model=model)
+    results: dict[str, MetricResult] = {}
+    for name, metric in metrics_by_name.items():
         t0 = time.time()
-        import torch_fidelity
-
-        extractor = InceptionFeatures(weights, device=device, batch_size=int(cfg.eval.fid.batch_size))
-        fake = extractor(generated, desc="Inception features (generated)")
-        real, cache_file, hit = real_image_features(cfg, data_cfg, pairs, weights, extractor, real_images)
-        fid_metrics = fid_against_real(cfg, fake, real)
-        # the ceiling: the first stage's own reconstructions of the same real images, at the same N
-        reconstructed = reconstruct(
-            model.first_stage_model,
-            real_images,
-            int(cfg.eval.batch_size),
-            device,
-            desc="first-stage reconstructions",
-        )
-        rfid = fid_against_real(
-            cfg, extractor(reconstructed, desc="Inception features (reconstructed)"), real
-        )
-        fid_metrics["first_stage_rfid"] = rfid["fid"]
-        # the floor: two disjoint halves of the real images (N/2 vs N/2)
-        fid_metrics["real_halves_fid"] = real_halves_fid(real) if len(real) >= 4 else None
-        neighbours = int(cfg.eval.prc_neighborhood)
-        if min(len(fake), len(real)) > neighbours:
-            fid_metrics |= precision_recall(fake, real, neighbours)
-        fid_info |= {
-            "implementation": f"torch-fidelity {torch_fidelity.__version__} {EXTRACTOR_NAME} pool3 (2048-d)",
-            "weights": weights.describe(),
-            "real_features_cache": str(cache_file) if cache_file else None,
-            "real_features_cache_hit": hit,
-        }
-        timings["fid"] = time.time() - t0
-
-    intervals = bootstrap_intervals(
-        fake if weights is not None else None,
-        real if weights is not None else None,
-        scores.per_image,
+        results[name] = metric.compute(images)
+        timings[name] = time.time() - t0
+    intervals = paired_bootstrap(
+        results,
+        len(pairs),
         draws=int(cfg.eval.bootstrap.draws),
         seed=int(cfg.eval.bootstrap.seed),
         level=float(cfg.eval.bootstrap.level),
@@ -379,83 +358,86 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     grid_n = min(int(cfg.eval.grid_samples), len(pairs))
     grid = None
     if grid_n and len({p.labels.shape for p in pairs[:grid_n]}) == 1:
-        rows = [masks[:grid_n], generated[:grid_n]] + (
-            [real_images[:grid_n]] if len(real_images) == len(pairs) else []
-        )
+        rows = [masks[:grid_n], generated[:grid_n]] + ([real_images[:grid_n]] if real_images else [])
         grid = save_grid(
             [torch.from_numpy(np.stack(r)).permute(0, 3, 1, 2).float() / 127.5 - 1 for r in rows],
             out_dir / "grid.png",
         )
 
     defaults = model.sampler_defaults
+    sampler = {
+        "name": cfg.eval.sampler or defaults.get("name", "ddim"),
+        "steps": int(cfg.eval.steps if cfg.eval.steps is not None else defaults["steps"]),
+        "eta": float(cfg.eval.eta if cfg.eval.eta is not None else defaults["eta"]),
+        "use_ema": bool(cfg.eval.use_ema and model.use_ema),
+        "guidance_scale": float(
+            cfg.eval.get("guidance_scale")
+            if cfg.eval.get("guidance_scale") is not None
+            else defaults.get("guidance_scale", 1.0)
+        ),
+        "seed": int(cfg.eval.seed),
+        "batch_size": int(cfg.eval.batch_size),
+        # counted, not assumed: logSNR spacing merges steps, guidance doubles calls
+        "unet_evaluations_per_image": result.unet_evaluations / max(1, len(pairs)),
+    }
+    cards = {name: metric.card() for name, metric in metrics_by_name.items()}
+    card = protocol_card(
+        plan, cards, num_samples=len(pairs), resolution=resolution, image_format=image_format, sampler=sampler, seeds=seeds
+    )
+    values = flat_values(results)
     metrics: dict[str, Any] = {
         "checkpoint": str(cfg.ckpt),
         "global_step": global_step,
         "num_samples": len(pairs),
-        "prc_neighborhood": int(cfg.eval.prc_neighborhood),
         "data": {
             "target": str(data_cfg.get("_target_")),
+            "dataset": plan.dataset,
             "n_labels": n_labels,
             "ignore_label": ignore_label,
             "split": "validation",
             "size": data_cfg.get("size"),
         },
-        "sampler": {
-            "name": cfg.eval.sampler or defaults.get("name", "ddim"),
-            "steps": int(cfg.eval.steps if cfg.eval.steps is not None else defaults["steps"]),
-            "eta": float(cfg.eval.eta if cfg.eval.eta is not None else defaults["eta"]),
-            "use_ema": bool(cfg.eval.use_ema and model.use_ema),
-            "guidance_scale": float(
-                cfg.eval.get("guidance_scale")
-                if cfg.eval.get("guidance_scale") is not None
-                else defaults.get("guidance_scale", 1.0)
-            ),
-            "seed": int(cfg.eval.seed),
-            "batch_size": int(cfg.eval.batch_size),
-            # counted, not assumed: logSNR spacing merges steps, guidance doubles calls
-            "unet_evaluations_per_image": result.unet_evaluations / max(1, len(pairs)),
-        },
-        **fid_metrics,
+        "sampler": sampler,
+        **{key: value for r in results.values() for key, value in r.values.items()},
+        **{key: value for r in results.values() for key, value in r.details.items()},
         "bootstrap": intervals,
-        "fid_backend": fid_info,
-        "miou": scores.miou,
-        "pixel_accuracy": scores.pixel_accuracy,
-        "miou_real": real_scores.miou,
-        "pixel_accuracy_real": real_scores.pixel_accuracy,
-        "segmenter": {
-            "name": segmenter.name,
-            "n_classes": segmenter.n_classes,
-            "real_miou_at_training": (getattr(segmenter, "real_scores", {}) or {}).get("miou"),
-        },
-        "per_class": per_class_rows(scores, real_scores, pairs, n_labels, ignore_label, class_names),
+        "protocol_card": card,
+        "directions": {key: d for m in metrics_by_name.values() for key, d in m.directions.items()},
         "output_dir": str(out_dir),
     }
+    if inception is not None:  # the FID implementation, where earlier readers look for it
+        metrics["fid_backend"] = {"backend": getattr(inception, "backend", None), **cards["inception"]}
+    if "segmentation" in metrics_by_name:
+        segmenter_card = cards["segmentation"]["segmenter"]
+        metrics["segmenter"] = {
+            "name": metrics_by_name["segmentation"].segmenter.name,
+            "n_classes": segmenter_card.get("n_classes"),
+            "real_miou_at_training": segmenter_card.get("real_miou_at_training"),
+        }
     timings["total"] = time.time() - started
     metrics["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     metrics_path = out_dir / "metrics.json"
-    metrics_path.write_text(json.dumps(metrics, indent=1))
-    report = write_report(out_dir, metrics, grid)
+    metrics_path.write_text(json.dumps(metrics, indent=1, default=str))
+    rows = [row for name, metric in metrics_by_name.items() for row in metric.report_rows(results[name], intervals)]
+    report = write_report(out_dir, metrics, rows, grid)
     files = [metrics_path, report] + ([grid] if grid else [])
-    tracking = log_to_mlflow(cfg, out_dir, metrics, files)
+    headline = [key for m in metrics_by_name.values() for key in m.directions]
+    tracking = log_to_mlflow(cfg, out_dir, metrics, values, headline, files)
     if tracking:
         metrics["mlflow"] = tracking
-        metrics_path.write_text(json.dumps(metrics, indent=1))
-    print_summary(metrics)
+        metrics_path.write_text(json.dumps(metrics, indent=1, default=str))
+    print_summary(metrics, rows)
     return metrics
 
 
-def print_summary(metrics: Mapping[str, Any]) -> None:
+def print_summary(metrics: Mapping[str, Any], rows: Sequence[tuple[str, str, str]]) -> None:
     s = metrics["sampler"]
+    card = metrics["protocol_card"]
     lines = [
         f"{metrics['num_samples']} samples ({s['name']} {s['steps']} steps, eta {s['eta']}) from {metrics['checkpoint']}",
-        f"mIoU            {interval_text(metrics['miou'], metrics.get('bootstrap'), 'miou', 4)} (real images: "
-        f"{fmt(metrics['miou_real'])})",
-        f"pixel accuracy  {fmt(metrics['pixel_accuracy'])} (real images: {fmt(metrics['pixel_accuracy_real'])})",
-        f"FID             {interval_text(metrics.get('fid'), metrics.get('bootstrap'), 'fid', 3)} (its first "
-        f"stage's rFID at this N, the ceiling: {fmt(metrics.get('first_stage_rfid'), 3)}; real halves, the floor: "
-        f"{fmt(metrics.get('real_halves_fid'), 3)})",
-        f"precision/recall {fmt(metrics.get('precision'), 3)} / {fmt(metrics.get('recall'), 3)}",
-        f"KID             {fmt(metrics.get('kid_mean'), 5)} ± {fmt(metrics.get('kid_std'), 5)}",
+        *[f"{label:<16}{value}" + (f" ({reference})" if reference else "") for label, value, reference in rows],
+        f"protocol:       {card['protocol'] or 'none'} on {card['dataset']}"
+        + ("" if card["comparable"] or not card["protocol"] else f" (not comparable: {'; '.join(card['deviations'])})"),
         f"outputs:        {metrics['output_dir']} (metrics.json, report.md)",
     ]
     if metrics.get("mlflow"):

@@ -29,7 +29,9 @@ from typing import Any
 
 import yaml
 
-from segldm.config.resolvers import objective_direction
+import segldm.metrics.alignment  # noqa: F401  (defining the built-in metrics registers their directions)
+import segldm.metrics.image_quality  # noqa: F401
+from segldm.config.metric_directions import objective_direction
 from segldm.sweeps.markers import MANIFEST_NAME, MARKER_NAME, read_marker
 
 DEFAULT_AXES = ("model.optimization.base_learning_rate", "scheduler.warm_up_steps")

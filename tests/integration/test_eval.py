@@ -216,8 +216,8 @@ def assert_metrics_are_of_the_generated_images(
 
     segmenter = TrainedSegmenter(segmenter_ckpt)
     labels = [p.labels for p in pairs]
-    on_generated = segment_scores(segmenter, generated, labels, datamodule.ignore_label).miou
-    on_real = segment_scores(segmenter, real, labels, datamodule.ignore_label).miou
+    on_generated = segment_scores(segmenter, generated, labels, datamodule.n_labels, datamodule.ignore_label).miou
+    on_real = segment_scores(segmenter, real, labels, datamodule.n_labels, datamodule.ignore_label).miou
     assert on_generated != on_real, (
         "the two image sets score alike here: the check below cannot tell them apart"
     )

@@ -112,9 +112,9 @@ def test_sweep_ranked_by_in_training_miou(tmp_path):
         "callbacks.generation_metrics.num_samples=4",
         "callbacks.generation_metrics.steps=4",
         "callbacks.generation_metrics.batch_size=4",
-        f"callbacks.generation_metrics.segmenter.ckpt={segmenter}",
-        f"callbacks.generation_metrics.fid.weights_path={inception}",
-        "callbacks.generation_metrics.fid.kid_subset_size=2",
+        f"callbacks.generation_metrics.metrics.segmentation.segmenter.ckpt={segmenter}",
+        f"callbacks.generation_metrics.metrics.inception.weights_path={inception}",
+        "callbacks.generation_metrics.metrics.inception.kid_subset_size=2",
     ]
     proc = run_train(["-m", *TINY_LDM, *GRID, *metrics_on, SWEEP_DIR], tmp_path, timeout=600)
     runs = sweep_runs(tmp_path, "multiruns/grid")
@@ -126,7 +126,7 @@ def test_sweep_ranked_by_in_training_miou(tmp_path):
         val_loss = client.get_metric_history(run.info.run_id, "val/loss")
         # at both validations (after steps 2 and 4), logged at the same MLflow step as val/loss
         assert len(history) == 2 and {m.step for m in history} <= {m.step for m in val_loss}
-        assert {"val/fid", "val/kid", "val/pixel_accuracy"} <= set(run.data.metrics)
+        assert {"val/fid", "val/kid_mean", "val/pixel_accuracy"} <= set(run.data.metrics)
         marker = json.loads((Path(run.data.tags["segldm.output_dir"]) / MARKER_NAME).read_text())
         assert marker["objective_name"] == "val/miou"
         assert marker["objective"] == pytest.approx(run.data.metrics["val/miou"])

@@ -17,12 +17,12 @@ import torch
 from segldm.metrics.segmenters.deeplabv2 import (
     DeepLabV2Segmenter,
     deeplabv2_resnet101_msc,
-    fixture_weights,
     label_margin,
     load_deeplabv2_state_dict,
     preprocess,
-    read_keys_file,
 )
+from segldm.metrics.segmenters.reference_weights import deterministic_weights as fixture_weights
+from segldm.metrics.segmenters.reference_weights import read_keys_file
 from segldm.storage.checkpoint_files import CheckpointError
 from tests.conftest import REPO
 

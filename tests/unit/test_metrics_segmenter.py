@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from segldm.data.synthetic import SyntheticScenes
+from segldm.metrics.segmenters.label_maps import SameIds
 from segldm.metrics.segmenters import image_to_uint8, real_pairs, segment_scores
 from segldm.metrics.segmenters.trained import SegmenterModule, SegNet, TrainedSegmenter, segmenter_checkpoint
 from segldm.storage.checkpoint_files import CheckpointError, save_checkpoint
@@ -45,6 +46,8 @@ def test_a_perfect_segmenter_scores_one() -> None:
 
         n_classes = 8
         name = "oracle"
+        label_map = SameIds(8, dontcare_channels=0)
+        class_names = None
 
         def __init__(self, scenes: dict[bytes, np.ndarray]) -> None:
             self.scenes = scenes
@@ -56,7 +59,7 @@ def test_a_perfect_segmenter_scores_one() -> None:
 
     pairs = list(real_pairs(SyntheticScenes(size=32, length=3, seed=0, one_hot=True), 3))
     oracle = Oracle({p.image.tobytes(): p.labels for p in pairs})
-    scores = segment_scores(oracle, [p.image for p in pairs], [p.labels for p in pairs], None, batch_size=2)
+    scores = segment_scores(oracle, [p.image for p in pairs], [p.labels for p in pairs], oracle.n_classes, None, batch_size=2)
     assert scores.miou == 1.0 and scores.pixel_accuracy == 1.0
 
 

@@ -1,9 +1,10 @@
 """Segmentation networks that label images for mIoU: what every segmenter offers, and real-image pairs.
 
 A segmenter takes uint8 RGB images (N, 3, H, W), exactly what is written to disk as PNG, and returns
-(N, H, W) int64 labels in ``[0, n_classes)``. Options (``conf/segmenter/``): ``deeplabv2_cocostuff``
-(:mod:`.deeplabv2`, the network that labelled S-FLCKR) and ``trained`` (:mod:`.trained`, trained on a
-dataset's own real images by ``segldm.train_segmenter``).
+(N, H, W) int64 labels in ``[0, n_classes)``; its ``label_map`` says which mask ids it scores as which
+class (:mod:`.label_maps`), and ``card()`` what made its labels (weights sha256, reference code,
+preprocessing). Options (``conf/segmenter/``): the benchmarks' protocol networks and ``trained``
+(:mod:`.trained`, trained on a dataset's own real images by ``segldm.train_segmenter``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from segldm.metrics.miou import ConfusionMatrix, SegmentationScores, per_image_counts
+from segldm.metrics.segmenters.label_maps import NOT_SCORED, LabelMap, apply_label_map
 
 
 class Segmenter(Protocol):
@@ -24,8 +26,36 @@ class Segmenter(Protocol):
 
     n_classes: int
     name: str
+    label_map: LabelMap
+    class_names: list[str] | None
 
     def predict(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def card(self) -> dict[str, Any]: ...
+
+
+def scored_targets(segmenter: Segmenter, n_labels: int, ignore_label: int | None) -> Any:
+    """The mask -> segmenter-class function for this dataset; refuses a segmenter whose classes do not
+    fit the dataset's labels (a ValueError naming both), so it fails before any sampling."""
+    table = segmenter.label_map.lookup(n_labels, ignore_label)
+
+    def targets(labels: np.ndarray) -> np.ndarray:
+        return apply_label_map(table, labels, ignore_label)
+
+    return targets
+
+
+def class_names_of(segmenter: Segmenter, n_labels: int, ignore_label: int | None, dataset_names: Sequence[str] | None) -> list[str]:
+    """The segmenter's class names: its own, else the dataset's name of the id mapped to each class."""
+    if segmenter.class_names:
+        return list(segmenter.class_names)
+    names = [str(i) for i in range(segmenter.n_classes)]
+    if dataset_names:
+        table = segmenter.label_map.lookup(n_labels, ignore_label)
+        for dataset_id in range(min(len(table), len(dataset_names)) - 1, -1, -1):
+            if table[dataset_id] != NOT_SCORED:
+                names[int(table[dataset_id])] = str(dataset_names[dataset_id])
+    return names
 
 
 @dataclass(frozen=True)
@@ -90,13 +120,16 @@ def segment_scores(
     segmenter: Segmenter,
     images: Sequence[np.ndarray],
     labels: Sequence[np.ndarray],
+    n_labels: int,
     ignore_label: int | None,
     class_names: Sequence[str] | None = None,
     batch_size: int = 16,
     progress: Any = None,
 ) -> SegmentationScores:
-    """Label every image with the segmenter and score it against its mask over the whole set."""
-    matrix = ConfusionMatrix(segmenter.n_classes, ignore_label)
+    """Label every image with the segmenter and score it against its mask (mapped to the segmenter's
+    classes by its label map) over the whole set."""
+    targets = scored_targets(segmenter, n_labels, ignore_label)
+    matrix = ConfusionMatrix(segmenter.n_classes, NOT_SCORED)
     per_image = np.zeros((len(images), 3, segmenter.n_classes), dtype=np.int64)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(images):
@@ -107,7 +140,7 @@ def segment_scores(
             batch = torch.from_numpy(np.stack([images[i] for i in chunk])).permute(0, 3, 1, 2).contiguous()
             pred = segmenter.predict(batch)
             for row, i in enumerate(chunk):
-                per_image[i] = per_image_counts(matrix.update(pred[row], labels[i]))
+                per_image[i] = per_image_counts(matrix.update(pred[row], targets(labels[i])))
             if progress is not None:
                 progress.update(len(chunk))
     scores = matrix.compute(class_names)
@@ -115,4 +148,13 @@ def segment_scores(
     return scores
 
 
-__all__ = ["RealPair", "Segmenter", "image_to_uint8", "labels_of", "real_pairs", "segment_scores"]
+__all__ = [
+    "RealPair",
+    "Segmenter",
+    "class_names_of",
+    "image_to_uint8",
+    "labels_of",
+    "real_pairs",
+    "scored_targets",
+    "segment_scores",
+]

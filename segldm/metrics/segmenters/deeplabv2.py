@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segldm.metrics.fid import file_sha256
+from segldm.metrics.segmenters.label_maps import LabelMap, SameIds
 from segldm.storage.checkpoint_files import CheckpointError, read_checkpoint, state_dict_problems
 
 MEAN_BGR = (104.008, 116.669, 122.675)
@@ -175,6 +177,7 @@ class DeepLabV2Segmenter:
         protocol: str = "eval",
         device: str | torch.device = "cpu",
         batch_size: int = 4,
+        label_map: LabelMap | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"segmenter.protocol={protocol!r}: expected one of {PROTOCOLS}")
@@ -186,6 +189,27 @@ class DeepLabV2Segmenter:
         load_deeplabv2_state_dict(self.model, weights_path)
         self.model.to(self.device).eval()
         self.name = f"deeplabv2_resnet101_msc ({protocol} protocol, {Path(weights_path).name})"
+        self.weights_path = Path(weights_path)
+        # COCO-Stuff masks: 182 classes + the don't-care channel SPADE adds (id 255 -> 182), not scored
+        self.label_map: LabelMap = label_map or SameIds(n_classes)
+        self.class_names: list[str] | None = None
+
+    def card(self) -> dict[str, object]:
+        """What made this segmenter's labels (recorded with every mIoU)."""
+        return {
+            "name": "deeplabv2_resnet101_msc",
+            "weights": str(self.weights_path),
+            "weights_sha256": file_sha256(self.weights_path),
+            "reference": "kazuto1011/deeplab-pytorch@4219467fa5de07985f834f1bd8c04c186dc8f6d8",
+            "preprocessing": {
+                "protocol": self.protocol,
+                "input": "RGB->BGR minus mean (104.008, 116.669, 122.675), no resize",
+                "msc_scales": [1.0, *MSC_SCALES],
+                "upsampling": "bilinear align_corners=" + str(self.protocol == "taming"),
+            },
+            "n_classes": self.n_classes,
+            "label_map": self.label_map.description,
+        }
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -208,41 +232,6 @@ class DeepLabV2Segmenter:
         return torch.cat(out)
 
 
-def fixture_weights(keys: Sequence[tuple[str, Sequence[int], str]]) -> dict[str, torch.Tensor]:
-    """The deterministic weight rule of shared/fixtures/deeplabv2_cocostuff (tests and smoke runs).
-
-    Entry i (counting every key, counters included): int64 zeros for counters, else a fresh
-    generator seeded with i and, by suffix, rand+0.5 (running_var), 0.1*randn (running_mean),
-    1+0.1*randn (bn.weight) or 0.05*randn (everything else).
-    """
-    weights: dict[str, torch.Tensor] = {}
-    for i, (key, shape, dtype) in enumerate(keys):
-        if dtype == "int64":
-            weights[key] = torch.zeros(tuple(shape), dtype=torch.int64)
-            continue
-        g = torch.Generator().manual_seed(i)
-        if key.endswith("bn.running_var"):
-            weights[key] = torch.rand(tuple(shape), generator=g) + 0.5
-        elif key.endswith("bn.running_mean"):
-            weights[key] = torch.randn(tuple(shape), generator=g) * 0.1
-        elif key.endswith("bn.weight"):
-            weights[key] = 1 + 0.1 * torch.randn(tuple(shape), generator=g)
-        else:
-            weights[key] = torch.randn(tuple(shape), generator=g) * 0.05
-    return weights
-
-
-def read_keys_file(path: str | Path) -> list[tuple[str, list[int], str]]:
-    """``index<TAB>key<TAB>shape<TAB>dtype`` lines (``#`` comments skipped), in file order."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        _, key, shape, dtype = line.split("\t")
-        rows.append((key, [int(s) for s in shape.strip("[]").split(",") if s.strip()], dtype))
-    return rows
-
-
 def label_margin(logits: torch.Tensor, size: Sequence[int], align_corners: bool) -> np.ndarray:
     """Top-1 minus top-2 of the upsampled logits, per pixel (to find near-ties when comparing labels)."""
     up = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=align_corners)
@@ -255,9 +244,7 @@ __all__ = [
     "DeepLabV2Segmenter",
     "MSC",
     "deeplabv2_resnet101_msc",
-    "fixture_weights",
     "label_margin",
     "load_deeplabv2_state_dict",
     "preprocess",
-    "read_keys_file",
 ]

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segldm.metrics.fid import file_sha256
 from segldm.metrics.miou import ConfusionMatrix
+from segldm.metrics.segmenters.label_maps import LabelMap, SameIds
 from segldm.storage.checkpoint_files import (
     CheckpointError,
     checkpoint_kind,
@@ -207,6 +209,21 @@ class TrainedSegmenter:
         self.config: dict[str, Any] = dict(config)
         self.real_scores: dict[str, Any] = dict(section.get("real_scores") or {})
         self.name = f"trained SegNet ({path})"
+        self.label_map: LabelMap = SameIds(self.n_classes, dontcare_channels=0)  # trained on the dataset's own ids
+        self.class_names: list[str] | None = None
+
+    def card(self) -> dict[str, object]:
+        """What made this segmenter's labels (recorded with every mIoU)."""
+        return {
+            "name": "trained SegNet (segldm.train_segmenter)",
+            "weights": str(self.path),
+            "weights_sha256": file_sha256(self.path),
+            "reference": None,
+            "preprocessing": {"input": "uint8 / 127.5 - 1, replicate-padded to a multiple of 4"},
+            "n_classes": self.n_classes,
+            "label_map": self.label_map.description,
+            "real_miou_at_training": self.real_scores.get("miou"),
+        }
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
