@@ -119,6 +119,12 @@ def check_protocol(
         plan.deviations.append(
             f"resolution {list(resolution)} (HxW), the protocol's is {list(wanted_size)} (data.size / data.aspect)"
         )
+    pre_resize = spec.get("fid_resize_before_inception")
+    if pre_resize:
+        plan.deviations.append(
+            f"the protocol's FID resized every image first ({pre_resize}); segldm feeds images at their "
+            "generated size (the same numbers only where that size is already the target)"
+        )
     if plan.deviations and strict:
         raise ProtocolError(
             f"eval/protocol={name} on {dataset}: "

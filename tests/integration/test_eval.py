@@ -147,6 +147,7 @@ def test_eval_end_to_end(root: Path, ldm_ckpt: Path, inception: Path, segmenter_
         "eval.batch_size=2",
         f"eval.fid.weights_path={inception}",
         "eval.fid.batch_size=3",
+        "+metrics.toy._target_=tests.toy_metric.Redness",  # a metric added in one class + this entry
         f"hydra.run.dir={out}",
     ]
     proc = run("segldm.eval", args, root)
@@ -190,6 +191,23 @@ def test_eval_end_to_end(root: Path, ldm_ckpt: Path, inception: Path, segmenter_
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert {"metrics.json", "report.md", "grid.png"} <= artifacts
     assert client.get_run(training.info.run_id).data.metrics["eval/miou"] == pytest.approx(metrics["miou"])
+    # the added metric: value, bootstrap interval, direction, card, report line, both MLflow runs
+    generated = [np.asarray(Image.open(out / "generated" / f"val_0000{i}.png")) for i in range(3)]
+    redness = np.mean([(g[..., 0].astype(float) - g[..., 1]).mean() / 255 for g in generated])
+    assert metrics["redness"] == pytest.approx(redness, rel=1e-12)
+    assert boot["redness"][0] <= metrics["redness"] <= boot["redness"][1]
+    assert metrics["directions"]["redness"] == "maximize"
+    assert metrics["protocol_card"]["metrics"]["toy"]["implementation"] == "tests/toy_metric.py"
+    assert "| redness |" in report and "redness" in proc.stdout
+    assert runs[0].data.metrics["redness"] == pytest.approx(metrics["redness"])
+    assert client.get_run(training.info.run_id).data.metrics["eval/redness"] == pytest.approx(metrics["redness"])
+    # the protocol card: no protocol here, every metric's implementation and weights named, in MLflow too
+    card = metrics["protocol_card"]
+    assert card["protocol"] is None and card["num_samples"] == 3 and card["seed_range"] == [0, 2]
+    assert card["metrics"]["inception"]["weights"]["sha256"] == metrics["fid_backend"]["weights"]["sha256"]
+    assert card["metrics"]["segmentation"]["segmenter"]["weights_sha256"]
+    assert runs[0].data.tags["segldm.card_key"] == card["card_key"]
+    assert runs[0].data.params["card.num_samples"] == "3"
 
 
 def assert_metrics_are_of_the_generated_images(

@@ -95,10 +95,12 @@ def test_grid_sweep_is_four_tagged_finished_mlflow_runs(grid_sweep):
     check_grid_runs(root, "multiruns/grid")
 
 
-def test_sweep_ranked_by_in_training_miou(tmp_path):
-    """A 2x2 sweep whose objective is val/miou: every job generates images for the validation masks at
-    its validations (callbacks.generation_metrics, a real trained segmenter, FID on a random Inception),
-    returns val/miou to the sweeper, and the report ranks by it, higher being better."""
+def test_sweep_ranked_by_an_added_in_training_metric(tmp_path):
+    """A 2x2 sweep whose objective is a metric added in one class (tests/toy_metric.py) plus a config
+    entry: every job generates images for the validation masks at its validations
+    (callbacks.generation_metrics: the toy, mIoU with a real trained segmenter, FID on a random
+    Inception), returns val/redness to the sweeper, and the report ranks by it in the direction the
+    class declares (higher is better; a name-based guess would have said lower)."""
     run_module(
         "segldm.train_segmenter",
         [*TINY_DATA, *TINY_SEGMENTER, "logger=none"],
@@ -107,7 +109,8 @@ def test_sweep_ranked_by_in_training_miou(tmp_path):
     segmenter = tmp_path / "outputs/segmenters/synthetic/segmenter.ckpt"
     inception = make_random_inception(tmp_path / "random_inception.pth")
     metrics_on = [
-        "sweep.objective=val/miou",
+        "sweep.objective=val/redness",
+        "+callbacks.generation_metrics.metrics.toy._target_=tests.toy_metric.Redness",
         "callbacks.generation_metrics.every_n_steps=2",
         "callbacks.generation_metrics.num_samples=4",
         "callbacks.generation_metrics.steps=4",
@@ -126,21 +129,23 @@ def test_sweep_ranked_by_in_training_miou(tmp_path):
         val_loss = client.get_metric_history(run.info.run_id, "val/loss")
         # at both validations (after steps 2 and 4), logged at the same MLflow step as val/loss
         assert len(history) == 2 and {m.step for m in history} <= {m.step for m in val_loss}
-        assert {"val/fid", "val/kid_mean", "val/pixel_accuracy"} <= set(run.data.metrics)
+        assert {"val/fid", "val/kid_mean", "val/pixel_accuracy", "val/redness"} <= set(run.data.metrics)
+        assert len(client.get_metric_history(run.info.run_id, "val/redness")) == 2
         marker = json.loads((Path(run.data.tags["segldm.output_dir"]) / MARKER_NAME).read_text())
-        assert marker["objective_name"] == "val/miou"
-        assert marker["objective"] == pytest.approx(run.data.metrics["val/miou"])
-        finals[run.data.tags["segldm.sweep_job"]] = run.data.metrics["val/miou"]
+        assert marker["objective_name"] == "val/redness"
+        assert marker["objective"] == pytest.approx(run.data.metrics["val/redness"])
+        finals[run.data.tags["segldm.sweep_job"]] = run.data.metrics["val/redness"]
+    assert len(set(finals.values())) > 1, "the jobs' values tie: the ranking below would prove nothing"
     manifest = json.loads((tmp_path / "outputs/multiruns/grid/sweep.json").read_text())
-    assert manifest["objective"] == "val/miou" and manifest["direction"] == "maximize"
+    assert manifest["objective"] == "val/redness" and manifest["direction"] == "maximize"
     rows = [
         r.split(",") for r in (tmp_path / "outputs/multiruns/grid/report/runs.csv").read_text().splitlines()
     ]
-    assert rows[0][4] == "val/miou final"
+    assert rows[0][4] == "val/redness final"
     best = max(finals.values())
     starred = [row for row in rows[1:] if row[0].endswith("*")]
     assert len(starred) == 1 and float(starred[0][4]) == pytest.approx(best, rel=1e-3)  # 4 digits
-    assert "val/miou final" in proc.stdout
+    assert "val/redness final" in proc.stdout
 
 
 @pytest.mark.slow
