@@ -229,7 +229,9 @@ def preprocess(
     batches = []
     for scale in scales:
         h, w = scaled_size(height, width, scale, max_size, multiple)
-        batches.append(torch.stack([normalize(np.array(p.resize((w, h), Image.BILINEAR))) for p in pils]))
+        batches.append(
+            torch.stack([normalize(np.array(p.resize((w, h), Image.Resampling.BILINEAR))) for p in pils])
+        )
     return batches
 
 
