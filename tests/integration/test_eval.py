@@ -403,3 +403,39 @@ def test_reconstruction_metrics_are_their_closed_forms() -> None:
     b = [np.full((2, 2, 3), 10, np.uint8), np.full((2, 2, 3), 100, np.uint8)]
     assert l1_error(a, b) == pytest.approx(5 / 127.5)  # mean |diff| 10 over half the pixels
     assert psnr(a, b) == pytest.approx((10 * np.log10(255**2 / 100) + 100) / 2)  # identical image: 100 dB
+
+
+@pytest.mark.slow
+def test_pytorch_fid_implementation_equals_its_own_command_on_the_written_folders(
+    root: Path, ldm_ckpt: Path, segmenter_run: dict, tmp_path: Path
+) -> None:
+    """eval.fid.implementation=pytorch-fid (the OASIS/SDM protocols' FID): the FID in metrics.json is what
+    `python -m pytorch_fid generated/ real/` prints on the folders eval wrote (random weights of the
+    package's layout in a TORCH_HOME, where the command finds them offline)."""
+    import re
+
+    from tests.unit.test_pytorch_fid import PYTORCH_FID_FILE, start_pytorch_fid_command
+
+    home = tmp_path / "torch_home"
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    weights = make_random_inception(home / "hub" / "checkpoints" / PYTORCH_FID_FILE)  # the same layout
+    out = tmp_path / "eval_pytorch_fid"
+    args = [
+        f"ckpt={ldm_ckpt}",
+        "logger=none",
+        "eval.steps=2",
+        "eval.fid.implementation=pytorch-fid",
+        f"eval.fid.weights_path={weights}",
+        "metrics.inception.first_stage_rfid=false",
+        f"segmenter.ckpt={segmenter_run['ckpt']}",
+        "eval.bootstrap.draws=10",
+        f"hydra.run.dir={out}",
+    ]
+    run("segldm.eval", args, root)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["protocol_card"]["metrics"]["inception"]["implementation"] == "pytorch-fid"
+    command = start_pytorch_fid_command(home, str(out / "generated"), str(out / "real"))
+    stdout, stderr = command.communicate(timeout=300)
+    assert command.returncode == 0, stderr[-2000:]
+    reference = float(re.search(r"FID:\s+(\S+)", stdout).group(1))
+    assert reference > 1.0 and metrics["fid"] == pytest.approx(reference, rel=1e-6)
