@@ -1,11 +1,24 @@
-"""`python -m segldm.report <sweep folder | MLflow experiment>`: a sweep's runs as a table and plots
-(segldm.sweeps.report; docs/sweeps.md)."""
+"""`python -m segldm.report <folder | MLflow experiment>`: a training sweep's runs as a table and plots
+(segldm.sweeps.report; docs/sweeps.md), or an evaluation multirun's quality/alignment front
+(segldm.sweeps.front; docs/evaluation.md)."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
-from segldm.sweeps.report import main
+from segldm.sweeps import front, report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """An eval multirun (job folders with metrics.json) gets the front; anything else the sweep report."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    target = next((a for a in args if not a.startswith("-")), None)
+    if target is not None and front.is_eval_multirun(Path(target)):
+        return front.main(args)
+    return report.main(args)
+
 
 if __name__ == "__main__":
     sys.exit(main())
