@@ -161,3 +161,23 @@ def test_published_rows_have_sources_and_known_protocols() -> None:
         r["protocol"] == "oasis" and r["dataset"] == "ade20k" for r in published_rows("oasis", "ade20k")
     )
     assert any(r["method"] == "OASIS" for r in published_rows("oasis", "ade20k"))
+
+
+def test_report_places_a_comparable_row_beside_its_protocols_rows_only() -> None:
+    from segldm.evaluation.ldm import published_lines
+
+    oasis = protocol("oasis")
+    card = protocol_card(
+        check(oasis),
+        {},
+        num_samples=2000,
+        resolution=[256, 256],
+        image_format="png",
+        sampler={},
+        seeds=[0, 1999],
+    )
+    lines = "\n".join(published_lines(card, {"fid": 30.25, "miou": 0.4512}))
+    assert "| OASIS | 28.3 | 48.8 |" in lines and "| **this checkpoint** | 30.2 | 45.1 | this run |" in lines
+    assert "SPADE |" not in lines  # SPADE's own-protocol row is not in OASIS's column
+    card["comparable"] = False
+    assert "not shown" in "\n".join(published_lines(card, {"fid": 30.25, "miou": 0.4512}))
