@@ -21,9 +21,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 import segldm  # noqa: F401  (config resolvers)
+from segldm.config.progress import tqdm  # plain lines when piped (not \r bars)
 from segldm.config.startup import reports_startup_errors
 from segldm.metrics.segmenters import real_pairs, segment_scores
 from segldm.metrics.segmenters.trained import SegmenterModule, TrainedSegmenter, segmenter_checkpoint
@@ -36,6 +36,7 @@ from segldm.tracking.logger import (
     tracking_callbacks,
 )
 from segldm.tracking.resilient import ResilientMLFlowLogger
+from segldm.training.callbacks import ProgressLog, StepProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,9 @@ def train_segmenter(cfg: DictConfig) -> dict[str, Any]:
         every_n_train_steps=int(cfg.checkpoint_every_n_steps),
         enable_version_counter=False,
     )
+    progress = [StepProgressBar(), ProgressLog(float(cfg.get("progress_every_n_seconds", 30)))]
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=[checkpoints, *tracking_callbacks(loggers)], logger=loggers or False
+        cfg.trainer, callbacks=[checkpoints, *progress, *tracking_callbacks(loggers)], logger=loggers or False
     )
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     log_run_metadata(loggers, cfg, overrides, str(output_dir))

@@ -29,6 +29,7 @@ from segldm.evaluation.common import (
     real_image_features,
     select_pairs,
 )
+from segldm.evaluation.html_report import write_html_report
 from segldm.metrics.fid import InceptionFeatures, resolve_inception_weights
 from segldm.metrics.reconstruction import l1_error, mean_lpips, psnr, reconstruct
 from segldm.models.autoencoder import VQModel
@@ -113,7 +114,12 @@ def evaluate_first_stage(cfg: DictConfig, checkpoint: Mapping[str, Any]) -> dict
     }
     step = metrics["global_step"] if isinstance(metrics["global_step"], int) else None
     tracking = log_eval_run(
-        cfg, out_dir, values, step, [metrics_path, report, *([grid] if grid else [])], FIRST_STAGE_METRICS
+        cfg,
+        out_dir,
+        values,
+        step,
+        [metrics_path, report, write_html_report(report), *([grid] if grid else [])],
+        FIRST_STAGE_METRICS,
     )
     if tracking:
         metrics["mlflow"] = tracking

@@ -37,6 +37,7 @@ from segldm.condition import LabelCondition
 from segldm.config.instantiation import instantiate_plain
 from segldm.evaluation.common import log_eval_run, select_pairs
 from segldm.evaluation.first_stage import evaluate_first_stage
+from segldm.evaluation.html_report import write_html_report
 from segldm.evaluation.protocol import check_protocol, dataset_name, protocol_card
 from segldm.evaluation.published import published_rows
 from segldm.metrics.metric import EvalSet, Metric, MetricContext, MetricResult, flat_values, paired_bootstrap
@@ -420,7 +421,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics_path.write_text(json.dumps(metrics, indent=1, default=str))
     rows = [row for name, metric in metrics_by_name.items() for row in metric.report_rows(results[name], intervals)]
     report = write_report(out_dir, metrics, rows, grid)
-    files = [metrics_path, report] + ([grid] if grid else [])
+    files = [metrics_path, report, write_html_report(report)] + ([grid] if grid else [])
     headline = [key for m in metrics_by_name.values() for key in m.directions]
     tracking = log_to_mlflow(cfg, out_dir, metrics, values, headline, files)
     if tracking:

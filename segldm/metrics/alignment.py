@@ -13,9 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from segldm.config.instantiation import instantiate_plain
+from segldm.config.progress import tqdm  # plain lines when piped (not \r bars)
 from segldm.metrics.bootstrap import miou_from_counts
 from segldm.metrics.metric import EvalSet, Metric, MetricContext, MetricResult, value_text
 from segldm.metrics.miou import SegmentationScores

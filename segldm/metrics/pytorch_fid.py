@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
+from segldm.config.progress import tqdm  # plain lines when piped (not \r bars)
 from segldm.metrics.fid import (
     DOWNLOAD_TIMEOUT_S,
     InceptionWeights,

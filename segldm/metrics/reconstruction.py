@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from segldm.config.progress import tqdm  # plain lines when piped (not \r bars)
 
 
 def to_model_input(images: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:

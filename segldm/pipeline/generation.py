@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from segldm.config.progress import tqdm  # plain lines when piped (not \r bars)
 
 
 class MaskToImageModel(Protocol):

@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from einops import rearrange
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
 
 from segldm.data.transforms import collate_samples
@@ -148,3 +149,57 @@ class ProgressLog(L.Callback):
 def format_seconds(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich bar, counting optimizer steps when training is measured in steps.
+
+    With ``trainer.max_steps`` and no epoch limit (``max_epochs: -1``, the configs' default) the
+    stock bar says "Epoch 4/-2" and counts the batches of an epoch nobody set; this one says
+    "Epoch 4 · step" and counts ``global_step`` of ``max_steps``. With an epoch limit it is the stock bar.
+    """
+
+    def counts_steps(self) -> bool:
+        trainer = self.trainer
+        return trainer.max_epochs in (None, -1) and trainer.max_steps is not None and trainer.max_steps > 0
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if not self.counts_steps():
+            return super()._get_train_description(current_epoch)
+        description = f"Epoch {current_epoch} · step"
+        return f"{description:{len(self.validation_description)}}"
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self.counts_steps() else super().total_train_batches
+
+    def _initialize_train_progress_bar_id(self) -> None:  # a mid-epoch resume starts at its step
+        super()._initialize_train_progress_bar_id()
+        if self.progress is not None and self.counts_steps():
+            self.progress.update(self.train_progress_bar_id, completed=self.trainer.global_step)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.counts_steps() or self.is_disabled or self._leave:
+            super().on_train_epoch_start(trainer, pl_module)
+            return
+        if self.progress is not None:  # one bar over all epochs: a new epoch only renames it
+            description = self._get_train_description(trainer.current_epoch)
+            if self.train_progress_bar_id is None:
+                self.train_progress_bar_id = self._add_task(trainer.max_steps, description)
+            self.progress.update(
+                self.train_progress_bar_id,
+                total=trainer.max_steps,
+                completed=trainer.global_step,
+                description=description,
+                visible=True,
+            )
+        self.refresh()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if not self.counts_steps():
+            super().on_train_batch_end(trainer, pl_module, *args)
+            return
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()  # a mid-epoch resume
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
