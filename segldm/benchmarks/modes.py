@@ -98,7 +98,7 @@ class PerfMode:
         if self.compile_first_stage:
             out.append("model.performance.compile_first_stage=true")
         if not self.fused_optimizer:
-            out.append("model.optimization.fused_optimizer=false")
+            out.append("model.optimization.optimizer.fused=false")
         return out
 
 

@@ -132,9 +132,7 @@ class SegldmWorker(BenchWorker):
     def step(self, mode: PerfMode) -> None:
         if self.optimizer is None:  # segldm's AdamW (fused) over what the reference optimises too
             params = [*self.model.model.parameters(), *self.model.cond_stage_model.parameters()]
-            self.optimizer = torch.optim.AdamW(
-                params, lr=float(self.setup["lr"]), fused=bool(self.model.fused_optimizer)
-            )
+            self.optimizer = self.model.make_optimizer(params, float(self.setup["lr"]))
         batch = self.one_hot_batch if mode.masks == "loader_one_hot" else self.label_batch
         training_step(self.model, self.optimizer, batch, mode, self.device)
 

@@ -116,7 +116,7 @@ def bench_training(name: str, cfg: DictConfig, models: ModelCache) -> dict[str, 
     )
     switch = ModeSwitch(model)
     params = list(model.model.parameters()) + list(model.cond_stage_model.parameters())
-    optimizers = make_optimizers(params, lr=1e-7, weight_decay=model.weight_decay)
+    optimizers = make_optimizers(params, lr=1e-7, weight_decay=model.optimizer_settings["weight_decay"])
 
     def run_for(mode: PerfMode) -> Run:
         state: dict[str, Any] = {}

@@ -22,7 +22,13 @@ from segldm.models.first_stage_loss import VQLPIPSWithDiscriminator
 from segldm.storage.checkpoint_files import CheckpointError
 from segldm.training.guards import check_finite
 from segldm.training.lr_schedulers import effective_learning_rate, optimizer_config, report_learning_rate
-from segldm.training.options import AutoencoderOptimizationOptions, build_options
+from segldm.training.optimizers import TAMING_ADAM, build_optimizer, optimizer_factory
+from segldm.training.options import (
+    AUTOENCODER_LEGACY_OPTIMIZER_KEYS,
+    AutoencoderOptimizationOptions,
+    build_options,
+    move_legacy_optimizer_keys,
+)
 
 
 class VQAutoencoderModule(L.LightningModule):
@@ -50,11 +56,16 @@ class VQAutoencoderModule(L.LightningModule):
             if first_stage.loaded_from is not None:
                 load_loss_weights(loss, first_stage.loaded_from)
         self.image_key = image_key
+        if isinstance(optimization, Mapping):  # checkpoints from before the optimiser was config
+            optimization = move_legacy_optimizer_keys(optimization, AUTOENCODER_LEGACY_OPTIMIZER_KEYS)
         optimization = build_options(AutoencoderOptimizationOptions, optimization, "optimization")
         self.base_learning_rate = optimization.base_learning_rate
         self.learning_rate = optimization.base_learning_rate
         self.scale_lr = optimization.scale_lr
-        self.adam_betas = tuple(optimization.adam_betas)
+        # model.optimization.optimizer, one instance each for the VQ and the discriminator
+        self.optimizer_factory = optimizer_factory(
+            optimization.optimizer, TAMING_ADAM, "model.optimization.optimizer"
+        )
         self.codebook_weight = codebook_weight
         self.l1_weight = l1_weight
         self.l2_weight = l2_weight
@@ -171,11 +182,11 @@ class VQAutoencoderModule(L.LightningModule):
     def configure_optimizers(self):
         self.learning_rate = effective_learning_rate(self.base_learning_rate, self._trainer, self.scale_lr)
         report_learning_rate(self, self.learning_rate)
-        optimizer = torch.optim.Adam(self.vq.parameters(), lr=self.learning_rate, betas=self.adam_betas)
+        optimizer = build_optimizer(self.optimizer_factory, self.vq.parameters(), self.learning_rate)
         if self.loss is None:
             return optimizer_config(optimizer, self.lr_lambda)
-        discriminator = torch.optim.Adam(
-            self.loss.discriminator.parameters(), lr=self.learning_rate, betas=self.adam_betas
+        discriminator = build_optimizer(
+            self.optimizer_factory, self.loss.discriminator.parameters(), self.learning_rate
         )
         configs = [optimizer_config(o, self.lr_lambda) for o in (optimizer, discriminator)]
         return configs if self.lr_lambda is not None else [optimizer, discriminator]

@@ -9,7 +9,7 @@ The math itself lives in `segldm.diffusion`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -49,12 +49,15 @@ from segldm.training.lr_schedulers import (
     optimizer_config,
     report_learning_rate,
 )
+from segldm.training.optimizers import ADAMW, build_optimizer, optimizer_factory, settings
 from segldm.training.options import (
+    LEGACY_OPTIMIZER_KEYS,
     DiffusionOptions,
     OptimizationOptions,
     PerformanceOptions,
     ValidationOptions,
     build_options,
+    move_legacy_optimizer_keys,
 )
 from segldm.training.sampling import Sampling
 
@@ -114,6 +117,8 @@ class LatentDiffusion(Sampling, L.LightningModule):
     ) -> None:
         super().__init__()
         diffusion = build_options(DiffusionOptions, diffusion, "diffusion")
+        if isinstance(optimization, Mapping):  # checkpoints from before the optimiser was config
+            optimization = move_legacy_optimizer_keys(optimization, LEGACY_OPTIMIZER_KEYS)
         optimization = build_options(OptimizationOptions, optimization, "optimization")
         performance = build_options(PerformanceOptions, performance, "performance")
         validation = build_options(ValidationOptions, validation, "validation")
@@ -165,8 +170,10 @@ class LatentDiffusion(Sampling, L.LightningModule):
         self.base_learning_rate = optimization.base_learning_rate
         self.learning_rate = optimization.base_learning_rate
         self.scale_lr = optimization.scale_lr
-        self.weight_decay = optimization.weight_decay
-        self.adam_betas = tuple(optimization.adam_betas)
+        # model.optimization.optimizer: factory(params, lr=...) (segldm/training/optimizers.py)
+        self.optimizer_factory = optimizer_factory(
+            optimization.optimizer, ADAMW, "model.optimization.optimizer"
+        )
         self.lr_lambda = scheduler
         self.sampler_defaults = {"steps": 200, "eta": 1.0, "guidance_scale": 1.0, **(sampler or {})}
         # condition dropout for classifier-free guidance: the null condition is an all-zero conditioning
@@ -228,8 +235,6 @@ class LatentDiffusion(Sampling, L.LightningModule):
         self.compile_options = compile_options(performance.compile)
         self.first_stage_compile_options = compile_options(performance.compile_first_stage)
         self.latent_cache: LatentCache | None = LatentCache() if performance.cache_latents else None
-        # AdamW's fused kernel: same update, one pass per tensor
-        self.fused_optimizer = optimization.fused_optimizer
 
     # ------------------------------------------------------------------ CompVis-named interface
     @contextmanager
@@ -507,14 +512,16 @@ class LatentDiffusion(Sampling, L.LightningModule):
         params = list(self.model.parameters())
         if self.cond_stage_trainable:
             params += list(self.cond_stage_model.parameters())
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=self.learning_rate,
-            betas=self.adam_betas,
-            weight_decay=self.weight_decay,
-            fused=self.fused_optimizer or None,
-        )
-        return optimizer_config(optimizer, self.lr_lambda)
+        return optimizer_config(self.make_optimizer(params, self.learning_rate), self.lr_lambda)
+
+    def make_optimizer(self, params: Iterable[Any], lr: float) -> torch.optim.Optimizer:
+        """The configured optimiser over ``params`` (``fused: null`` resolved for their device)."""
+        return build_optimizer(self.optimizer_factory, params, lr)
+
+    @property
+    def optimizer_settings(self) -> dict[str, Any]:
+        """What the optimiser config fixes besides the learning rate (betas, weight_decay, fused)."""
+        return settings(self.optimizer_factory)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["segldm"] = {"kind": "ldm", "config": self.segldm_config}

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from segldm.training.optimizers import ADAMW, TAMING_ADAM
 
 
 @dataclass(frozen=True)
@@ -39,22 +41,21 @@ class DiffusionOptions:
 
 @dataclass(frozen=True)
 class OptimizationOptions:
-    """AdamW and its learning rate (the LR schedule is the `scheduler` config group)."""
+    """The optimiser (a `_partial_` torch optimiser config, AdamW by default: training/optimizers.py)
+    and its learning rate (the LR schedule is the `scheduler` config group)."""
 
     base_learning_rate: float = 1e-6
     scale_lr: bool = True
-    weight_decay: float = 0.01
-    adam_betas: Sequence[float] = (0.9, 0.999)
-    fused_optimizer: bool = True
+    optimizer: Any = field(default_factory=lambda: copy.deepcopy(ADAMW))
 
 
 @dataclass(frozen=True)
 class AutoencoderOptimizationOptions:
-    """The first stage's Adam (taming's betas) and its learning rate."""
+    """The first stage's optimiser (taming's Adam betas by default) and its learning rate."""
 
     base_learning_rate: float = 4.5e-6
     scale_lr: bool = True
-    adam_betas: Sequence[float] = (0.5, 0.9)
+    optimizer: Any = field(default_factory=lambda: copy.deepcopy(TAMING_ADAM))
 
 
 @dataclass(frozen=True)
@@ -84,18 +85,52 @@ OPTION_GROUPS: dict[str, type] = {
     "validation": ValidationOptions,
 }
 
+# `model.optimization.<name>` before the optimiser was config -> its key in `model.optimization.optimizer`
+LEGACY_OPTIMIZER_KEYS: dict[str, str] = {
+    "weight_decay": "weight_decay",
+    "adam_betas": "betas",
+    "fused_optimizer": "fused",
+}
+AUTOENCODER_LEGACY_OPTIMIZER_KEYS: dict[str, str] = {"adam_betas": "betas"}
+
 # flat `model.<name>` (segldm before the groups) -> (group, name in the group)
 FLAT_OPTION_KEYS: dict[str, tuple[str, str]] = {
     **{f.name: ("diffusion", f.name) for f in dataclasses.fields(DiffusionOptions)},
     **{f.name: ("optimization", f.name) for f in dataclasses.fields(OptimizationOptions)},
+    **{name: ("optimization", name) for name in LEGACY_OPTIMIZER_KEYS},
     **{f.name: ("performance", f.name) for f in dataclasses.fields(PerformanceOptions)},
     "deterministic_validation": ("validation", "deterministic"),
     "validation_seed": ("validation", "seed"),
 }
 AUTOENCODER_OPTION_GROUPS: dict[str, type] = {"optimization": AutoencoderOptimizationOptions}
 AUTOENCODER_FLAT_OPTION_KEYS: dict[str, tuple[str, str]] = {
-    f.name: ("optimization", f.name) for f in dataclasses.fields(AutoencoderOptimizationOptions)
+    **{f.name: ("optimization", f.name) for f in dataclasses.fields(AutoencoderOptimizationOptions)},
+    **{name: ("optimization", name) for name in AUTOENCODER_LEGACY_OPTIMIZER_KEYS},
 }
+
+
+def legacy_optimizer_keys(model: Mapping[str, Any]) -> dict[str, str]:
+    """The pre-config optimiser keys of the module a model config builds (by its `_target_`)."""
+    if str(model.get("_target_", "")).endswith("VQAutoencoderModule"):
+        return AUTOENCODER_LEGACY_OPTIMIZER_KEYS
+    return LEGACY_OPTIMIZER_KEYS
+
+
+def move_legacy_optimizer_keys(optimization: Mapping[str, Any], legacy: Mapping[str, str]) -> dict[str, Any]:
+    """`model.optimization` with its pre-config optimiser keys (`weight_decay`, `adam_betas`,
+    `fused_optimizer`) moved into `optimizer` (`fused_optimizer: true` -> `fused: null`, auto: the
+    fused kernel where the device has one, which is where `true` ran). Keys without `_target_` are
+    merged over the module's default optimiser. Idempotent."""
+    out = dict(optimization)
+    moved = {legacy[k]: out.pop(k) for k in list(out) if k in legacy}
+    if not moved:
+        return out
+    if moved.get("fused") is True:
+        moved["fused"] = None
+    current = out.get("optimizer")
+    if current is None or isinstance(current, Mapping):
+        out["optimizer"] = {**moved, **dict(current or {})}
+    return out
 
 
 def flat_option_keys(model: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
@@ -130,15 +165,23 @@ def option_problems(model: Mapping[str, Any]) -> list[str]:
     """Start-up check of a run's model config: a flat option (e.g. `+model.base_learning_rate=...`)
     names its new place, an unknown key in a group names the keys the group has."""
     keys = flat_option_keys(model)
+    legacy = legacy_optimizer_keys(model)
     problems = [
         f"model.{name} moved to model.{group}.{key} (docs/architecture.md): set model.{group}.{key} instead"
         for name, (group, key) in keys.items()
-        if name in model
+        if name in model and name not in legacy
+    ]
+    problems += [
+        f"model.{name} moved to model.optimization.optimizer.{new} (segldm/training/optimizers.py): set "
+        f"model.optimization.optimizer.{new} instead"
+        for name, new in legacy.items()
+        if name in model or name in (model.get("optimization") or {})
     ]
     classes = AUTOENCODER_OPTION_GROUPS if keys is AUTOENCODER_FLAT_OPTION_KEYS else OPTION_GROUPS
     for group, cls in classes.items():
         if isinstance(model.get(group), Mapping):
-            problem = unknown_key_problem(cls, model[group], group)
+            values = {k: v for k, v in model[group].items() if group != "optimization" or k not in legacy}
+            problem = unknown_key_problem(cls, values, group)
             if problem:
                 problems.append(problem)
     return problems
@@ -146,12 +189,15 @@ def option_problems(model: Mapping[str, Any]) -> list[str]:
 
 def group_flat_options(model: Mapping[str, Any]) -> dict[str, Any]:
     """A model config in the flat layout (checkpoints and CompVis exports of older segldm) -> the
-    grouped one; a value already in its group wins over a flat one. Idempotent."""
+    grouped one; a value already in its group wins over a flat one; the optimiser's old keys move
+    into `optimization.optimizer`. Idempotent."""
     out = copy.deepcopy(dict(model))
     for name, (group, key) in flat_option_keys(model).items():
         if name in out:
             value = out.pop(name)
             out[group] = {**{key: value}, **dict(out.get(group) or {})}
+    if isinstance(out.get("optimization"), Mapping):
+        out["optimization"] = move_legacy_optimizer_keys(out["optimization"], legacy_optimizer_keys(out))
     return out
 
 
@@ -160,6 +206,14 @@ def flatten_options(model: Mapping[str, Any]) -> dict[str, Any]:
     one value (`timesteps`, `base_learning_rate`, ...); the groups' defaults fill what is not set."""
     out: dict[str, Any] = {}
     for name, (group, key) in FLAT_OPTION_KEYS.items():
+        if name in LEGACY_OPTIMIZER_KEYS:
+            continue
         defaults = OPTION_GROUPS[group]()
         out[name] = dict(model.get(group) or {}).get(key, getattr(defaults, key))
+    optimizer = dict(out.pop("optimizer", None) or {})
+    if "_target_" not in optimizer:
+        optimizer = {**ADAMW, **optimizer}
+    for name, key in LEGACY_OPTIMIZER_KEYS.items():  # AdamW's settings under their old flat names
+        if key in optimizer:
+            out[name] = optimizer[key]
     return out

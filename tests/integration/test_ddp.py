@@ -126,13 +126,7 @@ def test_loss_gradients_and_weights_match_one_process(ddp_run):
     params = list(model.model.parameters()) + list(model.cond_stage_model.parameters())
     names = [f"model.{n}" for n, _ in model.model.named_parameters()]
     names += [f"cond_stage_model.{n}" for n, _ in model.cond_stage_model.named_parameters()]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=ranks[0]["initial_lr"][0],
-        betas=model.adam_betas,
-        weight_decay=model.weight_decay,
-        fused=model.fused_optimizer or None,  # the same AdamW kernel as configure_optimizers
-    )
+    optimizer = model.make_optimizer(params, ranks[0]["initial_lr"][0])  # as configure_optimizers
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, model.lr_lambda)
 
     deviations = {"loss": 0.0, "grad": 0.0}  # one process over the global batch vs the ranks' mean

@@ -119,7 +119,7 @@ def test_every_mode_is_a_training_config():
             assert cfg.data.one_hot_in_loader == (mode.masks == "loader_one_hot"), name
             assert perf.fused_label_conditioning == (mode.masks != "device_one_hot"), name
             assert perf.cache_latents == mode.cached_latents, name
-            assert m.optimization.fused_optimizer == mode.fused_optimizer, name
+            assert (m.optimization.optimizer.fused is not False) == mode.fused_optimizer, name
     modes = variant_modes(torch.device("cpu"), bf16=True, channels_last=False)
     assert modes[ANCHOR].config_overrides() == ["trainer.precision=32-true"]
     anchor = dataclasses.asdict(modes[ANCHOR])

@@ -201,7 +201,8 @@ def test_fused_adamw_steps_like_the_loop_adamw():
         after[fused] = [p.detach().clone() for p in params]
     for fused, loop in zip(after[True], after[False], strict=True):
         torch.testing.assert_close(fused, loop, rtol=1e-6, atol=1e-6)
-    assert model.fused_optimizer  # the default
+    assert model.optimizer_settings["fused"] is None  # the default: auto
+    assert model.make_optimizer(params, 1e-3).defaults["fused"]  # auto: fused on CPU as before
 
 
 # ---------------------------------------------------------------------------- bf16 autocast
