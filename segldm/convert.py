@@ -28,7 +28,7 @@ from segldm.compat.compvis import (
     read_compvis_checkpoint,
     translate_config,
 )
-from segldm.compat.compvis.config import conf_dir
+from segldm.config import locations
 from segldm.runtime.checks import validate_config
 from segldm.runtime.loading import build_ldm, ldm_checkpoint, ldm_config_of
 from segldm.storage.checkpoint_files import (
@@ -84,7 +84,7 @@ def compose_run_config(config_dir: Path, overrides: Sequence[str] = ()) -> dict[
         cfg = compose(
             config_name=Path(CONFIG_NAME).stem,
             overrides=[
-                f"hydra.searchpath=[file://{conf_dir()}]",
+                f"hydra.searchpath=[file://{locations.config_dir()}]",
                 f"paths.output_dir={config_dir}",
                 *overrides,
             ],

@@ -23,6 +23,7 @@ from PIL import Image
 import segldm  # noqa: F401  (config resolvers)
 from segldm.compat.compvis import load_compvis
 from segldm.condition import ConditionError
+from segldm.config.locations import hydra_config_path
 from segldm.config.startup import reports_startup_errors
 from segldm.pipeline.generation import SamplingSettings, generate, resolve_device, to_uint8
 from segldm.pipeline.masks import (
@@ -138,7 +139,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     return {"out_dir": out_dir, "count": len(masks), "grid": grid}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+@hydra.main(version_base="1.3", config_path=hydra_config_path(), config_name="sample")
 @reports_startup_errors
 def main(cfg: DictConfig) -> None:
     check_config_shapes(cfg)  # a value of the wrong kind fails here, before the checkpoint is read

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import segldm  # noqa: F401  (registers the config resolvers)
 from segldm.config.hardware import precision_message
+from segldm.config.locations import hydra_config_path
 from segldm.config.run_folder import is_throwaway
 from segldm.config.startup import reports_startup_errors
 from segldm.data.precheck import precheck_data
@@ -158,7 +159,7 @@ def report(result: dict[str, Any]) -> None:
     print("\n".join(lines), flush=True)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=hydra_config_path(), config_name="train")
 @reports_startup_errors
 def main(cfg: DictConfig) -> float | None:
     """Train; return the sweep objective (`sweep.objective`, default val/loss) to Hydra's sweepers.

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import segldm  # noqa: F401  (config resolvers)
 from segldm.config.progress import tqdm  # plain lines when piped (not \r bars)
+from segldm.config.locations import hydra_config_path
 from segldm.config.startup import reports_startup_errors
 from segldm.metrics.segmenters import real_pairs, segment_scores
 from segldm.metrics.segmenters.trained import SegmenterModule, TrainedSegmenter, segmenter_checkpoint
@@ -140,7 +141,7 @@ def train_segmenter(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train_segmenter")
+@hydra.main(version_base="1.3", config_path=hydra_config_path(), config_name="train_segmenter")
 @reports_startup_errors
 def main(cfg: DictConfig) -> float:
     return float(train_segmenter(cfg)["real"]["miou"])

@@ -10,9 +10,10 @@ from omegaconf import DictConfig
 
 import segldm  # noqa: F401  (config resolvers)
 from segldm.benchmarks.suite import run_suite
+from segldm.config.locations import hydra_config_path
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
+@hydra.main(version_base="1.3", config_path=hydra_config_path(), config_name="bench")
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")  # the eval section's progress bars
     if cfg.compile_cache not in ("cold", "warm"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -14,9 +13,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from segldm.benchmarks.modes import randomize_zero_parameters
+from segldm.config.locations import config_dir
 from segldm.training.ldm import LatentDiffusion
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = config_dir()
 
 
 @contextmanager

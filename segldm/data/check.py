@@ -35,6 +35,7 @@ from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
 import segldm  # noqa: F401  (config resolvers)
+from segldm.config.locations import hydra_config_path
 from segldm.config.startup import reports_startup_errors
 from segldm.data.folder import pair_headers
 from segldm.data.transforms import (
@@ -374,7 +375,7 @@ def run_check(cfg: DictConfig, console: Console | None = None) -> int:
     return n_errors
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="check")
+@hydra.main(version_base="1.3", config_path=hydra_config_path(), config_name="check")
 @reports_startup_errors
 def main(cfg: DictConfig) -> None:
     if run_check(cfg):

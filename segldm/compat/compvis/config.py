@@ -32,11 +32,6 @@ from segldm.models.unet import UNetModel
 from segldm.training.options import group_flat_options
 
 
-def conf_dir() -> Path:
-    """segldm's Hydra config tree (``conf/`` beside the package, as ``segldm.train`` finds it)."""
-    return Path(__file__).resolve().parents[3] / "conf"
-
-
 def read_compvis_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     """A CompVis YAML (or an already loaded mapping) as plain containers, checked to be one."""
     from omegaconf import OmegaConf

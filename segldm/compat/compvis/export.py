@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from segldm.compat.compvis.config import _class_name, conf_dir, translate_config
+from segldm.compat.compvis.config import _class_name, translate_config
 from segldm.compat.compvis.spec import (
     COMPVIS_TARGETS,
     LDM_DEFAULTS,
@@ -17,6 +17,7 @@ from segldm.compat.compvis.spec import (
     CompVisConfigError,
     CompVisWarning,
 )
+from segldm.config.locations import config_dir
 from segldm.training.options import flatten_options
 
 
@@ -140,7 +141,7 @@ def _group_of(group: str, node: Mapping[str, Any]) -> str:
         return tuple(parts)
 
     wanted = signature(node)
-    for option in sorted((conf_dir() / group).glob("*.yaml")):
+    for option in sorted((config_dir() / group).glob("*.yaml")):
         candidate = OmegaConf.to_container(OmegaConf.load(option))
         if isinstance(candidate, dict) and signature(candidate) == wanted:
             return option.stem
