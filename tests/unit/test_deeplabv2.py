@@ -21,29 +21,12 @@ from segldm.metrics.segmenters.deeplabv2 import (
     load_deeplabv2_state_dict,
     preprocess,
 )
-from segldm.metrics.segmenters.reference_weights import deterministic_weights as fixture_weights
-from segldm.metrics.segmenters.reference_weights import read_keys_file
 from segldm.storage.checkpoint_files import CheckpointError
 from tests.conftest import REPO
 
 torch.set_num_threads(1)
 FIXTURE = REPO.parent / "shared" / "fixtures" / "deeplabv2_cocostuff"
 pytestmark = pytest.mark.skipif(not (FIXTURE / "io.pt").is_file(), reason=f"fixture not found: {FIXTURE}")
-
-
-@pytest.fixture(scope="module")
-def io() -> dict:
-    return torch.load(FIXTURE / "io.pt", weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def keys() -> list[tuple[str, list[int], str]]:
-    return read_keys_file(FIXTURE / "keys.txt")
-
-
-@pytest.fixture(scope="module")
-def weights(keys) -> dict[str, torch.Tensor]:
-    return fixture_weights(keys)
 
 
 @pytest.fixture(scope="module")

@@ -28,28 +28,13 @@ from segldm.metrics.segmenters.drn import (
     trainid_names,
 )
 from segldm.metrics.segmenters.label_maps import NOT_SCORED, CityscapesTrainIds, apply_label_map
-from segldm.metrics.segmenters.reference_weights import deterministic_weights, read_keys_file, weights_sha256
+from segldm.metrics.segmenters.reference_weights import weights_sha256
 from segldm.storage.checkpoint_files import CheckpointError
 from tests.conftest import CONF, REPO
 
 torch.set_num_threads(1)
 FIXTURE = REPO / "tests" / "fixtures" / "drn_d_105_cityscapes"
 NEAR_TIE = 1e-5  # of max |stride-8 logits|: below this a label may flip with float summation order
-
-
-@pytest.fixture(scope="module")
-def io() -> dict:
-    return torch.load(FIXTURE / "io.pt", weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def keys() -> list[tuple[str, list[int], str]]:
-    return read_keys_file(FIXTURE / "keys.txt")
-
-
-@pytest.fixture(scope="module")
-def weights(keys) -> dict[str, torch.Tensor]:
-    return deterministic_weights(keys)
 
 
 @pytest.fixture(scope="module")

@@ -25,27 +25,12 @@ from segldm.metrics.segmenters.face_parsing import (
     preprocess,
 )
 from segldm.metrics.segmenters.label_maps import LabelSpaceMismatch
-from segldm.metrics.segmenters.reference_weights import deterministic_weights, read_keys_file, weights_sha256
+from segldm.metrics.segmenters.reference_weights import weights_sha256
 from segldm.storage.checkpoint_files import CheckpointError
 from tests.conftest import CONF, REPO
 
 torch.set_num_threads(1)
 FIXTURE = REPO / "tests" / "fixtures" / "unet_celebamask_hq"
-
-
-@pytest.fixture(scope="module")
-def io() -> dict:
-    return torch.load(FIXTURE / "io.pt", weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def keys() -> list[tuple[str, list[int], str]]:
-    return read_keys_file(FIXTURE / "keys.txt")
-
-
-@pytest.fixture(scope="module")
-def weights(keys) -> dict[str, torch.Tensor]:
-    return deterministic_weights(keys)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from segldm.data.synthetic import SyntheticScenes
-from segldm.metrics.segmenters.label_maps import SameIds
 from segldm.metrics.segmenters import image_to_uint8, real_pairs, segment_scores
+from segldm.metrics.segmenters.label_maps import SameIds
 from segldm.metrics.segmenters.trained import SegmenterModule, SegNet, TrainedSegmenter, segmenter_checkpoint
 from segldm.storage.checkpoint_files import CheckpointError, save_checkpoint
 

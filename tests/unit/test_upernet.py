@@ -21,7 +21,6 @@ from omegaconf import OmegaConf
 
 from segldm.metrics.segmenters.reference_weights import (
     deterministic_weights,
-    read_keys_file,
     weights_sha256,
 )
 from segldm.metrics.segmenters.upernet import (
@@ -42,16 +41,6 @@ from tests.conftest import CONF, REPO
 
 torch.set_num_threads(1)
 FIXTURE = REPO / "tests" / "fixtures" / "upernet101_ade20k"
-
-
-@pytest.fixture(scope="module")
-def io() -> dict:
-    return torch.load(FIXTURE / "io.pt", weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def keys() -> list[tuple[str, list[int], str]]:
-    return read_keys_file(FIXTURE / "keys.txt")
 
 
 @pytest.fixture(scope="module")
