@@ -23,8 +23,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 import segldm  # noqa: F401  (config resolvers)
-from segldm.config.progress import tqdm  # plain lines when piped (not \r bars)
 from segldm.config.locations import hydra_config_path
+from segldm.config.progress import tqdm  # plain lines when piped (not \r bars)
 from segldm.config.startup import reports_startup_errors
 from segldm.metrics.segmenters import real_pairs, segment_scores
 from segldm.metrics.segmenters.trained import SegmenterModule, TrainedSegmenter, segmenter_checkpoint
@@ -98,7 +98,9 @@ def train_segmenter(cfg: DictConfig) -> dict[str, Any]:
         every_n_train_steps=int(cfg.checkpoint_every_n_steps),
         enable_version_counter=False,
     )
-    progress = [StepProgressBar(), ProgressLog(float(cfg.get("progress_every_n_seconds", 30)))]
+    progress: list[L.Callback] = [ProgressLog(float(cfg.get("progress_every_n_seconds", 30)))]
+    if cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback with the bar off
+        progress.insert(0, StepProgressBar())
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=[checkpoints, *progress, *tracking_callbacks(loggers)], logger=loggers or False
     )
