@@ -39,6 +39,7 @@ from segldm.tracking.logger import (
     log_run_metadata,
     mlflow_loggers,
     runs_ended,
+    sweep_logger_note,
     tracking_callbacks,
 )
 
@@ -168,6 +169,9 @@ def main(cfg: DictConfig) -> float | None:
     (segldm.sweeps): it returns the recorded objective.
     """
     sweep_job = SweepJob.from_hydra(cfg)
+    note = sweep_logger_note(cfg) if sweep_job is not None else None
+    if note:  # a sweep works with any logger; what it loses without MLflow is said at start-up
+        log.warning("%s", note)
     if sweep_job is not None and (cfg.get("sweep") or {}).get("skip_finished", True):
         record = find_finished(sweep_job, cfg)
         if record is not None:

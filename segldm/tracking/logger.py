@@ -1,14 +1,18 @@
-"""MLflow tracking: logger construction with fail-fast URI checks, and what every run records.
+"""Tracking: logger construction (`logger=mlflow|csv|tensorboard|wandb|none`, docs/loggers.md) with
+fail-fast checks, and what every run records.
 
-A run records the resolved config (params + YAML artifact), the Hydra override string and git
-commit (tags), the output and checkpoint locations (tags), losses and lr per step (Lightning),
-and sample grids (artifacts, from the SampleGridLogger callback).
+Every logger gets the resolved config (params), losses and lr per step (Lightning) and sample grids
+with their step (training/image_logging.py). MLflow runs also get the config YAML (artifact), the
+Hydra override string and git commit (tags), the output and checkpoint locations (tags); an MLflow
+store is checked before training (unreachable server: fail, or local fallback); a logger whose
+optional package is missing fails at start-up naming the `pip install segldm[...]` extra.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import logging
 import subprocess
 import tempfile
@@ -32,6 +36,44 @@ ON_UNAVAILABLE = ("fail", "local")
 
 class TrackingUnavailableError(StartupError, RuntimeError):
     """The configured MLflow tracking server cannot be reached."""
+
+
+class LoggerPackageError(StartupError):
+    """A configured logger's optional package is not installed."""
+
+
+# Lightning logger class -> (the `segldm[...]` extra, the modules any one of which it can use)
+LOGGER_EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "WandbLogger": ("wandb", ("wandb",)),
+    "TensorBoardLogger": ("tensorboard", ("tensorboard", "tensorboardX")),
+}
+
+
+def check_logger_package(name: str, target: str) -> None:
+    """Refuse a logger whose package is missing, naming the extra that installs it."""
+    extra, modules = LOGGER_EXTRAS.get(str(target).rsplit(".", 1)[-1], (None, ()))
+    if extra is None or any(importlib.util.find_spec(m) is not None for m in modules):
+        return
+    raise LoggerPackageError(
+        f"logger.{name} ({target}) needs the {modules[0]} package, which is not installed: "
+        f"pip install 'segldm[{extra}]' (or pip install {modules[0]}), or choose another logger "
+        "(logger=mlflow, logger=csv or logger=none; docs/loggers.md)"
+    )
+
+
+def sweep_logger_note(cfg: DictConfig) -> str | None:
+    """What a multirun loses without MLflow (None when an MLflow logger is configured)."""
+    targets = [
+        str(c.get("_target_", "")) for c in (cfg.get("logger") or {}).values() if isinstance(c, DictConfig)
+    ]
+    if any("MLFlowLogger" in t for t in targets):
+        return None
+    chosen = ",".join(sorted(cfg.get("logger") or {})) or "none"
+    return (
+        f"sweep with logger={chosen}: finished jobs are still skipped and ranked from their marker files, "
+        "but the sweep's MLflow tags and the report's learning curves need MLflow; add it with "
+        f"logger=[mlflow,{chosen}] (docs/loggers.md)"
+    )
 
 
 def create_sqlite_store(uri: str) -> None:
@@ -108,6 +150,7 @@ def build_loggers(cfg: DictConfig, run_id: str | None = None) -> list[Logger]:
         if not isinstance(logger_cfg, DictConfig) or "_target_" not in logger_cfg:
             continue
         kwargs: dict[str, Any] = {}
+        check_logger_package(str(name), str(logger_cfg._target_))
         if "MLFlowLogger" in logger_cfg._target_:
             logger_cfg = OmegaConf.create(OmegaConf.to_container(logger_cfg, resolve=True))
             on_unavailable = logger_cfg.pop("on_unavailable", "fail")
@@ -168,7 +211,7 @@ def tracking_callbacks(loggers: list[Logger]) -> list[L.Callback]:
 
 
 def log_run_metadata(loggers: list[Logger], cfg: DictConfig, overrides: list[str], output_dir: str) -> None:
-    """Params, config YAML, overrides, commit and locations for every MLflow logger."""
+    """Params for every logger; config YAML, overrides, commit and locations for every MLflow logger."""
     container = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers:
         lg.log_hyperparams(_without_hydra(container))

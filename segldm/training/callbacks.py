@@ -1,4 +1,4 @@
-"""Lightning callbacks of segldm: sample grids written to the run folder and to MLflow, and a
+"""Lightning callbacks of segldm: sample grids written to the run folder and to every logger, and a
 progress line in the run's log (visible also when the output is piped to a file)."""
 
 from __future__ import annotations
@@ -12,20 +12,13 @@ import lightning as L
 import torch
 from einops import rearrange
 from lightning.pytorch.callbacks import RichProgressBar
-from lightning.pytorch.loggers import MLFlowLogger
 
 from segldm.data.transforms import collate_samples
 from segldm.pipeline.generation import SamplingSettings, generate
 from segldm.pipeline.visualize import save_grid
+from segldm.training.image_logging import log_image_file
 
 log = logging.getLogger(__name__)
-
-
-def log_artifact(trainer: L.Trainer, path: Path, artifact_path: str) -> None:
-    """Copy a file into the MLflow run (if the run is tracked by MLflow)."""
-    for logger in trainer.loggers:
-        if isinstance(logger, MLFlowLogger):
-            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=artifact_path)
 
 
 class SampleGridLogger(L.Callback):
@@ -96,7 +89,7 @@ class SampleGridLogger(L.Callback):
         out_dir = Path(trainer.default_root_dir) / kind
         path = save_grid(rows, out_dir / f"step{step:07d}.png")
         self.written.append(path)
-        log_artifact(trainer, path, kind)
+        log_image_file(trainer, path, kind, step)  # each logger's image API (training/image_logging.py)
         return path
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
@@ -149,6 +142,7 @@ class ProgressLog(L.Callback):
 def format_seconds(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
 
 class StepProgressBar(RichProgressBar):
     """Lightning's rich bar, counting optimizer steps when training is measured in steps.

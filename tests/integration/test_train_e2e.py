@@ -104,6 +104,8 @@ def test_mlflow_run_read_back_from_another_process(two_stage_run):
     assert {"config", "samples"} <= artifacts
     samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
     assert "samples/step0000004.png" in samples
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]  # log_image: the step slider
+    assert any(p.startswith("images/samples+step+4+") and p.endswith(".png") for p in images), images
     config_yaml = Path(client.download_artifacts(run.info.run_id, "config/config.yaml", str(root)))
     assert "in_channels: 6" in config_yaml.read_text()
 
