@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from segldm.models.attention import scaled_dot_product_attention
+from segldm.models.diffusers_vq import state_dict_from_vq_folder
 from segldm.storage.checkpoint_files import (
     CheckpointError,
     read_checkpoint,
@@ -494,12 +495,20 @@ def load_first_stage_weights(
     """Load first-stage weights from ``path`` into ``module`` strictly.
 
     Accepts a CompVis VQ checkpoint (keys without prefix), a segldm autoencoder Lightning checkpoint
-    (prefix ``vq.``) or an LDM checkpoint (prefix ``first_stage_model.``). Keys starting with ``loss.``
-    (the LPIPS/discriminator, never part of this module) or any ``ignore_keys`` prefix are dropped;
+    (prefix ``vq.``) or an LDM checkpoint (prefix ``first_stage_model.``), as ``.ckpt`` or
+    ``.safetensors``, or a diffusers ``VQModel`` folder (:mod:`segldm.models.diffusers_vq`). Keys
+    starting with ``loss.`` (the LPIPS/discriminator, never part of this module) or any ``ignore_keys``
+    prefix are dropped;
     every other missing/unexpected key or shape mismatch raises :class:`CheckpointError` naming the
     file. On success ``module.loaded_from`` is set to the path (the LDM checks it).
     """
-    state_dict, layout = select_first_stage_keys(read_state_dict(path))
+    if Path(path).is_dir():  # a diffusers VQModel folder (config.json + safetensors weights)
+        state_dict, layout = (
+            state_dict_from_vq_folder(path, module.ddconfig, module.n_embed, module.embed_dim),
+            "diffusers",
+        )
+    else:
+        state_dict, layout = select_first_stage_keys(read_state_dict(path))
     prefixes = ("loss.", *ignore_keys)
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
     problems = state_dict_problems(module.state_dict(), state_dict)

@@ -348,7 +348,7 @@ def validate_config(cfg: DictConfig) -> None:
                 "model.scale_by_std=false to keep your factor"
             )
         ckpt = first.get("ckpt_path")
-        if ckpt is not None and not Path(ckpt).is_file():
+        if ckpt is not None and not Path(ckpt).exists():  # a file, or a diffusers VQModel folder
             problems.append(
                 f"model.first_stage.ckpt_path={ckpt} does not exist. Train a first stage with "
                 "`python -m segldm.train model=autoencoder` (or `make train`), or download CompVis's vq-f4 "

@@ -2,7 +2,9 @@
 
 Checkpoints are read with ``torch.load(weights_only=True)``, which never runs code from the file;
 a file that needs more (pickled Python objects) fails with a message naming it and the opt-in
-(``trust_checkpoint``). Writes go through the one atomic writer (:mod:`segldm.storage.atomic`).
+(``trust_checkpoint``). safetensors files (weights only, :mod:`segldm.storage.safetensors_files`)
+are read wherever a checkpoint is, into the same dict. Writes go through the one atomic writer
+(:mod:`segldm.storage.atomic`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from segldm.errors import MissingFileError, StartupError
 from segldm.storage.atomic import atomic_save
+from segldm.storage.safetensors_files import checkpoint_from, looks_like_safetensors, read_safetensors
 
 EMA_PREFIX = "model_ema."
 TRUST_HELP = (
@@ -106,7 +109,8 @@ def read_checkpoint(
 ) -> dict[str, Any]:
     """The top-level mapping of a checkpoint file, read without running pickled code by default.
 
-    A bare state_dict (a mapping of names to tensors) is returned as ``{"state_dict": it}``.
+    A bare state_dict (a mapping of names to tensors) is returned as ``{"state_dict": it}``; a
+    safetensors file as ``{"state_dict": its tensors, **its segldm metadata}``.
     Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` naming the file and
     ``what`` was expected when it is not a readable torch checkpoint.
     """
@@ -115,6 +119,8 @@ def read_checkpoint(
         raise MissingFileError(f"{what} not found: {path}. {missing_help}".rstrip())
     if not path.is_file():
         raise CheckpointError(f"{what} {path} is not a file")
+    if looks_like_safetensors(path):
+        return read_safetensors_checkpoint(path, what)
     reason = not_a_checkpoint_reason(path)
     if reason:
         raise CheckpointError(f"{what} {path} {reason}")
@@ -141,6 +147,23 @@ def read_checkpoint(
             f"with a 'state_dict' entry); got {type(obj).__name__}"
         )
     return dict(obj)
+
+
+def read_safetensors_checkpoint(path: Path, what: str) -> dict[str, Any]:
+    """A safetensors file as a checkpoint dict: its tensors as ``state_dict``, the ``segldm`` section
+    (kind, config) and step from its metadata (:mod:`segldm.storage.safetensors_files`)."""
+    try:
+        tensors, metadata = read_safetensors(path)
+        checkpoint = checkpoint_from(tensors, metadata)
+    except ModuleNotFoundError:
+        raise
+    except Exception as err:  # safetensors raises its own SafetensorError on truncated or corrupt files
+        raise CheckpointError(
+            f"{what} {path} is not a readable safetensors file (truncated or corrupt?): {err}"
+        ) from err
+    if not tensors:
+        raise CheckpointError(f"{what} {path} is a safetensors file without tensors")
+    return checkpoint
 
 
 def state_dict_of(
