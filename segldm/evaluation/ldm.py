@@ -17,6 +17,7 @@ training run it came from and the card key.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -43,6 +44,7 @@ from segldm.evaluation.published import published_rows
 from segldm.metrics.metric import EvalSet, Metric, MetricContext, MetricResult, flat_values, paired_bootstrap
 from segldm.metrics.segmenters import RealPair
 from segldm.pipeline.generation import SamplingSettings, generate, resolve_device, to_uint8
+from segldm.pipeline.mask_perturbations import LabelSpace, MaskPerturbation
 from segldm.pipeline.masks import Mask, check_mask, size_multiple
 from segldm.pipeline.visualize import save_grid
 from segldm.runtime.loading import ldm_from_checkpoint
@@ -151,6 +153,20 @@ def build_metrics(cfg: DictConfig) -> dict[str, Metric]:
     return metrics
 
 
+def build_mask_perturbation(cfg: DictConfig) -> MaskPerturbation | None:
+    """``eval.mask_perturbation`` (``eval/mask_perturbation=<preset>`` or inline ``_target_``), or None."""
+    spec = cfg.eval.get("mask_perturbation")
+    if spec is None:
+        return None
+    perturbation = instantiate_plain(spec)
+    if not isinstance(perturbation, MaskPerturbation):
+        raise TypeError(
+            f"eval.mask_perturbation: {type(perturbation).__name__} is not a "
+            "segldm.pipeline.mask_perturbations.MaskPerturbation (presets: conf/eval/mask_perturbation/)"
+        )
+    return perturbation
+
+
 def segmenter_choice(cfg: DictConfig) -> str | None:
     """The conf/segmenter option this run composed (None outside a Hydra run)."""
     if HydraConfig.initialized():
@@ -179,8 +195,10 @@ def write_report(out_dir: Path, metrics: Mapping[str, Any], rows: Sequence[tuple
         "",
         *published_lines(card, metrics),
     ]
+    perturbed = metrics.get("mask_perturbation")
     if grid is not None:
-        lines += [f"![rows: mask | generated | real]({grid.name})", ""]
+        rows_text = "mask | perturbed mask | generated | real" if perturbed else "mask | generated | real"
+        lines += [f"![rows: {rows_text}]({grid.name})", ""]
     per_class = metrics.get("per_class") or []
     shown = [r for r in per_class if r["iou_generated"] is not None or r["iou_real"] is not None]
     if per_class:
@@ -214,6 +232,12 @@ def card_lines(card: Mapping[str, Any]) -> list[str]:
         f"N {card['num_samples']}, {card['resolution'][0]}x{card['resolution'][1]} (HxW), {card['image_format'].upper()}, "
         f"card key `{card['card_key']}`"
     )
+    perturbation = card.get("mask_perturbation")
+    if perturbation:
+        lines.append(
+            f"- conditioning masks perturbed: {perturbation['name']} {json.dumps(perturbation['params'])}, seed "
+            f"{perturbation['seed']} (masks_perturbed/); every metric scores against the clean masks (masks/)"
+        )
     for name, metric_card in card["metrics"].items():
         lines.append(f"- {name}: `{json.dumps(metric_card, sort_keys=True, default=str)}`")
     return lines
@@ -305,6 +329,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     condition = model.condition
     for pair in pairs:
         check_mask(Mask(pair.name, pair.labels, f"validation[{pair.index}]", pair.instances), condition, multiple, why)
+    # eval.mask_perturbation: generation is conditioned on perturbed masks, every metric scores the clean ones
+    perturbation = build_mask_perturbation(cfg)
+    conditioning = pairs
+    if perturbation is not None:
+        space = LabelSpace(n_labels, ignore_label)
+        perturbation.check(space)
+        conditioning = [dataclasses.replace(p, labels=perturbation(p.labels, p.index, space)) for p in pairs]
+        for pair in conditioning:
+            source = f"validation[{pair.index}] after eval.mask_perturbation ({perturbation.name})"
+            check_mask(Mask(pair.name, pair.labels, source, pair.instances), condition, multiple, why)
     resolution = list(pairs[0].labels.shape)
     image_format = str(cfg.eval.get("image_format", "png"))
     inception = metrics_by_name.get("inception")
@@ -335,11 +369,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     t0 = time.time()
     seeds = [int(cfg.eval.seed) + p.index for p in pairs]  # the image of validation sample i: seed + i
-    result = generate(model, [condition.sample_input(p.sample()) for p in pairs], seeds, sampling_settings(cfg))
+    result = generate(model, [condition.sample_input(p.sample()) for p in conditioning], seeds, sampling_settings(cfg))
     generated = result.uint8()
     timings["generate"] = time.time() - t0
     masks = [colour_mask(condition, p) for p in pairs]
     generated = write_images(out_dir, pairs, generated, masks, image_format)
+    perturbed_masks = None
+    if perturbation is not None:  # what generation saw, beside the clean masks/ the metrics score against
+        perturbed_masks = [colour_mask(condition, p) for p in conditioning]
+        (out_dir / "masks_perturbed").mkdir(exist_ok=True)
+        for pair, mask in zip(pairs, perturbed_masks, strict=True):
+            Image.fromarray(mask).save(out_dir / "masks_perturbed" / f"{pair.name}.png")
 
     real_images = [p.image for p in pairs] if all(p.image is not None for p in pairs) else None
     images = EvalSet([p.name for p in pairs], generated, [p.labels for p in pairs], real_images, model=model)
@@ -359,7 +399,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     grid_n = min(int(cfg.eval.grid_samples), len(pairs))
     grid = None
     if grid_n and len({p.labels.shape for p in pairs[:grid_n]}) == 1:
-        rows = [masks[:grid_n], generated[:grid_n]] + ([real_images[:grid_n]] if real_images else [])
+        rows = [masks[:grid_n]] + ([perturbed_masks[:grid_n]] if perturbed_masks else [])
+        rows += [generated[:grid_n]] + ([real_images[:grid_n]] if real_images else [])
         grid = save_grid(
             [torch.from_numpy(np.stack(r)).permute(0, 3, 1, 2).float() / 127.5 - 1 for r in rows],
             out_dir / "grid.png",
@@ -382,8 +423,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "unet_evaluations_per_image": result.unet_evaluations / max(1, len(pairs)),
     }
     cards = {name: metric.card() for name, metric in metrics_by_name.items()}
+    perturbation_card = None if perturbation is None else perturbation.card()
+    if perturbation_card is not None and plan.name:
+        plan.deviations.append(
+            f"conditioning masks perturbed ({perturbation_card['name']} {perturbation_card['params']}, seed "
+            f"{perturbation_card['seed']}); metrics score against the clean masks"
+        )
     card = protocol_card(
-        plan, cards, num_samples=len(pairs), resolution=resolution, image_format=image_format, sampler=sampler, seeds=seeds
+        plan,
+        cards,
+        num_samples=len(pairs),
+        resolution=resolution,
+        image_format=image_format,
+        sampler=sampler,
+        seeds=seeds,
+        mask_perturbation=perturbation_card,
     )
     values = flat_values(results)
     metrics: dict[str, Any] = {
@@ -399,6 +453,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "size": data_cfg.get("size"),
         },
         "sampler": sampler,
+        "mask_perturbation": perturbation_card,
         **{key: value for r in results.values() for key, value in r.values.items()},
         **{key: value for r in results.values() for key, value in r.details.items()},
         "bootstrap": intervals,
@@ -437,6 +492,11 @@ def print_summary(metrics: Mapping[str, Any], rows: Sequence[tuple[str, str, str
     lines = [
         f"{metrics['num_samples']} samples ({s['name']} {s['steps']} steps, eta {s['eta']}) from {metrics['checkpoint']}",
         *[f"{label:<16}{value}" + (f" ({reference})" if reference else "") for label, value, reference in rows],
+        *(
+            [f"perturbation:   {metrics['mask_perturbation']['name']} {metrics['mask_perturbation']['params']}"]
+            if metrics.get("mask_perturbation")
+            else []
+        ),
         f"protocol:       {card['protocol'] or 'none'} on {card['dataset']}"
         + ("" if card["comparable"] or not card["protocol"] else f" (not comparable: {'; '.join(card['deviations'])})"),
         f"outputs:        {metrics['output_dir']} (metrics.json, report.md)",

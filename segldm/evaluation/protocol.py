@@ -144,9 +144,10 @@ def protocol_card(
     image_format: str,
     sampler: Mapping[str, Any],
     seeds: Sequence[int],
+    mask_perturbation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything a number depends on: protocol, data, N, resolution, metrics' implementations and
-    weights, sampler, guidance, seeds."""
+    weights, sampler, guidance, seeds, and the perturbation of the conditioning masks (if any)."""
     card = {
         "protocol": plan.name,
         "dataset": plan.dataset,
@@ -160,6 +161,7 @@ def protocol_card(
         "metrics": dict(metric_cards),
         "deviations": list(plan.deviations),
         "comparable": plan.comparable,
+        "mask_perturbation": None if mask_perturbation is None else dict(mask_perturbation),
     }
     card["card_key"] = card_key(card)
     return card
@@ -184,9 +186,12 @@ def without_locations(value: Any) -> Any:
 
 def card_key(card: Mapping[str, Any]) -> str:
     """What two numbers must share to stand in one column: protocol, dataset, N, resolution, format,
-    and every metric's implementation and weights (sampler settings may differ: they are the rows)."""
+    and every metric's implementation and weights (sampler settings may differ: they are the rows), and
+    a perturbation of the conditioning masks (only when there is one: clean cards keep their keys)."""
     fixed = {k: card.get(k) for k in ("protocol", "dataset", "num_samples", "resolution", "image_format")}
     fixed["metrics"] = without_locations(card.get("metrics"))
+    if card.get("mask_perturbation") is not None:
+        fixed["mask_perturbation"] = card["mask_perturbation"]
     return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
