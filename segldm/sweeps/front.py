@@ -145,6 +145,8 @@ def flat(value: Any, prefix: str = "") -> dict[str, Any]:
         for k, v in value.items():
             if k in LOCATION_KEYS and isinstance(v, str | None):
                 continue
+            if k in LOCATION_KEYS and isinstance(v, Mapping):  # of a location mapping only its sha256s count
+                v = {name: digest for name, digest in v.items() if "sha256" in str(name)}
             out |= flat(v, f"{prefix}.{k}" if prefix else str(k))
         return out
     return {prefix: value}
