@@ -189,7 +189,8 @@ def test_eval_end_to_end(root: Path, ldm_ckpt: Path, inception: Path, segmenter_
     assert tags["segldm.source_run_id"] == training.info.run_id and tags["segldm.source_step"] == "3"
     assert runs[0].data.metrics["miou"] == pytest.approx(metrics["miou"])
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
-    assert {"metrics.json", "report.md", "grid.png"} <= artifacts
+    assert {"metrics.json", "report.md", "report.html", "grid.png"} <= artifacts
+    assert "data:image/png;base64," in (out / "report.html").read_text()  # the grid, inside the page
     assert client.get_run(training.info.run_id).data.metrics["eval/miou"] == pytest.approx(metrics["miou"])
     # the added metric: value, bootstrap interval, direction, card, report line, both MLflow runs
     generated = [np.asarray(Image.open(out / "generated" / f"val_0000{i}.png")) for i in range(3)]
