@@ -10,6 +10,7 @@ of the alphas, which differs from segldm's float64 one in the 7th digit.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -239,6 +240,12 @@ def test_export_writes_a_folder_diffusers_loads(exported):
     assert vqvae.config.scaling_factor == 0.5
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert json.loads((out / "segldm.json").read_text())["unet_weights"] == "ema"
+    # the pipeline code travels with the folder and needs only diffusers
+    code = ast.parse((out / "pipeline_segldm.py").read_text())
+    imported = {a.name for n in ast.walk(code) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(code) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not [m for m in imported if m.startswith("segldm")], imported
+    assert (out / "cond_stage" / "pipeline_segldm.py").read_text() == (out / "pipeline_segldm.py").read_text()
 
 
 def segldm_and_diffusers(exported, settings: SamplingSettings, pipe) -> tuple[torch.Tensor, torch.Tensor]:
