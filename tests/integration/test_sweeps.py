@@ -95,6 +95,7 @@ def test_grid_sweep_is_four_tagged_finished_mlflow_runs(grid_sweep):
     check_grid_runs(root, "multiruns/grid")
 
 
+@pytest.mark.slow  # 4 jobs generating and scoring at each validation: ~70 s
 def test_sweep_ranked_by_an_added_in_training_metric(tmp_path):
     """A 2x2 sweep whose objective is a metric added in one class (tests/toy_metric.py) plus a config
     entry: every job generates images for the validation masks at its validations
