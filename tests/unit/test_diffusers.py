@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -44,6 +45,8 @@ from tests.unit.test_compat_compvis import randomize
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# DiffusionPipeline.from_pretrained(trust_remote_code=True) copies the folder's code into this cache
+os.environ.setdefault("HF_MODULES_CACHE", os.path.join(tempfile.gettempdir(), "segldm-tests-hf-modules"))
 try:
     import diffusers
 except ModuleNotFoundError:  # segldm[diffusers] not installed: only the refusals below run
