@@ -356,6 +356,7 @@ def test_folders_that_are_not_the_first_stage_are_named(exported):
         build(out / "vqvae", ch=64)
 
 
+@pytest.mark.slow  # a fresh interpreter with diffusers hidden: ~20 s of imports
 def test_without_diffusers_the_command_names_the_extra(tmp_path):
     """segldm (convert included) imports without diffusers; the diffusers command says what to install."""
     code = (
