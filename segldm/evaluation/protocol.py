@@ -172,13 +172,16 @@ LOCATION_KEYS = ("path", "weights", "source", "real_features_cache")
 
 def without_locations(value: Any) -> Any:
     """A card without file locations (the same weights at another path are the same weights: their
-    sha256 stays)."""
+    sha256 stays): a location key's string is dropped, and of a location mapping only its sha256s stay."""
     if isinstance(value, Mapping):
-        return {
-            k: without_locations(v)
-            for k, v in value.items()
-            if not (k in LOCATION_KEYS and isinstance(v, str | None))
-        }
+        out = {}
+        for k, v in value.items():
+            if k in LOCATION_KEYS and isinstance(v, str | None):
+                continue
+            if k in LOCATION_KEYS and isinstance(v, Mapping):
+                v = {name: digest for name, digest in v.items() if "sha256" in str(name)}
+            out[k] = without_locations(v)
+        return out
     if isinstance(value, list):
         return [without_locations(v) for v in value]
     return value

@@ -181,3 +181,27 @@ def test_report_places_a_comparable_row_beside_its_protocols_rows_only() -> None
     assert "SPADE |" not in lines  # SPADE's own-protocol row is not in OASIS's column
     card["comparable"] = False
     assert "not shown" in "\n".join(published_lines(card, {"fid": 30.25, "miou": 0.4512}))
+
+
+def test_card_key_keeps_only_the_sha256s_of_a_location_mapping() -> None:
+    from segldm.evaluation.protocol import without_locations
+
+    card = {
+        "segmenter": {
+            "weights": {"encoder": "/a/enc.pth", "decoder": "/a/dec.pth"},
+            "weights_sha256": {"encoder": "e"},
+        }
+    }
+    moved = {
+        "segmenter": {
+            "weights": {"encoder": "/b/enc.pth", "decoder": "/b/dec.pth"},
+            "weights_sha256": {"encoder": "e"},
+        }
+    }
+    assert (
+        without_locations(card)
+        == without_locations(moved)
+        == {"segmenter": {"weights": {}, "weights_sha256": {"encoder": "e"}}}
+    )
+    inception = {"weights": {"path": "/a/w.pth", "source": "hub", "sha256": "abc"}}
+    assert without_locations(inception) == {"weights": {"sha256": "abc"}}
