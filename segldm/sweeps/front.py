@@ -195,10 +195,6 @@ def varying_overrides(runs: Sequence[EvalRun]) -> list[str]:
     return [k for k in keys if len({run.overrides.get(k) for run in runs}) > 1]
 
 
-def run_label(run: EvalRun, keys: Sequence[str]) -> str:
-    return ", ".join(f"{k.rsplit('.', 1)[-1]}={run.overrides.get(k, '-')}" for k in keys) or run.name
-
-
 def value_text(run: EvalRun, key: str, digits: int) -> str:
     value, interval = run.value(key), run.interval(key)
     if value is None:
@@ -219,7 +215,8 @@ def plot_front(
     path: Path,
     title: str,
 ) -> Path:
-    """x against y with bootstrap intervals as error bars; Pareto points starred and joined."""
+    """x against y with bootstrap intervals as error bars; Pareto points starred and joined; each point
+    labelled with its job, whose swept settings are listed beside the plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,7 +224,7 @@ def plot_front(
 
     x_key, y_key = keys
     labels_keys = varying_overrides(runs)
-    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    fig, ax = plt.subplots(figsize=(10, 5.6))
     for run, best in zip(runs, on_front, strict=True):
         x, y = run.value(x_key), run.value(y_key)
         if x is None or y is None:
@@ -247,9 +244,7 @@ def plot_front(
             elinewidth=0.8,
             capsize=2,
         )
-        ax.annotate(
-            run_label(run, labels_keys), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7
-        )
+        ax.annotate(run.name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     front = sorted(
         (run.value(x_key), run.value(y_key)) for run, best in zip(runs, on_front, strict=True) if best
     )
@@ -260,7 +255,13 @@ def plot_front(
     ax.set_ylabel(axis_label(y_key, directions[1]))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    legend = [
+        f"{'*' if best else ' '}{run.name:>3}: {', '.join(run.overrides.get(k, '-') for k in labels_keys)}"
+        for run, best in zip(runs, on_front, strict=True)
+    ]
+    heading = "job: " + ", ".join(k.rsplit(".", 1)[-1] for k in labels_keys)
+    fig.text(0.74, 0.95, "\n".join([heading, *legend]), va="top", ha="left", fontsize=7, family="monospace")
+    fig.tight_layout(rect=(0, 0, 0.73, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
