@@ -4,7 +4,9 @@ A sampler takes the noise predictor ``model_fn(x, t) -> eps``, the initial noise
 schedule's ``alphas_cumprod``, and returns ``(x_0, intermediates)``. With ``generators`` (one per
 sample) every random draw of sample i comes from generator i, so an image does not depend on its
 batch. Adding a sampler is one class here with ``@register("name")``: the LightningModule,
-``segldm.sample``, ``segldm.eval`` and the start-up checks find it by name.
+``segldm.sample``, ``segldm.eval`` and the start-up checks find it by name. Names starting with
+``diffusers:`` are diffusers' schedulers (``diffusers:UniPCMultistepScheduler``, options in the name:
+segldm.diffusion.diffusers_samplers, which needs ``pip install 'segldm[diffusers]'``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from segldm.diffusion.dpm_solver import TIMESTEP_SPACINGS, dpm_solver_pp_2m, dpm
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS: dict[str, type[Sampler]] = {}
+DIFFUSERS_PREFIX = "diffusers:"  # diffusers:<SchedulerClass>(options): segldm.diffusion.diffusers_samplers
 
 
 def register(name: str) -> Callable[[type[Sampler]], type[Sampler]]:
@@ -117,9 +120,30 @@ SAMPLER_NAMES = tuple(SAMPLERS)
 
 
 def make_sampler(name: str, steps: int, eta: float, **options: Any) -> Sampler:
-    """The registered sampler ``name`` (ValueError listing the names when unknown)."""
+    """The registered sampler ``name``, or a ``diffusers:`` one (ValueError listing the names when unknown).
+
+    ``options`` are the settings of any sampler (``spacing``, ``ddim_discretization``, the model's
+    ``schedule``, a ``diffusers:`` sampler's ``options``); each sampler takes those it has.
+    """
+    if name.startswith(DIFFUSERS_PREFIX):
+        from segldm.diffusion.diffusers_samplers import diffusers_sampler
+
+        return diffusers_sampler(name, steps, eta, **options)
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; expected one of {list(SAMPLERS)}")
+        raise ValueError(
+            f"unknown sampler {name!r}; expected one of {list(SAMPLERS)} or {DIFFUSERS_PREFIX}<SchedulerClass>"
+        )
     cls = SAMPLERS[name]
     known = {k: v for k, v in options.items() if k in cls.__dataclass_fields__}
     return cls(steps=int(steps), eta=float(eta), **known)
+
+
+def sampler_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a sampler (for start-up checks, before a model exists), or None."""
+    if name.startswith(DIFFUSERS_PREFIX):
+        from segldm.diffusion.diffusers_samplers import sampler_name_problem as diffusers_problem
+
+        return diffusers_problem(name)
+    if name not in SAMPLERS:
+        return f"is not a sampler; use one of {list(SAMPLERS)} or {DIFFUSERS_PREFIX}<SchedulerClass> (docs/diffusers.md)"
+    return None

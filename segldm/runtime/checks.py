@@ -20,7 +20,7 @@ from segldm.config.shapes import check_shapes
 from segldm.diffusion.ddim import check_ddim_steps
 from segldm.diffusion.guidance import check_guidance_scale
 from segldm.diffusion.objectives import objective_problems, zero_terminal_snr_problems
-from segldm.diffusion.samplers import SAMPLER_NAMES
+from segldm.diffusion.samplers import sampler_name_problem
 from segldm.errors import StartupError
 from segldm.models.discriminator import min_input_size
 from segldm.models.first_stage_loss import GAN_LOSSES
@@ -324,10 +324,9 @@ def validate_config(cfg: DictConfig) -> None:
         sampler = model.get("sampler", {})
         if sampler.get("steps", 1) <= 0:
             problems.append(f"model.sampler.steps={sampler.get('steps')} must be positive")
-        if sampler.get("name", "ddim") not in SAMPLER_NAMES:
-            problems.append(
-                f"model.sampler.name={sampler.get('name')!r} is not a sampler; use one of {list(SAMPLER_NAMES)}"
-            )
+        name_problem = sampler_name_problem(str(sampler.get("name", "ddim")))
+        if name_problem:
+            problems.append(f"model.sampler.name={sampler.get('name')!r} {name_problem}")
         problems += _sampler_step_problems(cfg)
         problems += _guidance_problems(cfg)
         problems += _objective_problems(model)

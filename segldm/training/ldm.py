@@ -151,6 +151,7 @@ class LatentDiffusion(Sampling, L.LightningModule):
                 "Set model.require_pretrained_first_stage=false only for smoke tests."
             )
         self.num_timesteps = int(diffusion.timesteps)
+        self.diffusion_settings = dict(vars(diffusion))  # model.diffusion: diffusers: samplers rebuild the schedule
         self.loss_type = diffusion.loss_type
         self.parameterization = diffusion.parameterization
         self.loss_weighting = diffusion.loss_weighting

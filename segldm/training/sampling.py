@@ -94,6 +94,7 @@ class Sampling:
             float(defaults["eta"] if eta is None else eta),
             spacing=defaults.get("spacing", "logsnr"),
             ddim_discretization=defaults.get("ddim_discretization", "uniform"),
+            schedule=getattr(self, "diffusion_settings", None),  # diffusers: samplers build their scheduler from it
         )
 
     def check_sampler_settings(
