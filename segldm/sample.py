@@ -82,6 +82,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     resolution = model_resolution(model)
     masks = [fit_mask(m, str(cfg.get("resize", "model")), resolution, multiple) for m in source]
     settings = SamplingSettings(
+        sampler=cfg.get("sampler"),
         steps=None if cfg.steps is None else int(cfg.steps),
         eta=None if cfg.eta is None else float(cfg.eta),
         use_ema=bool(cfg.use_ema),
@@ -90,7 +91,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     )
     model.check_sampler_settings(
         settings.steps,
-        None,
+        settings.sampler,
         "steps",
         settings.guidance_scale,
         "guidance_scale",
@@ -122,6 +123,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     manifest = {
         "ckpt": str(cfg.ckpt),
         "compvis_config": cfg.get("compvis_config"),
+        "sampler": settings.sampler or model.sampler_defaults.get("name", "ddim"),
         "steps": settings.steps if settings.steps is not None else model.sampler_defaults["steps"],
         "eta": settings.eta if settings.eta is not None else model.sampler_defaults["eta"],
         "use_ema": bool(cfg.use_ema and model.use_ema),

@@ -322,3 +322,35 @@ def test_generate_with_a_diffusers_sampler_is_the_exported_pipeline_with_that_sc
     # images (measured 2.4e-7): the decoder's quantization could flip a code on a tie (docs/diffusers.md)
     ours = (torch.stack(got.images) + 1) / 2  # segldm's images are in [-1, 1], the pipeline's in [0, 1]
     assert (ours - run_pipe("pt")).abs().max() <= 1e-4
+
+
+def test_segldm_sample_takes_a_diffusers_sampler_with_options(tiny_ldm, tmp_path) -> None:
+    """``segldm.sample sampler='diffusers:...(...)'`` (Hydra needs the quotes for the parentheses)."""
+    import json
+
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+    from PIL import Image
+
+    from segldm.sample import sample
+    from tests.conftest import CONF
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for i in range(2):
+        labels = np.random.default_rng(i).integers(0, int(tiny_ldm["n_labels"]), (32, 32)).astype(np.uint8)
+        Image.fromarray(labels, mode="L").save(masks / f"m{i}.png")
+    spec = "diffusers:DPMSolverMultistepScheduler(algorithm_type=sde-dpmsolver++,use_karras_sigmas=true)"
+    overrides = [
+        f"ckpt={tiny_ldm['folder'] / 'ldm.ckpt'}",
+        f"masks={masks}",
+        f"out_dir={tmp_path / 'out'}",
+        f"sampler='{spec}'",
+        f"steps={STEPS}",
+    ]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="sample", overrides=overrides)
+    result = sample(cfg)
+    manifest = json.loads((result["out_dir"] / "manifest.json").read_text())
+    assert manifest["sampler"] == spec and result["count"] == 2
+    assert (result["out_dir"] / "samples" / "m1.png").is_file()
