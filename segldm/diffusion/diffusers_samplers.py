@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from segldm.diffusion.diffusers_schedule import SCHEDULE_KEYS, ddim_scheduler_config
-from segldm.diffusion.samplers import DIFFUSERS_PREFIX, ModelFn, Sampler
+from segldm.diffusion.samplers import DIFFUSERS_PREFIX, ModelFn, Sampler, SamplerFamily, register_family
 from segldm.diffusion.schedule import make_beta_schedule, rescale_zero_terminal_snr
 
 INSTALL_HELP = (
@@ -384,3 +384,6 @@ __all__ = [
     "sampler_name_problem",
     "supported_schedulers",
 ]
+
+
+register_family(DIFFUSERS_PREFIX, SamplerFamily(build=diffusers_sampler, problem=sampler_name_problem))

@@ -119,6 +119,22 @@ class DPMSolverPPSDE(DPMSolverPP):
 SAMPLER_NAMES = tuple(SAMPLERS)
 
 
+@dataclass(frozen=True)
+class SamplerFamily:
+    """Samplers named by a prefix (``diffusers:<SchedulerClass>``): how to build one and why a name is
+    not one. Registered by the module that implements them (imported by ``segldm.diffusion``)."""
+
+    build: Callable[..., Sampler]
+    problem: Callable[[str], str | None]
+
+
+FAMILIES: dict[str, SamplerFamily] = {}
+
+
+def register_family(prefix: str, family: SamplerFamily) -> None:
+    FAMILIES[prefix] = family
+
+
 def make_sampler(name: str, steps: int, eta: float, **options: Any) -> Sampler:
     """The registered sampler ``name``, or a ``diffusers:`` one (ValueError listing the names when unknown).
 
@@ -126,9 +142,7 @@ def make_sampler(name: str, steps: int, eta: float, **options: Any) -> Sampler:
     ``schedule``, a ``diffusers:`` sampler's ``options``); each sampler takes those it has.
     """
     if name.startswith(DIFFUSERS_PREFIX):
-        from segldm.diffusion.diffusers_samplers import diffusers_sampler
-
-        return diffusers_sampler(name, steps, eta, **options)
+        return FAMILIES[DIFFUSERS_PREFIX].build(name, steps, eta, **options)
     if name not in SAMPLERS:
         raise ValueError(
             f"unknown sampler {name!r}; expected one of {list(SAMPLERS)} or {DIFFUSERS_PREFIX}<SchedulerClass>"
@@ -141,9 +155,7 @@ def make_sampler(name: str, steps: int, eta: float, **options: Any) -> Sampler:
 def sampler_name_problem(name: str) -> str | None:
     """Why ``name`` is not a sampler (for start-up checks, before a model exists), or None."""
     if name.startswith(DIFFUSERS_PREFIX):
-        from segldm.diffusion.diffusers_samplers import sampler_name_problem as diffusers_problem
-
-        return diffusers_problem(name)
+        return FAMILIES[DIFFUSERS_PREFIX].problem(name)
     if name not in SAMPLERS:
         return f"is not a sampler; use one of {list(SAMPLERS)} or {DIFFUSERS_PREFIX}<SchedulerClass> (docs/diffusers.md)"
     return None
