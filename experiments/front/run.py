@@ -113,7 +113,7 @@ def main() -> None:
         f"{first['num_samples']} built-in validation scenes ({first['data']['size']} px), seeds "
         f"{first['protocol_card']['seed_range']} (the same for every run), EMA, DDIM with eta 0. FID: torch-fidelity "
         "Inception (offline weights, `make fid-weights`); mIoU: the trained SegNet (`make train-segmenter`; real "
-        f"images: {first['miou_real']:.3f}). Machine: {cpu_model()}, OMP_NUM_THREADS=1; "
+        f"images: {first['miou_real']:.3f}). Machine: {cpu_model()}, OMP_NUM_THREADS=1 (2 cores shared with other jobs); "
         f"{seconds / 60:.1f} min of evaluation in all"
         + (f" ({took / 60:.1f} min wall for the multirun)." if took else "."),
         "",
