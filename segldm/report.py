@@ -14,8 +14,7 @@ from segldm.sweeps import front, report
 def main(argv: Sequence[str] | None = None) -> int:
     """An eval multirun (job folders with metrics.json) gets the front; anything else the sweep report."""
     args = list(sys.argv[1:] if argv is None else argv)
-    target = next((a for a in args if not a.startswith("-")), None)
-    if target is not None and front.is_eval_multirun(Path(target)):
+    if any(front.is_eval_multirun(Path(a)) for a in args if not a.startswith("-")):
         return front.main(args)
     return report.main(args)
 
