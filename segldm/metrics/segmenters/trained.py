@@ -17,9 +17,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from segldm.metrics.fid import file_sha256
-from segldm.metrics.miou import ConfusionMatrix
 from segldm.metrics.segmenters.label_maps import LabelMap, SameIds
 from segldm.storage.checkpoint_files import (
     CheckpointError,
@@ -95,7 +95,13 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = 4) -> tuple[torch.Tensor, t
 
 
 class SegmenterModule(L.LightningModule):
-    """Cross-entropy training of :class:`SegNet` (ignore label honoured), val mIoU on the whole split."""
+    """Cross-entropy training of :class:`SegNet` (ignore label honoured), val mIoU on the whole split.
+
+    The validation scores accumulate in torchmetrics' ``MulticlassJaccardIndex`` / ``MulticlassAccuracy``
+    (one summed confusion matrix, synchronised across DDP processes at epoch end), which equal
+    :func:`segldm.metrics.miou.scores_from_confusion` on the same pixels: classes absent from both
+    prediction and target are left out of the mean, ignored pixels are not counted.
+    """
 
     def __init__(
         self,
@@ -114,7 +120,7 @@ class SegmenterModule(L.LightningModule):
         self.ignore_label = ignore_label
         self.class_names = list(class_names or [])
         self.segldm_config: dict[str, Any] | None = None
-        self._val_cm: ConfusionMatrix | None = None
+        self.val_miou, self.val_pixel_accuracy = validation_metrics(net.n_classes, ignore_label)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, (height, width) = pad_to_multiple(x)
@@ -137,21 +143,16 @@ class SegmenterModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_validation_epoch_start(self) -> None:
-        self._val_cm = ConfusionMatrix(self.net.n_classes, self.ignore_label)
-
     def validation_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> None:
-        if batch is None or self._val_cm is None:
+        if batch is None:
             return
         image, target = self._inputs(batch)
-        self._val_cm.update(self(image).argmax(1), target)
-
-    def on_validation_epoch_end(self) -> None:
-        if self._val_cm is None or self._val_cm.matrix.sum() == 0:
-            return
-        scores = self._val_cm.compute()
-        self.log("val/miou", scores.miou, prog_bar=True)
-        self.log("val/pixel_accuracy", scores.pixel_accuracy)
+        prediction = self(image).argmax(1)
+        self.val_miou.update(prediction, target)
+        self.val_pixel_accuracy.update(prediction, target)
+        # logged as metric objects: Lightning computes (and DDP-syncs) them once at the epoch's end
+        self.log("val/miou", self.val_miou, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/pixel_accuracy", self.val_pixel_accuracy, on_step=False, on_epoch=True)
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -163,6 +164,17 @@ class SegmenterModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["segldm"] = {"kind": KIND, "config": self.segldm_config}
+
+
+def validation_metrics(
+    n_classes: int, ignore_label: int | None = None
+) -> tuple[MulticlassJaccardIndex, MulticlassAccuracy]:
+    """Summed-confusion mIoU and pixel accuracy as DDP-safe torchmetrics accumulators."""
+    options: dict[str, Any] = {"num_classes": n_classes, "ignore_index": ignore_label, "validate_args": False}
+    return (
+        MulticlassJaccardIndex(average="macro", **options),
+        MulticlassAccuracy(average="micro", multidim_average="global", **options),
+    )
 
 
 def net_config(net: SegNet) -> dict[str, Any]:
