@@ -43,7 +43,7 @@ def multirun_command(samples: int) -> list[str]:
         "eval.eta=0.0",  # DDIM deterministic at every step count (DPM-Solver++ takes no eta)
         f"segmenter.ckpt={SEGMENTER.relative_to(ROOT)}",
         "logger=none",
-        "+metrics.inception.first_stage_rfid=false",  # the rFID ceiling: a third of Inception's time, not shown here
+        "metrics.inception.first_stage_rfid=false",  # the rFID ceiling: a third of Inception's time, not shown here
         *(f"{key}={values}" for key, values in GRID.items()),
         f"hydra.sweep.dir={SWEEP.relative_to(ROOT)}",
     ]

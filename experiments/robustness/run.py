@@ -64,7 +64,7 @@ def eval_command(folder: Path, overrides: list[str], samples: int) -> list[str]:
         "eval.batch_size=32",
         f"segmenter.ckpt={SEGMENTER.relative_to(ROOT)}",
         "logger=none",
-        "+metrics.inception.first_stage_rfid=false",  # the rFID ceiling: a third of Inception's time, not shown here
+        "metrics.inception.first_stage_rfid=false",  # the rFID ceiling: a third of Inception's time, not shown here
         f"hydra.run.dir={folder.relative_to(ROOT)}",
         *overrides,
     ]

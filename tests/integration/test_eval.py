@@ -432,7 +432,7 @@ def test_pytorch_fid_implementation_equals_its_own_command_on_the_written_folder
         "eval.steps=2",
         "eval.fid.implementation=pytorch-fid",
         f"eval.fid.weights_path={weights}",
-        "+metrics.inception.first_stage_rfid=false",
+        "metrics.inception.first_stage_rfid=false",
         f"segmenter.ckpt={segmenter_run['ckpt']}",
         "eval.bootstrap.draws=10",
         f"hydra.run.dir={out}",
