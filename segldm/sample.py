@@ -120,16 +120,17 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         Image.fromarray(to_uint8(image[None])[0]).save(out_dir / "samples" / f"{mask.name}.png")
         Image.fromarray(to_uint8(conditions[-1][None])[0]).save(out_dir / "conditions" / f"{mask.name}.png")
     grid = save_grid_rows(conditions, generated.images, out_dir / "grid.png")
+    used = model.sampler_settings.override(
+        settings.sampler, settings.steps, settings.eta, settings.guidance_scale
+    )
     manifest = {
         "ckpt": str(cfg.ckpt),
         "compvis_config": cfg.get("compvis_config"),
-        "sampler": settings.sampler or model.sampler_defaults.get("name", "ddim"),
-        "steps": settings.steps if settings.steps is not None else model.sampler_defaults["steps"],
-        "eta": settings.eta if settings.eta is not None else model.sampler_defaults["eta"],
+        "sampler": used.name,
+        "steps": used.steps,
+        "eta": used.eta,
         "use_ema": bool(cfg.use_ema and model.use_ema),
-        "guidance_scale": settings.guidance_scale
-        if settings.guidance_scale is not None
-        else model.sampler_defaults.get("guidance_scale", 1.0),
+        "guidance_scale": used.guidance_scale,
         "samples": [
             {"name": m.name, "source": m.source, "seed": s} for m, s in zip(masks, seeds, strict=True)
         ],

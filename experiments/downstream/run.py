@@ -92,16 +92,16 @@ def build_dataset(train_masks: int, val: int, batch_size: int) -> dict:
         print(
             f"generated {start + len(pairs)}/{train_masks} ({time.monotonic() - started:.0f} s)", flush=True
         )
-    defaults = model.sampler_defaults
+    defaults = model.sampler_settings
     info = {
         "train_masks": train_masks,
         "val": val,
         "generate_seconds": round(time.monotonic() - started, 1),
         "sampler": {
-            "name": defaults.get("name", "ddim"),
-            "steps": defaults.get("steps"),
-            "eta": defaults.get("eta"),
-            "guidance_scale": defaults.get("guidance_scale", 1.0),
+            "name": defaults.name,
+            "steps": defaults.steps,
+            "eta": defaults.eta,
+            "guidance_scale": defaults.guidance_scale,
             "use_ema": True,
         },
     }

@@ -39,7 +39,14 @@ import torch
 from tqdm.auto import tqdm
 
 from segldm.diffusion.diffusers_schedule import SCHEDULE_KEYS, ddim_scheduler_config
-from segldm.diffusion.samplers import DIFFUSERS_PREFIX, ModelFn, Sampler, SamplerFamily, register_family
+from segldm.diffusion.samplers import (
+    DIFFUSERS_PREFIX,
+    ModelFn,
+    Sampler,
+    SamplerFamily,
+    register_family,
+    zero_terminal_snr_samplers,
+)
 from segldm.diffusion.schedule import make_beta_schedule, rescale_zero_terminal_snr
 
 INSTALL_HELP = (
@@ -217,6 +224,8 @@ class DiffusersSampler(Sampler):
     options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     schedule: Mapping[str, Any] | None = field(default=None, hash=False, compare=False)
     name: ClassVar[str] = "diffusers"
+    # diffusers' schedulers divide by the SNR at t = T - 1 (or start below it): refused in :meth:`sample`
+    supports_zero_terminal_snr: ClassVar[bool] = False
 
     @property
     def spec(self) -> str:
@@ -261,9 +270,10 @@ class DiffusersSampler(Sampler):
         generators: Sequence[torch.Generator] | None = None,
         progress: bool = False,
     ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-        if bool(alphas_cumprod[-1] == 0):
+        if bool(alphas_cumprod[-1] == 0) and not self.supports_zero_terminal_snr:
             raise ValueError(
-                f"sampler {self.spec}: the schedule has zero terminal SNR, which only segldm's ddim sampler samples"
+                f"sampler {self.spec}: the schedule has zero terminal SNR, which only segldm's "
+                f"{' and '.join(zero_terminal_snr_samplers())} sampler samples"
             )
         scheduler = self.make_scheduler(alphas_cumprod)
         check_same_schedule(scheduler, alphas_cumprod, self.spec)
@@ -386,4 +396,12 @@ __all__ = [
 ]
 
 
-register_family(DIFFUSERS_PREFIX, SamplerFamily(build=diffusers_sampler, problem=sampler_name_problem))
+register_family(
+    DIFFUSERS_PREFIX,
+    SamplerFamily(
+        build=diffusers_sampler,
+        problem=sampler_name_problem,
+        sampler_type=DiffusersSampler,
+        settings=("options",),
+    ),
+)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from segldm.diffusion.samplers import sampler_type, zero_terminal_snr_samplers
+
 PARAMETERIZATIONS = ("eps", "x0", "v")
 LOSS_WEIGHTINGS = ("none", "min_snr")
 
@@ -78,7 +80,8 @@ def x0_from_prediction(
 
 def zero_terminal_snr_problems(zero_terminal_snr: bool, parameterization: str, sampler: str) -> list[str]:
     """A zero-terminal-SNR schedule needs a model that predicts v or x0 and a sampler that starts at
-    t = T - 1 without dividing by the SNR there (DDIM)."""
+    t = T - 1 without dividing by the SNR there (``Sampler.supports_zero_terminal_snr``: DDIM). An
+    unknown sampler name is the name check's to report."""
     if not zero_terminal_snr:
         return []
     problems = []
@@ -88,10 +91,12 @@ def zero_terminal_snr_problems(zero_terminal_snr: bool, parameterization: str, s
             "is pure noise, so predicting the noise says nothing about the image (Lin et al. 2024); set "
             "model.diffusion.parameterization=v (or x0)"
         )
-    if sampler != "ddim":
+    sampler_class = sampler_type(sampler)
+    if sampler_class is not None and not sampler_class.supports_zero_terminal_snr:
+        able = " or ".join(f"model.sampler.name={name}" for name in zero_terminal_snr_samplers())
         problems.append(
             f"model.diffusion.zero_terminal_snr=true with model.sampler.name={sampler}: its log-SNR is -inf at "
-            "the last timestep; use model.sampler.name=ddim (with model.sampler.ddim_discretization=trailing)"
+            f"the last timestep; use {able} (with model.sampler.ddim_discretization=trailing)"
         )
     return problems
 

@@ -406,17 +406,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             out_dir / "grid.png",
         )
 
-    defaults = model.sampler_defaults
+    used = model.sampler_settings.override(
+        cfg.eval.sampler, cfg.eval.steps, cfg.eval.eta, cfg.eval.get("guidance_scale")
+    )
     sampler = {
-        "name": cfg.eval.sampler or defaults.get("name", "ddim"),
-        "steps": int(cfg.eval.steps if cfg.eval.steps is not None else defaults["steps"]),
-        "eta": float(cfg.eval.eta if cfg.eval.eta is not None else defaults["eta"]),
+        "name": used.name,
+        "steps": used.steps,
+        "eta": used.eta,
         "use_ema": bool(cfg.eval.use_ema and model.use_ema),
-        "guidance_scale": float(
-            cfg.eval.get("guidance_scale")
-            if cfg.eval.get("guidance_scale") is not None
-            else defaults.get("guidance_scale", 1.0)
-        ),
+        "guidance_scale": used.guidance_scale,
         "seed": int(cfg.eval.seed),
         "batch_size": int(cfg.eval.batch_size),
         # counted, not assumed: logSNR spacing merges steps, guidance doubles calls

@@ -17,10 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from segldm.condition import LabelCondition, as_condition
 from segldm.config.resolvers import downsample_factor
 from segldm.config.shapes import check_shapes
-from segldm.diffusion.ddim import check_ddim_steps
 from segldm.diffusion.guidance import check_guidance_scale
 from segldm.diffusion.objectives import objective_problems, zero_terminal_snr_problems
-from segldm.diffusion.samplers import sampler_name_problem
+from segldm.diffusion.samplers import SamplerSettings, sampler_name_problem
 from segldm.errors import StartupError
 from segldm.models.discriminator import min_input_size
 from segldm.models.first_stage_loss import GAN_LOSSES
@@ -113,34 +112,47 @@ def _reliability_problems(cfg: DictConfig, problems: list[str]) -> None:
 
 
 def _sampler_step_problems(cfg: DictConfig) -> list[str]:
-    """DDIM step counts that CompVis's +1 shift puts out of range, for the model's sampler and the grids."""
+    """``model.sampler``'s keys, and the step counts of the model's sampler, the sample grids and the
+    in-training metrics, each checked by the sampler that runs it (DDIM: CompVis's +1 shift keeps t
+    inside the schedule) with the sampler's options (spacing, discretization)."""
     model = cfg.model
-    sampler = model.get("sampler") or {}
-    counts = {}
-    if sampler.get("name", "ddim") == "ddim":
-        counts["model.sampler.steps"] = sampler.get("steps", 200)
-        grid = OmegaConf.select(cfg, "callbacks.sample_grid", default=None)
-        if isinstance(grid, DictConfig) and grid.get("ddim_steps") is not None:
-            counts["callbacks.sample_grid.ddim_steps"] = grid.ddim_steps
+    try:
+        settings = SamplerSettings.from_config(plain(model.get("sampler")))
+    except ValueError as err:
+        return [str(err)]
+    runs = {"model.sampler.steps": (settings.name, settings.steps)}
+    grid = OmegaConf.select(cfg, "callbacks.sample_grid", default=None)
+    if isinstance(grid, DictConfig) and grid.get("ddim_steps") is not None:  # the grids use model.sampler
+        runs["callbacks.sample_grid.ddim_steps"] = (settings.name, grid.ddim_steps)
     metrics = OmegaConf.select(cfg, "callbacks.generation_metrics", default=None)
     metrics_on = isinstance(metrics, DictConfig) and int(metrics.get("every_n_steps") or 0) > 0
-    metrics_sampler = (metrics.get("sampler") if metrics_on else None) or sampler.get("name", "ddim")
-    if metrics_on and metrics_sampler == "ddim" and metrics.get("steps") is not None:
-        counts["callbacks.generation_metrics.steps"] = metrics.steps
-    problems = []
-    for key, steps in counts.items():
-        if int(steps) <= 0:
-            continue  # reported as "must be positive"
+    if metrics_on and metrics.get("steps") is not None:
+        runs["callbacks.generation_metrics.steps"] = (metrics.get("sampler") or settings.name, metrics.steps)
+    schedule = plain(model.get("diffusion"))  # diffusers: samplers build their scheduler from it
+    problems: list[str] = []
+    for key, (name, steps) in runs.items():
+        if int(steps) <= 0 or sampler_name_problem(str(name)):
+            continue  # reported as "must be positive" / "is not a sampler"
         try:
-            check_ddim_steps(
-                int(steps),
-                int(diffusion_option(model, "timesteps")),
-                key,
-                str(sampler.get("ddim_discretization", "uniform")),
+            settings.override(name=name, steps=int(steps)).build(schedule).check(
+                int(diffusion_option(model, "timesteps")), key
             )
-        except ValueError as err:
-            problems.append(str(err))
+        except (ValueError, ModuleNotFoundError) as err:
+            if str(err) not in problems:  # a bad option is the same problem at every key
+                problems.append(str(err))
     return problems
+
+
+def plain(node: Any) -> dict[str, Any]:
+    """A config node as a plain dict (interpolations resolved; None: empty)."""
+    if isinstance(node, DictConfig):
+        return dict(OmegaConf.to_container(node, resolve=True))
+    return dict(node or {})
+
+
+def sampler_option(model: DictConfig, name: str) -> Any:
+    """model.sampler.<name>, or SamplerSettings' default where the config leaves it out."""
+    return OmegaConf.select(model, f"sampler.{name}", default=getattr(SamplerSettings(), name))
 
 
 def diffusion_option(model: DictConfig, name: str) -> Any:
@@ -150,7 +162,7 @@ def diffusion_option(model: DictConfig, name: str) -> Any:
 
 def _objective_problems(model: DictConfig) -> list[str]:
     """Parameterization and loss weighting the code knows, a positive min-SNR gamma, and what a
-    zero-terminal-SNR schedule needs (v or x0, DDIM)."""
+    zero-terminal-SNR schedule needs (v or x0, a sampler that supports it)."""
     return objective_problems(
         diffusion_option(model, "parameterization"),
         diffusion_option(model, "loss_weighting"),
@@ -158,7 +170,7 @@ def _objective_problems(model: DictConfig) -> list[str]:
     ) + zero_terminal_snr_problems(
         bool(diffusion_option(model, "zero_terminal_snr")),
         diffusion_option(model, "parameterization"),
-        str(OmegaConf.select(model, "sampler.name", default="ddim")),
+        str(sampler_option(model, "name")),
     )
 
 
@@ -168,7 +180,7 @@ def _guidance_problems(cfg: DictConfig) -> list[str]:
     drop = float(diffusion_option(model, "cond_drop_prob"))
     if not 0.0 <= drop < 1.0:
         problems.append(f"model.diffusion.cond_drop_prob={drop} must be in [0, 1) (0: no condition dropout)")
-    scales = {"model.sampler.guidance_scale": (model.get("sampler") or {}).get("guidance_scale", 1.0)}
+    scales = {"model.sampler.guidance_scale": sampler_option(model, "guidance_scale")}
     for name in ("sample_grid", "generation_metrics"):
         node = OmegaConf.select(cfg, f"callbacks.{name}", default=None)
         if isinstance(node, DictConfig) and node.get("guidance_scale") is not None:
@@ -321,12 +333,12 @@ def validate_config(cfg: DictConfig) -> None:
                 f"downsampling factors of this UNet (it has {sorted(reachable)}; CompVis compares the list with "
                 "the factor, not with the pixel size)"
             )
-        sampler = model.get("sampler", {})
-        if sampler.get("steps", 1) <= 0:
-            problems.append(f"model.sampler.steps={sampler.get('steps')} must be positive")
-        name_problem = sampler_name_problem(str(sampler.get("name", "ddim")))
+        steps, name = sampler_option(model, "steps"), str(sampler_option(model, "name"))
+        if steps <= 0:
+            problems.append(f"model.sampler.steps={steps} must be positive")
+        name_problem = sampler_name_problem(name)
         if name_problem:
-            problems.append(f"model.sampler.name={sampler.get('name')!r} {name_problem}")
+            problems.append(f"model.sampler.name={name!r} {name_problem}")
         problems += _sampler_step_problems(cfg)
         problems += _guidance_problems(cfg)
         problems += _objective_problems(model)

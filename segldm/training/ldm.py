@@ -27,6 +27,7 @@ from segldm.diffusion.objectives import (
     training_target,
     zero_terminal_snr_problems,
 )
+from segldm.diffusion.samplers import SamplerSettings
 from segldm.diffusion.schedule import (
     SCHEDULE_BUFFER_NAMES,
     lvlb_weights,
@@ -99,7 +100,7 @@ class LatentDiffusion(Sampling, L.LightningModule):
         optimization: Mapping[str, Any] | OptimizationOptions | None = None,
         performance: Mapping[str, Any] | PerformanceOptions | None = None,
         validation: Mapping[str, Any] | ValidationOptions | None = None,
-        sampler: dict[str, Any] | None = None,
+        sampler: Mapping[str, Any] | SamplerSettings | None = None,
         scheduler: Callable[[int], float] | None = None,
         first_stage_key: str = "image",
         cond_stage_key: str = "segmentation",
@@ -122,6 +123,7 @@ class LatentDiffusion(Sampling, L.LightningModule):
         optimization = build_options(OptimizationOptions, optimization, "optimization")
         performance = build_options(PerformanceOptions, performance, "performance")
         validation = build_options(ValidationOptions, validation, "validation")
+        sampler = SamplerSettings.from_config(sampler, "model.sampler")  # an unknown key is refused here
         if not 0.0 <= float(diffusion.cond_drop_prob) < 1.0:
             raise ValueError(
                 f"model.diffusion.cond_drop_prob={diffusion.cond_drop_prob} must be in [0, 1): the fraction of "
@@ -130,7 +132,7 @@ class LatentDiffusion(Sampling, L.LightningModule):
             )
         check_loss_weighting(diffusion.loss_weighting, float(diffusion.min_snr_gamma))
         problems = zero_terminal_snr_problems(
-            diffusion.zero_terminal_snr, diffusion.parameterization, (sampler or {}).get("name", "ddim")
+            diffusion.zero_terminal_snr, diffusion.parameterization, sampler.name
         )
         if problems:
             raise ValueError("; ".join(problems))
@@ -151,7 +153,7 @@ class LatentDiffusion(Sampling, L.LightningModule):
                 "Set model.require_pretrained_first_stage=false only for smoke tests."
             )
         self.num_timesteps = int(diffusion.timesteps)
-        self.diffusion_settings = dict(vars(diffusion))  # model.diffusion: diffusers: samplers rebuild the schedule
+        self.diffusion_settings = dict(vars(diffusion))  # model.diffusion: diffusers: samplers rebuild it
         self.loss_type = diffusion.loss_type
         self.parameterization = diffusion.parameterization
         self.loss_weighting = diffusion.loss_weighting
@@ -176,7 +178,7 @@ class LatentDiffusion(Sampling, L.LightningModule):
             optimization.optimizer, ADAMW, "model.optimization.optimizer"
         )
         self.lr_lambda = scheduler
-        self.sampler_defaults = {"steps": 200, "eta": 1.0, "guidance_scale": 1.0, **(sampler or {})}
+        self.sampler_settings = sampler  # model.sampler: what sampling uses where its caller names nothing
         # condition dropout for classifier-free guidance: the null condition is an all-zero conditioning
         # map (what the cond stage gives for nothing; no weights of its own, so CompVis keys are unchanged)
         self.cond_drop_prob = float(diffusion.cond_drop_prob)

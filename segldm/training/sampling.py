@@ -15,7 +15,7 @@ from segldm.diffusion.compvis_ddim import DDIMSampler
 from segldm.diffusion.ddim import per_sample_randn
 from segldm.diffusion.guidance import check_guidance_scale, guided_eps
 from segldm.diffusion.objectives import eps_from_prediction, x0_from_prediction
-from segldm.diffusion.samplers import Sampler, make_sampler
+from segldm.diffusion.samplers import Sampler, zero_terminal_snr_samplers
 
 
 class Sampling:
@@ -45,7 +45,7 @@ class Sampling:
         if x_T is None:
             x_T = per_sample_randn(shape, generators, cond.device, torch.float32)
 
-        scale = float(self.sampler_defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
+        scale = float(self.sampler_settings.guidance_scale if guidance_scale is None else guidance_scale)
         uncond = self.null_condition(cond) if scale != 1.0 else None
 
         zero_terminal = bool(self.alphas_cumprod[-1] == 0)
@@ -87,15 +87,9 @@ class Sampling:
         self, steps: int | None = None, eta: float | None = None, name: str | None = None
     ) -> Sampler:
         """The sampler object for these settings, each None taken from ``model.sampler`` (the defaults)."""
-        defaults = self.sampler_defaults
-        return make_sampler(
-            str(defaults.get("name", "ddim") if name is None else name),
-            int(defaults["steps"] if steps is None else steps),
-            float(defaults["eta"] if eta is None else eta),
-            spacing=defaults.get("spacing", "logsnr"),
-            ddim_discretization=defaults.get("ddim_discretization", "uniform"),
-            schedule=getattr(self, "diffusion_settings", None),  # diffusers: samplers build their scheduler from it
-        )
+        settings = self.sampler_settings.override(name=name, steps=steps, eta=eta)
+        # diffusers: samplers build their scheduler from the model's model.diffusion
+        return settings.build(schedule=getattr(self, "diffusion_settings", None))
 
     def check_sampler_settings(
         self,
@@ -115,12 +109,13 @@ class Sampling:
             steps_key = "the checkpoint's model.sampler.steps"
         sampler_obj = self.make_sampler(steps, None, sampler)
         sampler_obj.check(self.num_timesteps, steps_key)
-        if bool(self.alphas_cumprod[-1] == 0) and sampler_obj.name != "ddim":
+        if bool(self.alphas_cumprod[-1] == 0) and not sampler_obj.supports_zero_terminal_snr:
+            able = " or ".join(zero_terminal_snr_samplers())
             raise ValueError(
                 f"sampler {sampler_obj.name}: this model's schedule has zero terminal SNR (log-SNR -inf at the "
-                "last timestep), which only ddim samples; use the ddim sampler"
+                f"last timestep), which only {able} samples; use the {able} sampler"
             )
-        scale = self.sampler_defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        scale = self.sampler_settings.guidance_scale if guidance_scale is None else guidance_scale
         check_guidance_scale(float(scale), guidance_key)
         if float(scale) != 1.0 and self.cond_drop_prob == 0 and not force_guidance:
             raise ValueError(

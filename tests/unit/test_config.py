@@ -124,6 +124,18 @@ def test_valid_default_passes(tmp_path):
         ),
         (["data.batch_size=0"], ["data.batch_size=0"]),
         (["model.sampler.name=plms"], ["model.sampler.name='plms'", "dpm_solver++"]),
+        # model.sampler is a typed group: a misspelt option names the options there are, a bad value its key
+        (
+            ["+model.sampler.spacng=uniform"],
+            [
+                "model.sampler.spacng='uniform' is not an option of ddim",
+                "spacing (dpm_solver++, dpm_solver++_sde)",
+            ],
+        ),
+        (
+            ["model.sampler.name=dpm_solver++", "model.sampler.spacing=cubic"],
+            ["model.sampler.spacing='cubic'"],
+        ),
         (["model.first_stage.ckpt_path=/nowhere/vq.ckpt"], ["/nowhere/vq.ckpt", "model=autoencoder"]),
         (["model.first_stage.ckpt_path=null"], ["ckpt_path is null", "model=autoencoder"]),
         # DDIM step counts that CompVis's +1 shift takes to t = 1000 (an IndexError mid-run otherwise)

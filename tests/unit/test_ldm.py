@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 from segldm.data.datamodule import SegmentationDataModule
 from segldm.data.synthetic import SyntheticScenes
+from segldm.diffusion.samplers import SamplerSettings
 from segldm.models.autoencoder import VQModel
 from segldm.models.cond_stage import SpatialRescaler
 from segldm.models.unet import UNetModel
@@ -51,6 +52,16 @@ def test_shapes_through_the_compvis_named_api():
     assert fast.shape == x.shape and torch.isfinite(fast).all()
     with pytest.raises(ValueError, match="'plms'"):
         model.generate(seg, steps=4, sampler="plms")
+
+
+def test_model_sampler_is_a_typed_group_refusing_unknown_keys():
+    assert tiny_ldm(sampler={"steps": 4}).sampler_settings == SamplerSettings(
+        steps=4, options={"spacing": "logsnr", "ddim_discretization": "uniform"}
+    )
+    with pytest.raises(
+        InstantiationException, match=r"model.sampler.ddim_discretisation='trailing' is not an option"
+    ):
+        tiny_ldm(sampler={"ddim_discretisation": "trailing"})
 
 
 def test_requires_a_pretrained_first_stage_by_default():

@@ -115,7 +115,7 @@ def diffusers_components(model: LatentDiffusion, use_ema: bool = True) -> dict[s
             "cond_stage_model.*",
             "SegLDMCondStage",
         )
-    sched_cfg = scheduler_config(_diffusion_options(model), model.sampler_defaults)
+    sched_cfg = scheduler_config(_diffusion_options(model), model.sampler_settings.as_config())
     scheduler = diffusers.DDIMScheduler.from_config(
         {k: v for k, v in sched_cfg.items() if k != "_class_name"}
     )
@@ -196,7 +196,7 @@ def provenance(ckpt: str | Path, model: LatentDiffusion, use_ema: bool) -> dict[
     return {
         "source_checkpoint": str(Path(ckpt).resolve()),
         "unet_weights": "ema" if (use_ema and model.use_ema) else "raw",
-        "sampler_defaults": dict(model.sampler_defaults),
+        "sampler_defaults": model.sampler_settings.as_config(),
         "data": {
             k: v
             for k, v in (config.get("data") or {}).items()
@@ -207,7 +207,7 @@ def provenance(ckpt: str | Path, model: LatentDiffusion, use_ema: bool) -> dict[
 
 
 def readme(ckpt: str | Path, model: LatentDiffusion) -> str:
-    steps = model.sampler_defaults.get("steps", 200)
+    steps = model.sampler_settings.steps
     return f"""# segldm mask-conditioned latent diffusion (diffusers format)
 
 Exported from `{Path(ckpt).name}` by `python -m segldm.convert diffusers`: a label map of
