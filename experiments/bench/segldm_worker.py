@@ -1,4 +1,4 @@
-"""segldm's side of the comparison with the real CompVis code (`python -m segldm.benchmarks.segldm_worker SETUP`).
+"""segldm's side of the comparison with the real CompVis code (`python experiments/bench/segldm_worker.py SETUP`).
 
 Loads the CompVis config and checkpoint of the setup file with :func:`segldm.compat.compvis.load_compvis`
 (what a CompVis user does), then serves the tasks below; its counterpart for the reference code is
@@ -24,11 +24,11 @@ import sys
 
 import torch
 
-from segldm.benchmarks.modes import ModeSwitch, PerfMode, autocast, training_step, variant_modes
-from segldm.benchmarks.reference import relative_error
-from segldm.benchmarks.workers import BenchWorker
 from segldm.compat.compvis import load_compvis
 from segldm.training.ldm import LatentDiffusion
+from segldm_bench.modes import ModeSwitch, PerfMode, autocast, training_step, variant_modes
+from segldm_bench.reference import relative_error
+from segldm_bench.workers import BenchWorker
 
 # opt-in settings (PerfMode fields = model.performance keys) a unet/step task can add, alone or together
 OPT_IN_COMBINATIONS = (

@@ -27,7 +27,7 @@ from segldm.models.autoencoder import Encoder
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = ("ade20k_256", "cocostuff_256", "cityscapes_512x256", "celebamask_hq_256")
-CARD, PEAK_TFLOPS = "H100 SXM", 989.4  # dense bf16 (segldm/benchmarks/machine.py)
+CARD, PEAK_TFLOPS = "H100 SXM", 989.4  # dense bf16 (experiments/bench/segldm_bench/machine.py)
 ASSUMED_MFU = (0.15, 0.40)  # a range, not a measurement: convolution UNets in bf16 at batch 8-16
 
 

@@ -16,6 +16,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,10 +24,12 @@ from pathlib import Path
 import torch
 from einops import rearrange
 
-from segldm.benchmarks.suite import write_sflckr_like
 from segldm.condition import one_hot_from_label_map
 from segldm.data.datamodule import SegmentationDataModule
 from segldm.data.sflckr import FlickrSegTrain
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the suite: not installed with segldm
+from segldm_bench.suite import write_sflckr_like  # noqa: E402
 
 N_LABELS = 182
 

@@ -1,7 +1,7 @@
 """Speed and memory paths of a training step that compute the reference's function with less work.
 
 Each is switched by a `model.*` key (conf/model/ldm_seg.yaml) and checked against the reference
-path in tests/unit/test_perf_equivalence.py; `python -m segldm.benchmarks` measures what each buys.
+path in tests/bench/test_perf_equivalence.py; `make bench` (experiments/bench/) measures what each buys.
 
 * the fused label-map conditioning lives with the condition (:mod:`segldm.condition`).
 * :func:`to_channels_last` / :func:`compile_module`: memory format and torch.compile of a module

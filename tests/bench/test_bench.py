@@ -14,14 +14,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from segldm.benchmarks.machine import CPU_FLAGS, describe_machine, gpu_bf16_peak_tflops
-from segldm.benchmarks.measure import Run, Timing, compile_cost, interleave, peak_memory, tensor_bytes
-from segldm.benchmarks.modes import ABLATIONS, ANCHOR, variant_modes
-from segldm.benchmarks.report import compile_note
-from segldm.benchmarks.suite import compiled_row, merge_previous
+from segldm_bench.machine import CPU_FLAGS, describe_machine, gpu_bf16_peak_tflops
+from segldm_bench.measure import Run, Timing, compile_cost, interleave, peak_memory, tensor_bytes
+from segldm_bench.modes import ABLATIONS, ANCHOR, variant_modes
+from segldm_bench.report import compile_note
+from segldm_bench.suite import compiled_row, merge_previous
 from tests.conftest import CONF, REPO, compose_train
 
 MiB = 2**20
+BENCH = REPO / "experiments" / "bench" / "run.py"  # what make bench runs
 TOY = [
     "model/first_stage=vq_f4_small",
     "model.first_stage.ddconfig.ch_mult=[1,1,1]",
@@ -161,7 +162,7 @@ def test_make_bench_writes_results_at_toy_size(tmp_path):
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "segldm.benchmarks", *args], cwd=REPO, env=env, capture_output=True, text=True
+        [sys.executable, str(BENCH), *args], cwd=REPO, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -185,7 +186,7 @@ def test_make_bench_writes_results_at_toy_size(tmp_path):
     assert "| optimised+cached_latents |" in table and results["machine"]["torch_threads"] == 1
     # merge=true reruns one section and keeps the others, saying when each was measured
     rerun = subprocess.run(
-        [sys.executable, "-m", "segldm.benchmarks", *[a for a in args if not a.startswith("sections=")],
+        [sys.executable, str(BENCH), *[a for a in args if not a.startswith("sections=")],
          "sections=[data]", "merge=true"],
         cwd=REPO, env=env, capture_output=True, text=True,
     )  # fmt: skip

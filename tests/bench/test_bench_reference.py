@@ -12,8 +12,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from segldm.benchmarks.reference import (
+from segldm_bench.reference import (
     COMPARISONS,
+    SEGLDM_WORKER,
     bench_reference,
     bench_reference_config,
     check_equal,
@@ -22,8 +23,8 @@ from segldm.benchmarks.reference import (
     wanted_comparisons,
     write_setup,
 )
-from segldm.benchmarks.workers import KERNEL_KINDS, WorkerError, WorkerProcess, kernel_kind
-from tests.unit.test_bench import TOY
+from segldm_bench.workers import KERNEL_KINDS, WorkerError, WorkerProcess, kernel_kind
+from tests.bench.test_bench import TOY
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,7 +93,7 @@ def toy_setup(tmp_path_factory):
 
 
 def segldm_worker(setup: dict, log: Path) -> WorkerProcess:
-    argv = [sys.executable, "-m", "segldm.benchmarks.segldm_worker", str(setup["path"])]
+    argv = [sys.executable, str(SEGLDM_WORKER), str(setup["path"])]
     return WorkerProcess("segldm", argv, log, {**os.environ, "PYTHONPATH": str(REPO)})
 
 

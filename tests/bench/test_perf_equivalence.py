@@ -7,15 +7,6 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from segldm.benchmarks.modes import (
-    OPTIMISED,
-    BatchSource,
-    ModeSwitch,
-    PerfMode,
-    autocast,
-    randomize_zero_parameters,
-)
-from segldm.benchmarks.suite import write_sflckr_like
 from segldm.condition import label_histograms, label_map_conditioning, one_hot_from_label_map
 from segldm.data.sflckr import FlickrSegEval, FlickrSegTrain
 from segldm.data.synthetic import SyntheticScenes
@@ -23,6 +14,15 @@ from segldm.models.cond_stage import SpatialRescaler
 from segldm.training.latent_cache import has_fixed_samples
 from segldm.training.ldm import LatentDiffusion
 from segldm.training.options import FLAT_OPTION_KEYS
+from segldm_bench.modes import (
+    OPTIMISED,
+    BatchSource,
+    ModeSwitch,
+    PerfMode,
+    autocast,
+    randomize_zero_parameters,
+)
+from segldm_bench.suite import write_sflckr_like
 from tests.conftest import TINY_FIRST_STAGE, TINY_UNET, compose_train
 
 N_LABELS = 12

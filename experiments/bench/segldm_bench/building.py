@@ -12,9 +12,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from segldm.benchmarks.modes import randomize_zero_parameters
 from segldm.config.locations import config_dir
 from segldm.training.ldm import LatentDiffusion
+from segldm_bench.modes import randomize_zero_parameters
 
 CONF_DIR = config_dir()
 

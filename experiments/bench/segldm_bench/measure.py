@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from segldm.benchmarks.machine import load_average
+from segldm_bench.machine import load_average
 
 
 def synchronize(device: torch.device) -> None:

@@ -28,17 +28,20 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from segldm.benchmarks.building import build_model
-from segldm.benchmarks.machine import bf16_supported, load_average
-from segldm.benchmarks.measure import compile_cost
-from segldm.benchmarks.modes import BatchSource
-from segldm.benchmarks.workers import WorkerProcess
 from segldm.compat.compvis import compvis_config_from_segldm
+from segldm_bench.building import build_model
+from segldm_bench.machine import bf16_supported, load_average
+from segldm_bench.measure import compile_cost
+from segldm_bench.modes import BatchSource
+from segldm_bench.workers import WorkerProcess
 
 log = logging.getLogger(__name__)
 MiB = 2**20
 LDM_MARKER = Path("ldm/models/diffusion/ddpm.py")
 TAMING_MARKER = Path("taming/modules/vqvae/quantize.py")
+# segldm's side, a script beside compvis_worker.py: run by path, its folder (which holds this package)
+# comes first on its sys.path, so it imports the suite without anything installed
+SEGLDM_WORKER = Path(__file__).resolve().parents[1] / "segldm_worker.py"
 
 
 @dataclass(frozen=True)
@@ -242,7 +245,7 @@ def bench_reference_config(
         )  # fmt: skip
         seg = WorkerProcess(
             "segldm",
-            [sys.executable, "-m", "segldm.benchmarks.segldm_worker", str(setup["path"])],
+            [sys.executable, str(SEGLDM_WORKER), str(setup["path"])],
             log_dir / f"{name}_segldm.log", env,
         )  # fmt: skip
         try:

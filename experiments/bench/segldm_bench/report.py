@@ -68,7 +68,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines = [
         "# segldm benchmarks (`make bench`)",
         "",
-        f"Written {time.strftime('%Y-%m-%d %H:%M')} by `python -m segldm.benchmarks` in {results['wall_s']:.0f} s"
+        f"Written {time.strftime('%Y-%m-%d %H:%M')} by `python experiments/bench/run.py` in {results['wall_s']:.0f} s"
         f"{measured_note(results)}. "
         "Every ratio compares two ways of computing the same thing, measured in the same rounds on the "
         "same model (median over rounds of the per-round ratio); absolute times on a shared machine move "

@@ -31,9 +31,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from segldm.benchmarks.building import build_model
-from segldm.benchmarks.machine import bf16_supported, describe_machine, gpu_bf16_peak_tflops, load_average
-from segldm.benchmarks.measure import (
+from segldm.condition import label_histograms
+from segldm.data.datamodule import SegmentationDataModule
+from segldm.data.sflckr import FlickrSegTrain
+from segldm.metrics.fid import InceptionFeatures, resolve_inception_weights
+from segldm.metrics.segmenters.trained import SegNet, TrainedSegmenter
+from segldm.training.ldm import LatentDiffusion
+from segldm_bench.building import build_model
+from segldm_bench.machine import bf16_supported, describe_machine, gpu_bf16_peak_tflops, load_average
+from segldm_bench.measure import (
     Run,
     Timing,
     compile_cost,
@@ -42,7 +48,7 @@ from segldm.benchmarks.measure import (
     peak_memory,
     resident_bytes,
 )
-from segldm.benchmarks.modes import (
+from segldm_bench.modes import (
     ANCHOR,
     BatchSource,
     ModeSwitch,
@@ -52,14 +58,8 @@ from segldm.benchmarks.modes import (
     training_step,
     variant_modes,
 )
-from segldm.benchmarks.reference import bench_reference
-from segldm.benchmarks.report import render_markdown
-from segldm.condition import label_histograms
-from segldm.data.datamodule import SegmentationDataModule
-from segldm.data.sflckr import FlickrSegTrain
-from segldm.metrics.fid import InceptionFeatures, resolve_inception_weights
-from segldm.metrics.segmenters.trained import SegNet, TrainedSegmenter
-from segldm.training.ldm import LatentDiffusion
+from segldm_bench.reference import bench_reference
+from segldm_bench.report import render_markdown
 
 log = logging.getLogger(__name__)
 MiB = 2**20

@@ -2,7 +2,7 @@
 
 Comparing segldm with the real CompVis code means two model stacks that must not share a process
 (the reference needs its own imports, and neither side should inherit the other's allocator state,
-threads or kernel caches). The orchestrator (:mod:`segldm.benchmarks.reference`) starts one worker
+threads or kernel caches). The orchestrator (:mod:`segldm_bench.reference`) starts one worker
 per side; both load the same CompVis config, checkpoint and inputs (a setup file), then answer
 commands one JSON line at a time on stdin; replies go to stdout behind :data:`REPLY` so that what
 the model code prints on its own is logged, not parsed.
@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import torch
 
-from segldm.benchmarks.measure import peak_memory, resident_bytes
+from segldm_bench.measure import peak_memory, resident_bytes
 
 REPLY = "@@segldm-bench@@ "
 
