@@ -229,6 +229,7 @@ def write_folder_data(root: Path) -> None:
             write_pair(root, f"{split}/img{i}", labels, mask_dir="masks")
 
 
+@pytest.mark.slow  # fast tier under ~15 min on 2 cores (docs/tests.md)
 def test_sigkill_with_two_workers_and_random_augmentations_resumes_exactly(tmp_path):
     """Folder data with random crops and flips read by two worker processes: killed mid-epoch and
     resumed, the run ends bit-identical to the uninterrupted one (the loader's state holds each
@@ -273,6 +274,7 @@ GAN_ARGS = [
 ]
 
 
+@pytest.mark.slow  # fast tier under ~15 min on 2 cores (docs/tests.md)
 def test_two_optimizer_first_stage_resumes_exactly_after_sigkill(tmp_path):
     """The taming stage (autoencoder + discriminator optimizers, BatchNorm statistics, manual
     optimisation): killed mid-epoch and resumed, it ends where the uninterrupted run ends."""

@@ -74,6 +74,7 @@ def ported(script: str) -> str:
     return script
 
 
+@pytest.mark.slow  # fast tier under ~15 min on 2 cores (docs/tests.md)
 def test_the_seed_inference_script_runs_with_its_imports_changed(tmp_path: Path, monkeypatch) -> None:
     if not FILES.is_dir():
         pytest.skip(f"CompVis data fixture not at {FILES}")

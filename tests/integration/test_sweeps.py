@@ -185,6 +185,7 @@ def test_sweep_report_table_and_plots(grid_sweep):
     )
 
 
+@pytest.mark.slow  # fast tier under ~15 min on 2 cores (docs/tests.md)
 def test_interrupted_sweep_resumes_without_rerunning_finished_jobs(grid_sweep):
     root, _ = grid_sweep
     sweep_dir = root / "outputs/multiruns/grid"
@@ -299,6 +300,7 @@ exit 1
 """
 
 
+@pytest.mark.slow  # fast tier under ~15 min on 2 cores (docs/tests.md)
 def test_slurm_launcher_generates_the_job_array_script(tmp_path, monkeypatch):
     """hydra/launcher=slurm through the real plugin and submitit, up to `sbatch` (a test double
     that keeps the script and refuses the submission): one array task per sweep job, one SLURM
