@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from segldm.diffusion.diffusers_schedule import PREDICTION_TYPES, ddim_scheduler_config
+from segldm.diffusion.samplers import DDIMSampler
 from segldm.models.diffusers_vq import DiffusersLayoutError
 
 SCHEDULER_CLASS = "DDIMScheduler"
@@ -26,7 +27,7 @@ def scheduler_config(
     diffusion: Mapping[str, Any], sampler: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """``DDIMScheduler`` config for a model's ``model.diffusion`` and ``model.sampler`` settings."""
-    discretization = str((sampler or {}).get("ddim_discretization", "uniform"))
+    discretization = str((sampler or {}).get("ddim_discretization", DDIMSampler.ddim_discretization))
     try:
         config = ddim_scheduler_config(diffusion, discretization)
     except ValueError as err:
