@@ -168,14 +168,19 @@ def ldm_checkpoint(
     }
 
 
-def init_from_checkpoint(model: LatentDiffusion, path: str | Path, trust_checkpoint: bool = False) -> None:
-    """Start training from the weights of an LDM checkpoint (fresh optimizer, step 0).
+def init_from_checkpoint(model: nn.Module, path: str | Path, trust_checkpoint: bool = False) -> None:
+    """Start training from the weights of an LDM checkpoint (fresh optimizer, step 0): ``init_from``.
 
     The run's config must build the same architecture: every missing/unexpected key or shape is
     named. EMA follows :func:`reconcile_ema` (a checkpoint without shadows starts them from the
     loaded weights). ``scale_by_std`` keeps the checkpoint's scale factor, as CompVis does when it
     restarts from a checkpoint.
     """
+    if not isinstance(model, LatentDiffusion):
+        raise CheckpointError(
+            f"init_from={path} needs model=ldm_seg (got {type(model).__name__}); to start a first stage "
+            "from weights use model.first_stage.ckpt_path"
+        )
     checkpoint = read_checkpoint(path, what="init_from checkpoint", trust_checkpoint=trust_checkpoint)
     kind = checkpoint_kind(checkpoint)
     if kind not in ("segldm-ldm", "compvis-ldm"):
@@ -230,46 +235,7 @@ def _restart_ema(model: LatentDiffusion) -> None:
                 buffers[model.model_ema.m_name2s_name[name]].copy_(param)
 
 
-def apply_init_from(model: nn.Module, cfg: Mapping[str, Any]) -> None:
-    """``segldm.train`` hook: load ``cfg.init_from`` into the freshly built model (no-op when unset).
-
-    Also catches ``ckpt_path=<weights-only file>`` (e.g. segldm.convert output), which Lightning's
-    resume would reject with a bare KeyError, and points at ``init_from``.
-    """
-    init_from = cfg.get("init_from")
-    if not init_from:
-        if cfg.get("ckpt_path"):
-            _check_resumable(cfg["ckpt_path"])
-        return
-    if cfg.get("ckpt_path"):
-        raise CheckpointError(
-            f"init_from={init_from} and ckpt_path={cfg.get('ckpt_path')} are both set: ckpt_path resumes a "
-            "run (weights, optimizer, step), init_from starts a new one from weights; set only one"
-        )
-    if not isinstance(model, LatentDiffusion):
-        raise CheckpointError(
-            f"init_from={init_from} needs model=ldm_seg (got {type(model).__name__}); to start a first stage "
-            "from weights use model.first_stage.ckpt_path"
-        )
-    init_from_checkpoint(model, init_from, trust_checkpoint=bool(cfg.get("trust_checkpoint", False)))
-
-
-def _check_resumable(path: str | Path) -> None:
-    """A resume needs Lightning's training state; a weights-only checkpoint gets the init_from hint."""
-    try:  # mmap: only the pickle is read, the tensors stay on disk
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return  # missing/unreadable/legacy files: Lightning reports them itself
-    if isinstance(checkpoint, Mapping) and "optimizer_states" not in checkpoint:
-        raise CheckpointError(
-            f"ckpt_path={path} holds weights only (no optimizer/loop state, e.g. written by segldm.convert), "
-            f"so a run cannot resume from it; start a new run from its weights with init_from={path} "
-            "(and ckpt_path=null)"
-        )
-
-
 __all__ = [
-    "apply_init_from",
     "build_ldm",
     "check_schedule",
     "init_from_checkpoint",

@@ -70,6 +70,11 @@ def exit_on_signals(signals: Any) -> Iterator[None]:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
+def checkpoint_signals(cfg: Any) -> list[Any]:
+    """The signals a run checkpoints on (``reliability.checkpoint_signals``; unset: the defaults, empty: none)."""
+    return list((cfg.get("reliability") or {}).get("checkpoint_signals", list(DEFAULT_SIGNALS)) or [])
+
+
 def parse_signals(names: Any) -> list[signal.Signals]:
     """``["SIGTERM", "USR1", 10]`` -> signal enums; unknown names raise naming the key and the choices."""
     result = []
@@ -186,6 +191,7 @@ __all__ = [
     "Preempted",
     "PreemptionCheckpoint",
     "TerminatedBeforeTraining",
+    "checkpoint_signals",
     "exit_on_signals",
     "parse_signals",
 ]

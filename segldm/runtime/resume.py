@@ -51,10 +51,9 @@ from segldm.runtime.lightning_state import (
     pending_step_metrics,
     validation_follows,
 )
-from segldm.runtime.preemption import DEFAULT_SIGNALS, PreemptionCheckpoint
 from segldm.storage.atomic import atomic_save, remove_stale_temp_files
 from segldm.storage.checkpoint_files import CheckpointError, read_checkpoint
-from segldm.training.guards import FiniteGradients
+from segldm.tracking.logger import opened_run_id
 
 log = logging.getLogger(__name__)
 
@@ -282,8 +281,9 @@ class TrainingState(L.Callback):
 
     def mlflow_run_id(self) -> str | None:
         for logger in self._trainer.loggers if self._trainer is not None else []:
-            if isinstance(logger, MLFlowLogger) and logger._run_id:
-                return str(logger._run_id)
+            run_id = opened_run_id(logger) if isinstance(logger, MLFlowLogger) else None
+            if run_id:
+                return str(run_id)
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -339,18 +339,6 @@ class TrainingState(L.Callback):
             self._before_validation = None
 
 
-def reliability_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """The callbacks ``segldm.train`` always adds (``reliability`` in conf/train.yaml), even with callbacks=none."""
-    settings = cfg.get("reliability") or {}
-    callbacks: list[L.Callback] = [TrainingState()]
-    signals = settings.get("checkpoint_signals", list(DEFAULT_SIGNALS))
-    if signals:
-        callbacks.append(PreemptionCheckpoint(list(signals)))
-    if settings.get("check_gradients", True):
-        callbacks.append(FiniteGradients())
-    return callbacks
-
-
 __all__ = [
     "MLFLOW_RUN_FILE",
     "ResumePlan",
@@ -360,7 +348,6 @@ __all__ = [
     "check_resumable",
     "plan_resume",
     "read_run_record",
-    "reliability_callbacks",
     "restore_rng",
     "write_run_record",
 ]

@@ -19,10 +19,12 @@ import tempfile
 import urllib.error
 import urllib.request
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
@@ -205,9 +207,45 @@ def mlflow_loggers(loggers: list[Logger]) -> list[MLFlowLogger]:
     return [lg for lg in loggers if isinstance(lg, MLFlowLogger)]
 
 
+def opened_run_id(logger: MLFlowLogger) -> str | None:
+    """The logger's MLflow run id once the run exists, None before (never creating a run just to ask).
+
+    segldm's logger knows (:attr:`ResilientMLFlowLogger.opened_run_id`); Lightning's own MLFlowLogger
+    only has ``run_id``, which creates the run when it is not there yet.
+    """
+    return logger.opened_run_id if isinstance(logger, ResilientMLFlowLogger) else logger.run_id
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """The MLflow run a job logs into, read through public API: what the run folder records
+    (``mlflow_run.json``), a sweep's marker stores and the final report prints."""
+
+    run_id: str
+    tracking_uri: str
+    client: Any  # the logger's MlflowClient (segldm's retrying one for ResilientMLFlowLogger)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+
+def tracked_run(loggers: list[Logger]) -> TrackedRun | None:
+    """The run of the first MLflow logger (opened if not yet), None without one; global rank 0 only."""
+    runs = mlflow_loggers(loggers)
+    if not runs:
+        return None
+    client = runs[0].experiment
+    return TrackedRun(str(runs[0].run_id), str(client.tracking_uri), client)
+
+
 def tracking_callbacks(loggers: list[Logger]) -> list[L.Callback]:
     """What the loggers need from the Trainer: queued MLflow batches flushed before each checkpoint."""
     return [FlushBeforeCheckpoint()] if any(isinstance(lg, ResilientMLFlowLogger) for lg in loggers) else []
+
+
+def task_overrides() -> list[str]:
+    """The command line's task overrides (``segldm.overrides`` tag); none outside a Hydra app."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def log_run_metadata(loggers: list[Logger], cfg: DictConfig, overrides: list[str], output_dir: str) -> None:
@@ -254,11 +292,11 @@ def end_open_runs(loggers: list[Logger], error: BaseException | None) -> None:
     swaps the loggers out, so nobody else would end the run).
     """
     for lg in mlflow_loggers(loggers):
-        run_id = getattr(lg, "_run_id", None)
+        run_id = opened_run_id(lg)
         if not run_id:  # the run was never created
             continue
         try:
-            client = lg._mlflow_client
+            client = lg.client if isinstance(lg, ResilientMLFlowLogger) else lg.experiment
             if client.get_run(run_id).info.status != "RUNNING":
                 continue
             status = getattr(lg, "terminal_status", None) or final_status(error)

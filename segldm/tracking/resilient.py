@@ -233,7 +233,9 @@ class ResilientMLFlowLogger(MLFlowLogger):
         super().__init__(*args, synchronous=synchronous, **kwargs)
         self.flush_timeout_s = flush_timeout_s
         self._mlflow_client = RetryingClient(self._mlflow_client, log_retries, retry_wait_s, retry_max_wait_s)
-        self.continued = kwargs.get("run_id") is not None  # an existing run (resume)
+        self.given_run_id: str | None = kwargs.get("run_id")  # an existing run to continue (resume)
+        self.continued = self.given_run_id is not None
+        self.run_opened = False  # set once the run exists in the store (created, or continued and reopened)
         self.terminal_status: str | None = None
         self._reopened = False
 
@@ -245,10 +247,20 @@ class ResilientMLFlowLogger(MLFlowLogger):
     @rank_zero_experiment
     def experiment(self) -> Any:
         client = MLFlowLogger.experiment.fget(self)  # type: ignore[attr-defined]
+        self.run_opened = True
         if self.continued and not self._reopened and isinstance(client, RetryingClient):
-            self._reopened = True
-            client.update_run(self._run_id, status="RUNNING")
+            self._reopened = True  # before run_id, which reads this property again
+            client.update_run(self.run_id, status="RUNNING")
         return client
+
+    @property
+    def opened_run_id(self) -> str | None:
+        """The run's id once it exists (given to continue, or created on first use), else None.
+
+        Lightning's ``run_id`` creates the run when it does not exist yet; code that only wants to
+        know about a run (to end it, to record it in a checkpoint) asks this instead.
+        """
+        return self.run_id if self.run_opened else self.given_run_id
 
     @rank_zero_only
     def log_hyperparams(self, params: Any) -> None:
@@ -278,7 +290,7 @@ class ResilientMLFlowLogger(MLFlowLogger):
     def mark_preempted(self, signal_name: str, step: int, checkpoint: str) -> None:
         """Called by PreemptionCheckpoint: tag the run and end it as KILLED (not FAILED)."""
         self.terminal_status = "KILLED"
-        if self._initialized:
+        if self.run_opened:
             self.experiment.set_tag(
                 self.run_id, "segldm.preempted", f"{signal_name} at step {step}: {checkpoint}"
             )

@@ -36,7 +36,8 @@ from segldm.models.autoencoder import VQModel
 from segldm.models.cond_stage import SpatialRescaler
 from segldm.models.unet import UNetModel
 from segldm.pipeline.masks import Mask, fit_mask
-from segldm.runtime.loading import apply_init_from, init_from_checkpoint, ldm_checkpoint, load_ldm
+from segldm.runtime.loading import init_from_checkpoint, ldm_checkpoint, load_ldm
+from segldm.runtime.run_plan import plan_run
 from segldm.sample import sample as run_sample
 from segldm.storage.checkpoint_files import CheckpointError, CheckpointWarning, save_checkpoint
 from segldm.training.ldm import LatentDiffusion
@@ -972,19 +973,21 @@ def test_sample_takes_masks_of_any_size(arch_files, tmp_path):
         fit_mask(fitted, "stretch", 32, 16)
 
 
-def test_train_hook_refuses_conflicts_and_points_weights_only_resumes_to_init_from(arch_files, tmp_path):
+def test_train_plan_refuses_conflicts_and_points_weights_only_resumes_to_init_from(arch_files, tmp_path):
+    """segldm.train's run plan (segldm.runtime.run_plan) and init_from loading, with a converted model."""
     config_path, ckpt_path = arch_files
     native = convert_compvis(config_path, ckpt_path, tmp_path / "native")["ckpt"]
-    model = load_ldm(native)
-    apply_init_from(model, {"init_from": None, "ckpt_path": None})  # nothing asked: nothing done
+    paths = [f"paths.output_root={tmp_path}", f"paths.output_dir={tmp_path}/run"]
+    plan = plan_run(compose_train(paths))  # nothing asked: nothing done
+    assert plan.init_from is None and plan.ckpt_path is None
     with pytest.raises(CheckpointError, match="are both set"):
-        apply_init_from(model, {"init_from": str(native), "ckpt_path": str(native)})
+        plan_run(compose_train([*paths, f"init_from={native}", f"ckpt_path={native}"]))
     with pytest.raises(
         CheckpointError, match=re.escape(f"start a new run from its weights with init_from={native}")
     ):
-        apply_init_from(model, {"init_from": None, "ckpt_path": str(native)})
+        plan_run(compose_train([*paths, f"ckpt_path={native}"]))
     with pytest.raises(CheckpointError, match="needs model=ldm_seg"):
-        apply_init_from(torch.nn.Linear(1, 1), {"init_from": str(native)})
+        init_from_checkpoint(torch.nn.Linear(1, 1), native)
 
 
 def test_checkpoints_written_before_the_layered_package_still_load(arch_files, tmp_path):
