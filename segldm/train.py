@@ -14,21 +14,24 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 import segldm  # noqa: F401  (registers the config resolvers)
+from segldm.config.hardware import precision_message
 from segldm.config.locations import hydra_config_path
 from segldm.config.startup import reports_startup_errors
 from segldm.data.precheck import precheck_data
 from segldm.runtime.checks import validate_config
+from segldm.runtime.lightning_state import check_lightning_internals
 from segldm.runtime.loading import init_from_checkpoint
-from segldm.runtime.preemption import checkpoint_signals, exit_on_signals
+from segldm.runtime.preemption import PreemptionCheckpoint, checkpoint_signals, exit_on_signals
+from segldm.runtime.resume import reliability_callbacks
 from segldm.runtime.run_lock import run_folder_lock
 from segldm.runtime.run_plan import RunPlan, plan_run
-from segldm.runtime.trainer import build_trainer
 from segldm.sweeps.jobs import SweepJob, find_finished, record_finished, reuse_finished, tag_runs
-from segldm.tracking.logger import runs_ended, sweep_logger_note
+from segldm.tracking.logger import runs_ended, sweep_logger_note, tracking_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,36 @@ def build(
     model.segldm_config.pop("hydra", None)
     if plan.init_from:  # its weights (fresh optimizer), strictly
         init_from_checkpoint(model, plan.init_from, trust_checkpoint=plan.trust_checkpoint)
-    return build_trainer(cfg, loggers, plan.throwaway), model, datamodule
+    settings: dict[str, Any] = {
+        "callbacks": run_callbacks(cfg, loggers, plan.throwaway),
+        "logger": loggers or False,
+    }
+    if plan.throwaway:
+        settings["enable_checkpointing"] = False
+    trainer: L.Trainer = instantiate(cfg.trainer, **settings)
+    check_lightning_internals(trainer)  # exact resume reads a few of them; before any step
+    log.info("%s", precision_message(cfg.trainer))
+    return trainer, model, datamodule
+
+
+def run_callbacks(cfg: DictConfig, loggers: list[Logger], throwaway: bool) -> list[L.Callback]:
+    """Every callback of a training run, listed here only, and the two rules that remove some.
+
+    The config's (``callbacks``: checkpoints, sample grids, LR monitor, ...), the reliability ones
+    (always added, even with callbacks=none: exact-resume state, pre-emption checkpoint, gradient
+    guard) and what the loggers need (MLflow batches flushed before each checkpoint).
+    """
+    configured = [
+        instantiate(c)
+        for c in (cfg.get("callbacks") or {}).values()
+        if isinstance(c, DictConfig) and "_target_" in c
+    ]
+    callbacks = configured + reliability_callbacks(cfg) + tracking_callbacks(loggers)
+    if not loggers:  # Lightning refuses a LearningRateMonitor without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if throwaway:  # nobody resumes a throw-away run: nothing writes a checkpoint
+        callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint | PreemptionCheckpoint)]
+    return callbacks
 
 
 def report(result: dict[str, Any]) -> None:

@@ -51,9 +51,11 @@ from segldm.runtime.lightning_state import (
     pending_step_metrics,
     validation_follows,
 )
+from segldm.runtime.preemption import PreemptionCheckpoint, checkpoint_signals
 from segldm.storage.atomic import atomic_save, remove_stale_temp_files
 from segldm.storage.checkpoint_files import CheckpointError, read_checkpoint
 from segldm.tracking.logger import opened_run_id
+from segldm.training.guards import FiniteGradients
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +341,17 @@ class TrainingState(L.Callback):
             self._before_validation = None
 
 
+def reliability_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The callbacks ``segldm.train`` always adds (``reliability`` in conf/train.yaml), even with callbacks=none."""
+    callbacks: list[L.Callback] = [TrainingState()]
+    signals = checkpoint_signals(cfg)
+    if signals:
+        callbacks.append(PreemptionCheckpoint(signals))
+    if (cfg.get("reliability") or {}).get("check_gradients", True):
+        callbacks.append(FiniteGradients())
+    return callbacks
+
+
 __all__ = [
     "MLFLOW_RUN_FILE",
     "ResumePlan",
@@ -348,6 +361,7 @@ __all__ = [
     "check_resumable",
     "plan_resume",
     "read_run_record",
+    "reliability_callbacks",
     "restore_rng",
     "write_run_record",
 ]

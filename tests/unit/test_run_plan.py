@@ -1,5 +1,5 @@
-"""segldm.runtime.run_plan decides fresh / resume / init_from once; segldm.runtime.trainer lists the
-callbacks; the tracked MLflow run is read through public API only."""
+"""segldm.runtime.run_plan decides fresh / resume / init_from once; segldm.train.run_callbacks lists
+the callbacks; the tracked MLflow run is read through public API only."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from mlflow.tracking import MlflowClient
 from segldm.runtime.preemption import PreemptionCheckpoint
 from segldm.runtime.resume import MLFLOW_RUN_FILE, TrainingState
 from segldm.runtime.run_plan import RunPlan, plan_run
-from segldm.runtime.trainer import run_callbacks
 from segldm.storage.atomic import atomic_save
 from segldm.storage.checkpoint_files import CheckpointError
 from segldm.tracking.logger import create_sqlite_store, opened_run_id, tracked_run
 from segldm.tracking.resilient import FlushBeforeCheckpoint, ResilientMLFlowLogger
+from segldm.train import run_callbacks
 from segldm.training.guards import FiniteGradients
 from tests.conftest import TINY_DATA, TINY_FIRST_STAGE, TINY_UNET, compose_train
 
