@@ -56,6 +56,15 @@ def matching_run_folder(task_dir: str | Path, overrides: Sequence[str]) -> Path 
     return max(matches)[1] if matches else None
 
 
+def resumes_automatically(resume: Any, ckpt_path: Any) -> bool:
+    """``resume=auto`` or ``ckpt_path=last``: continue this command's run folder from its newest checkpoint.
+
+    The one statement of the rule: the run folder (:func:`run_dir`) and the checkpoint
+    (``segldm.runtime.resume.plan_resume``) are both chosen by it.
+    """
+    return resume == "auto" or ckpt_path == "last"
+
+
 def run_dir(
     task_dir: str,
     timestamp: str,
@@ -68,7 +77,7 @@ def run_dir(
     Without resume=auto / ckpt_path=last: ``<task_dir>/<timestamp>`` as before. With them: the
     folder of ``run_name``, else the newest folder of the same overrides, else a new timestamped one.
     """
-    if resume != "auto" and ckpt_path != "last":
+    if not resumes_automatically(resume, ckpt_path):
         return f"{task_dir}/{timestamp}"
     if run_name not in (None, ""):
         name = str(run_name)

@@ -43,7 +43,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf
 
-from segldm.config.run_folder import ResumeWarning
+from segldm.config.run_folder import ResumeWarning, resumes_automatically
 from segldm.data.resumable import rank_and_world_size
 from segldm.runtime.checkpoint_io import is_resumable
 from segldm.runtime.lightning_state import (
@@ -145,7 +145,7 @@ def plan_resume(cfg: DictConfig) -> ResumePlan:
     resume, ckpt_path = cfg.get("resume"), cfg.get("ckpt_path")
     trust = bool(cfg.get("trust_checkpoint", False))
     kind = model_kind(cfg)
-    if resume != "auto" and ckpt_path != "last":
+    if not resumes_automatically(resume, ckpt_path):
         if not ckpt_path:
             return ResumePlan()
         checkpoint = read_checkpoint(ckpt_path, what="ckpt_path checkpoint", trust_checkpoint=trust)

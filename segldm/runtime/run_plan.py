@@ -3,9 +3,10 @@
 :func:`plan_run` reads ``resume``, ``ckpt_path``, ``init_from`` and ``trainer.fast_dev_run`` and
 decides:
 
-* **resume**: ``resume=auto`` / ``ckpt_path=last`` found a checkpoint in the run folder, or
-  ``ckpt_path=<file>`` names one (:func:`segldm.runtime.resume.plan_resume`, the one place that reads
-  the "auto" rule, checks it completely). Weights, optimizer, step and data position come from it, and
+* **resume**: ``resume=auto`` / ``ckpt_path=last`` (the rule is
+  :func:`segldm.config.run_folder.resumes_automatically`, which also picks the run folder) found a
+  checkpoint in the run folder, or ``ckpt_path=<file>`` names one; either is read and checked
+  completely (:func:`segldm.runtime.resume.plan_resume`). Weights, optimizer, step and data position come from it, and
   the MLflow run it recorded is continued; ``init_from`` is not loaded (it only starts runs).
 * **init_from**: ``init_from=<ckpt>`` and nothing to resume: a new run from that checkpoint's weights
   (fresh optimizer, step 0).

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from mlflow.tracking import MlflowClient
 
+from segldm.config.run_folder import resumes_automatically
 from segldm.runtime.preemption import PreemptionCheckpoint
 from segldm.runtime.resume import MLFLOW_RUN_FILE, TrainingState
 from segldm.runtime.run_plan import RunPlan, plan_run
@@ -62,6 +63,20 @@ def test_nothing_asked_is_a_fresh_run(tmp_path):
     assert plan.start == "fresh"
     assert (plan.ckpt_path, plan.init_from, plan.mlflow_run_id) == (None, None, None)
     assert plan.output_dir == tmp_path / "run" and not plan.throwaway
+
+
+@pytest.mark.parametrize(
+    ("resume", "ckpt_path", "auto"),
+    [
+        (None, None, False),
+        ("auto", None, True),
+        (None, "last", True),
+        ("auto", "last", True),
+        (None, "/a.ckpt", False),
+    ],
+)
+def test_the_auto_rule_is_stated_once(resume, ckpt_path, auto):
+    assert resumes_automatically(resume, ckpt_path) is auto
 
 
 def test_init_from_starts_a_new_run_from_weights(tmp_path):
