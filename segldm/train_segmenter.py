@@ -17,7 +17,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
@@ -34,6 +33,8 @@ from segldm.tracking.logger import (
     log_checkpoints,
     log_run_metadata,
     mlflow_loggers,
+    task_overrides,
+    tracked_run,
     tracking_callbacks,
 )
 from segldm.tracking.resilient import ResilientMLFlowLogger
@@ -104,8 +105,7 @@ def train_segmenter(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=[checkpoints, *progress, *tracking_callbacks(loggers)], logger=loggers or False
     )
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    log_run_metadata(loggers, cfg, overrides, str(output_dir))
+    log_run_metadata(loggers, cfg, task_overrides(), str(output_dir))
     trainer.fit(module, datamodule=datamodule)
 
     path = output_dir / "segmenter.ckpt"
@@ -131,13 +131,13 @@ def train_segmenter(cfg: DictConfig) -> dict[str, Any]:
             cfg.min_real_miou,
         )
     result = {"segmenter": str(path), "real": scores, "output_dir": str(output_dir)}
-    runs = mlflow_loggers(loggers)
-    if runs:
-        result["mlflow_run_id"] = runs[0].run_id
+    run = tracked_run(loggers) if trainer.is_global_zero else None
+    if run is not None:
+        result.update(mlflow_run_id=run.run_id, tracking_uri=run.tracking_uri)
     print(
         f"segmenter:       {path}\nreal-image mIoU: {scores['miou']:.4f} (pixel accuracy "
         f"{scores['pixel_accuracy']:.4f}, {scores['images']} validation images)"
-        + (f"\nMLflow run:      {result['mlflow_run_id']}" if runs else ""),
+        + (f"\nMLflow run:      {run.run_id} ({run.tracking_uri})" if run is not None else ""),
         flush=True,
     )
     return result
