@@ -1,1 +1,2 @@
-"""Config plumbing below everything else: OmegaConf resolvers and the run-folder rule."""
+"""Config plumbing below everything else: OmegaConf resolvers, the run-folder rule, and the
+constructor helpers components check their own configs with."""

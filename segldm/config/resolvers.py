@@ -4,18 +4,13 @@ instead of a comment. Registered when `segldm` is imported."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 from omegaconf import OmegaConf
 
+from segldm.config.derived import downsample_factor
 from segldm.config.hardware import auto_precision
 from segldm.config.metric_directions import objective_direction
 from segldm.config.run_folder import run_dir
-
-
-def downsample_factor(ch_mult: Sequence[int]) -> int:
-    """Spatial downsampling of a taming Encoder: one halving between consecutive levels."""
-    return 2 ** (len(ch_mult) - 1)
 
 
 def num_devices(devices: object) -> int:

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from segldm.config.construction import constructor_arguments
 from segldm.data.resumable import ResumableDataLoader
 from segldm.data.transforms import SKIPPED_KEY, check_on_error, collate_samples
 
 log = logging.getLogger(__name__)
+
+
+def batch_size_problems(batch_size: int, val_batch_size: int | None, key: str = "data") -> list[str]:
+    """Batch sizes that load nothing (``val_batch_size`` None: the training batch size)."""
+    problems = []
+    if batch_size <= 0:
+        problems.append(f"{key}.batch_size={batch_size} must be positive")
+    if val_batch_size is not None and val_batch_size <= 0:
+        problems.append(f"{key}.val_batch_size={val_batch_size} must be positive (or null: {key}.batch_size)")
+    return problems
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -48,8 +60,9 @@ class SegmentationDataModule(L.LightningDataModule):
         **dataset_keys: Any,
     ) -> None:
         super().__init__()
-        if batch_size <= 0:
-            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        problems = batch_size_problems(batch_size, val_batch_size)
+        if problems:
+            raise ValueError("; ".join(problems))
         for split, dataset in (("train", train), ("validation", validation)):
             dataset_labels = getattr(dataset, "n_labels", n_labels)
             if dataset_labels != n_labels:
@@ -86,6 +99,12 @@ class SegmentationDataModule(L.LightningDataModule):
         self.dataset_keys = dataset_keys
         self.skipped_samples: list[str] = []  # every skip seen by the loaders, in order
         self._reported: set[str] = set()
+
+    @classmethod
+    def startup_problems(cls, config: Mapping[str, Any], key: str) -> list[str]:
+        """What the constructor would refuse that the config alone shows (before any data is read)."""
+        arguments = constructor_arguments(cls, config)
+        return batch_size_problems(int(arguments["batch_size"]), arguments["val_batch_size"], key)
 
     def train_dataloader(self) -> DataLoader:
         # resumable: its position is saved in checkpoints, so a resumed run sees the same batches

@@ -22,6 +22,24 @@ def check_guidance_scale(scale: float, key: str) -> None:
         raise ValueError(f"{key}={scale}: classifier-free guidance scale must be >= 1 (1 = no guidance)")
 
 
+def guidance_problem(scale: float, key: str, cond_drop_prob: float, force: bool = False) -> str | None:
+    """Why ``scale`` cannot guide a model trained with condition dropout ``cond_drop_prob``, or None:
+    below 1, or above 1 for a model that never learned the unconditional prediction guidance
+    subtracts (``force``: sample it anyway). Start-up checks and sampling both ask it."""
+    try:
+        check_guidance_scale(scale, key)
+    except ValueError as err:
+        return str(err)
+    if float(scale) == 1.0 or float(cond_drop_prob) > 0 or force:
+        return None
+    return (
+        f"{key}={scale}: this model was trained without condition dropout (model.diffusion.cond_drop_prob=0); "
+        "a scale other than 1 guides a model trained without condition dropout away from an unconditional "
+        f"prediction it never learned. Train with model.diffusion.cond_drop_prob>0 (e.g. 0.1), use {key}=1, or, "
+        "sampling a trained model, insist with force_guidance=true"
+    )
+
+
 def guided_eps(
     apply_model: ApplyModel, x: torch.Tensor, t: torch.Tensor, cond: Any, scale: float, uncond: Any | None
 ) -> torch.Tensor:

@@ -103,7 +103,8 @@ def zero_terminal_snr_problems(zero_terminal_snr: bool, parameterization: str, s
 
 def objective_problems(parameterization: str, weighting: str, gamma: float) -> list[str]:
     """What is wrong with an objective, one sentence per problem naming its model.* key (empty: fine).
-    The start-up config check and :func:`check_loss_weighting` both use it."""
+    LatentDiffusion's constructor raises them, its start-up check lists them, and
+    :func:`check_loss_weighting` asks it for the weighting alone."""
     problems = []
     if parameterization not in PARAMETERIZATIONS:
         problems.append(

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from segldm.config.construction import constructor_arguments, constructor_problems
+from segldm.config.derived import downsample_factor
+from segldm.errors import MissingFileError
 from segldm.models.attention import scaled_dot_product_attention
 from segldm.models.diffusers_vq import state_dict_from_vq_folder
 from segldm.storage.checkpoint_files import (
@@ -28,10 +31,20 @@ from segldm.storage.checkpoint_files import (
 ATTENTION_IMPLS: tuple[str, ...] = ("sdpa", "einsum")
 
 FIRST_STAGE_HELP = (
-    "Train one with `python -m segldm.train experiment=quickstart_autoencoder` (or `model=autoencoder`), "
-    "or download the CompVis vq-f4 autoencoder from https://ommer-lab.com/files/latent-diffusion/vq-f4.zip "
-    "and unzip it so that the file is models/first_stage_models/vq-f4/model.ckpt."
+    "Train one with `python -m segldm.train model=autoencoder` (`experiment=quickstart_autoencoder`: the "
+    "CPU-sized one; `make train` trains both stages), or download the CompVis vq-f4 autoencoder from "
+    "https://ommer-lab.com/files/latent-diffusion/vq-f4.zip and unzip it so that the file is "
+    "models/first_stage_models/vq-f4/model.ckpt."
 )
+
+
+def missing_checkpoint_problem(
+    ckpt_path: str | Path | None, key: str = "model.first_stage.ckpt_path"
+) -> str | None:
+    """Why ``ckpt_path`` cannot be loaded because it is not there (a file, or a diffusers VQModel folder)."""
+    if ckpt_path is None or Path(ckpt_path).exists():
+        return None
+    return f"{key}={ckpt_path} does not exist. {FIRST_STAGE_HELP}"
 
 
 def Normalize(in_channels: int) -> nn.GroupNorm:  # noqa: N802 - reference name
@@ -410,6 +423,9 @@ class VQModel(nn.Module):
         sane_index_shape: bool = False,
     ) -> None:
         super().__init__()
+        missing = missing_checkpoint_problem(ckpt_path)
+        if missing:  # before building anything
+            raise MissingFileError(missing)
         ddconfig = dict(ddconfig)
         self.ddconfig = ddconfig
         self.n_embed = n_embed
@@ -431,7 +447,26 @@ class VQModel(nn.Module):
     @property
     def downsample_factor(self) -> int:
         """Spatial reduction image -> latent (4 for vq-f4)."""
-        return 2 ** (len(self.ddconfig["ch_mult"]) - 1)
+        return downsample_factor(self.ddconfig["ch_mult"])
+
+    @classmethod
+    def startup_problems(cls, config: Mapping[str, Any], key: str) -> list[str]:
+        """A checkpoint that is not there, and the constructor's own checks (the encoder and decoder
+        built on the meta device, without reading the checkpoint)."""
+        missing = missing_checkpoint_problem(config.get("ckpt_path"), f"{key}.ckpt_path")
+        return ([missing] if missing else []) + constructor_problems(cls, {**config, "ckpt_path": None}, key)
+
+    @classmethod
+    def config_downsample_factor(cls, config: Mapping[str, Any], key: str) -> tuple[int, str]:
+        """Spatial reduction image -> latent of this config, and the setting that gives it."""
+        ch_mult = list(dict(config["ddconfig"])["ch_mult"])
+        return downsample_factor(ch_mult), f"{key}.ddconfig.ch_mult={ch_mult}"
+
+    @classmethod
+    def config_latent_channels(cls, config: Mapping[str, Any], key: str) -> tuple[int, str]:
+        """Channels of the latent this config gives the LDM, and the setting that gives them."""
+        embed_dim = int(constructor_arguments(cls, config)["embed_dim"])
+        return embed_dim, f"{key}.embed_dim={embed_dim}"
 
     @property
     def latent_channels(self) -> int:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from segldm.config.construction import constructor_arguments, constructor_problems
 
 INTERPOLATION_MODES: tuple[str, ...] = ("nearest", "linear", "bilinear", "trilinear", "bicubic", "area")
 
@@ -46,6 +51,38 @@ class SpatialRescaler(nn.Module):
     def downsample_factor(self) -> int:
         """Total spatial reduction (4 for two x0.5 stages); must match the first stage's factor."""
         return round(1 / self.multiplier**self.n_stages)
+
+    @classmethod
+    def startup_problems(cls, config: Mapping[str, Any], key: str) -> list[str]:
+        """The constructor's own checks, run on the meta device before anything is built."""
+        return constructor_problems(cls, config, key)
+
+    @classmethod
+    def config_channels(cls, config: Mapping[str, Any], key: str) -> tuple[int, int]:
+        """(channels it reads, channels it gives the UNet) for this config: ``out_channels``, or
+        ``in_channels`` without a channel mapper."""
+        arguments = constructor_arguments(cls, config)
+        given = arguments["out_channels"]
+        return int(arguments["in_channels"]), int(arguments["in_channels"] if given is None else given)
+
+    @classmethod
+    def output_side_problems(
+        cls, config: Mapping[str, Any], key: str, side: int, target: int, target_why: str
+    ) -> list[str]:
+        """Whether this config maps ``side`` px masks to ``target`` px (``target_why``: where that comes
+        from), each stage flooring as ``F.interpolate`` does."""
+        arguments = constructor_arguments(cls, config)
+        stages, multiplier = int(arguments["n_stages"]), float(arguments["multiplier"])
+        out = int(side)
+        for _ in range(stages):
+            out = int(out * multiplier)
+        if out == target:
+            return []
+        halvings = (max(side // max(target, 1), 1)).bit_length() - 1
+        return [
+            f"{key} maps {side}px masks to {out}px (n_stages={stages}, multiplier={multiplier}) but {target_why}; "
+            f"for multiplier 0.5 use {key}.n_stages={halvings}"
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for _ in range(self.n_stages):

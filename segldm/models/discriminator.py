@@ -59,8 +59,9 @@ class NLayerDiscriminator(nn.Module):
         self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3, use_actnorm: bool = False
     ) -> None:
         super().__init__()
-        if n_layers < 1:
-            raise ValueError(f"disc_num_layers={n_layers} must be >= 1")
+        problem = depth_problem(n_layers)
+        if problem:
+            raise ValueError(problem)
         norm_layer = ActNorm if use_actnorm else nn.BatchNorm2d
         use_bias = use_actnorm  # BatchNorm's affine shift makes a conv bias redundant
         sequence: list[nn.Module] = [
@@ -105,3 +106,22 @@ def min_input_size(n_layers: int) -> int:
     while output_size(size, n_layers) < 1:
         size += 1
     return size
+
+
+def depth_problem(n_layers: int, key: str = "disc_num_layers") -> str | None:
+    """Why ``n_layers`` builds no PatchGAN (``key``: the setting it came from), or None."""
+    return f"{key}={n_layers} must be >= 1" if n_layers < 1 else None
+
+
+def image_size_problem(n_layers: int, size: int, key: str, size_key: str = "data.size") -> str | None:
+    """Why ``size`` px images are too small for an ``n_layers`` PatchGAN (empty logit map), with the
+    depth that fits them if there is one, or None."""
+    if n_layers < 1 or size >= min_input_size(n_layers):
+        return None
+    fitting = max((n for n in range(1, n_layers) if size >= min_input_size(n)), default=None)
+    return (
+        f"{key}={n_layers}: the PatchGAN needs images of at least {min_input_size(n_layers)} px but "
+        f"{size_key}={size}; use "
+        + (f"{key}={fitting} or " if fitting else "")
+        + f"{size_key}>={min_input_size(n_layers)}"
+    )

@@ -9,16 +9,37 @@ keys are a taming/CompVis VQ checkpoint's ``loss.*``. The math is in small funct
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segldm.models.discriminator import NLayerDiscriminator, weights_init
-from segldm.models.perceptual import LPIPS, find_vgg16_weights, missing_weights_message
+from segldm.config.construction import constructor_arguments
+from segldm.models.discriminator import NLayerDiscriminator, depth_problem, image_size_problem, weights_init
+from segldm.models.perceptual import (
+    LPIPS,
+    PerceptualWeightsError,
+    find_vgg16_weights,
+    missing_weights_message,
+    require_vgg16_weights,
+)
 
 GAN_LOSSES = ("hinge", "vanilla")
+
+
+def disc_loss_problem(disc_loss: str, key: str = "model.loss.disc_loss") -> str | None:
+    """Why ``disc_loss`` is no GAN loss this module has, or None."""
+    return f"{key}={disc_loss!r}; use one of {list(GAN_LOSSES)}" if disc_loss not in GAN_LOSSES else None
+
+
+def disc_conditional_problem(disc_conditional: bool, key: str = "model.loss.disc_conditional") -> str | None:
+    """taming's conditional discriminator is not ported: the VQ-f4 recipe is unconditional."""
+    if not disc_conditional:
+        return None
+    return f"{key}=true is not supported (the VQ-f4 recipe is unconditional)"
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -73,12 +94,11 @@ class VQLPIPSWithDiscriminator(nn.Module):
         perceptual_required: bool = True,
     ) -> None:
         super().__init__()
-        if disc_loss not in GAN_LOSSES:
-            raise ValueError(f"model.loss.disc_loss={disc_loss!r}; expected one of {GAN_LOSSES}")
-        if disc_conditional:
-            raise ValueError(
-                "model.loss.disc_conditional=true is not supported (the VQ-f4 recipe is unconditional)"
-            )
+        problems = [
+            p for p in (disc_loss_problem(disc_loss), disc_conditional_problem(disc_conditional)) if p
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
         if (
             perceptual_weight > 0
             and not perceptual_required
@@ -107,6 +127,34 @@ class VQLPIPSWithDiscriminator(nn.Module):
         # taming runs the discriminator (forward, adaptive weight, its own step) also before disc_start,
         # where every GAN term is multiplied by 0; skipping it leaves the autoencoder's update unchanged
         self.discriminator_before_start = discriminator_before_start
+
+    @classmethod
+    def startup_problems(cls, config: Mapping[str, Any], key: str) -> list[str]:
+        """This config's problems before anything is built: the GAN loss, the discriminator's depth and
+        LPIPS weights that exist (what the constructor would refuse, without reading any weights)."""
+        arguments = constructor_arguments(cls, config)
+        problems = [
+            disc_loss_problem(arguments["disc_loss"], f"{key}.disc_loss"),
+            disc_conditional_problem(arguments["disc_conditional"], f"{key}.disc_conditional"),
+            depth_problem(int(arguments["disc_num_layers"]), f"{key}.disc_num_layers"),
+        ]
+        if float(arguments["perceptual_weight"]) > 0:
+            vgg16_path, checkpoint = arguments["vgg16_path"], arguments["lpips_checkpoint"]
+            try:
+                if arguments["perceptual_required"]:
+                    require_vgg16_weights(vgg16_path, checkpoint, key)
+                else:  # without weights it trains without the term; a named file must still exist
+                    find_vgg16_weights(vgg16_path, checkpoint, f"{key}.vgg16_path")
+            except PerceptualWeightsError as err:
+                problems.append(str(err))
+        return [problem for problem in problems if problem]
+
+    @classmethod
+    def image_size_problems(cls, config: Mapping[str, Any], key: str, size: int) -> list[str]:
+        """Whether the discriminator's patches fit ``size`` px images (``data.size``)."""
+        layers = int(constructor_arguments(cls, config)["disc_num_layers"])
+        problem = image_size_problem(layers, size, f"{key}.disc_num_layers")
+        return [problem] if problem else []
 
     def reconstruction_terms(
         self, inputs: torch.Tensor, reconstructions: torch.Tensor

@@ -59,6 +59,17 @@ def find_vgg16_weights(
     return cached if cached.is_file() else None
 
 
+def require_vgg16_weights(
+    vgg16_path: str | Path | None, checkpoint: str | Path | None = None, key: str = "model.loss"
+) -> Path:
+    """:func:`find_vgg16_weights`, or PerceptualWeightsError naming every way to provide the weights
+    (LPIPS builds with it; the start-up check asks it before anything is built)."""
+    path = find_vgg16_weights(vgg16_path, checkpoint, f"{key}.vgg16_path")
+    if path is None:
+        raise PerceptualWeightsError(missing_weights_message(key))
+    return path
+
+
 def holds_lpips(path: Path) -> bool:
     """Whether a checkpoint file has taming's ``loss.perceptual_loss.net.*`` keys."""
     try:
@@ -132,10 +143,7 @@ class LPIPS(nn.Module):
         self.net = model.net
         self.lin0, self.lin1, self.lin2, self.lin3, self.lin4 = model.lins
         self.backbone_source: str | None = None
-        path = find_vgg16_weights(vgg16_path, checkpoint)
-        if path is None:
-            raise PerceptualWeightsError(missing_weights_message())
-        self.load_backbone(path)
+        self.load_backbone(require_vgg16_weights(vgg16_path, checkpoint))
         self.eval()
         for param in self.parameters():
             param.requires_grad = False

@@ -8,7 +8,7 @@ Module names, parameter shapes, initialisation and numerics follow the reference
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from segldm.config.construction import constructor_arguments, constructor_problems
 from segldm.models.attention import scaled_dot_product_attention
 
 ATTENTION_IMPLS: tuple[str, ...] = ("sdpa", "einsum")
@@ -52,6 +53,37 @@ def attention_levels(attention_resolutions: Iterable[int], channel_mult: Sequenc
     """
     wanted = {int(r) for r in attention_resolutions}
     return [level for level in range(len(channel_mult)) if 2**level in wanted]
+
+
+def input_multiple(channel_mult: Sequence[int]) -> int:
+    """What the input's sides must be a multiple of: the UNet halves them once per level after the
+    first, and its skip connections align only when every halving is exact."""
+    return 2 ** (len(channel_mult) - 1)
+
+
+def attention_resolution_problems(
+    attention_resolutions: Iterable[int], channel_mult: Sequence[int], key: str
+) -> list[str]:
+    """Entries of ``attention_resolutions`` that select no level (see :func:`attention_levels`): not a
+    power of two (never a downsampling factor), or a factor this UNet does not have while others match
+    (the seed's ``[32, 16, 8]`` matching none is CompVis's quirk, kept: attention in the middle block)."""
+    wanted, levels = [int(r) for r in attention_resolutions], list(channel_mult)
+    reachable = {2**level for level in range(len(levels))}
+    never = sorted(r for r in wanted if r <= 0 or r & (r - 1))
+    problems = []
+    if never:
+        problems.append(
+            f"{key}.attention_resolutions={wanted}: {never} can never match a UNet level (CompVis compares "
+            f"each entry with the downsampling factor 1, 2, 4, ...; this UNet with channel_mult={levels} has "
+            f"{sorted(reachable)}); use powers of two"
+        )
+    unused = sorted(r for r in set(wanted) - reachable if r not in never)
+    if unused and set(wanted) & reachable:
+        problems.append(
+            f"{key}.attention_resolutions={wanted}: {unused} are not downsampling factors of this UNet (it "
+            f"has {sorted(reachable)}; CompVis compares the list with the factor, not with the pixel size)"
+        )
+    return problems
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -449,6 +481,39 @@ class UNetModel(nn.Module):
             normalization(ch),
             nn.SiLU(),
             zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)),
+        )
+
+    @property
+    def size_multiple(self) -> int:
+        """What the sides of this UNet's input must be a multiple of (see :func:`input_multiple`)."""
+        return input_multiple(self.channel_mult)
+
+    @classmethod
+    def startup_problems(cls, config: Mapping[str, Any], key: str) -> list[str]:
+        """This config's problems before anything is built: the constructor's own checks (run on the
+        meta device) and attention resolutions that select no level."""
+        problems = constructor_problems(cls, config, key)
+        arguments = constructor_arguments(cls, config)
+        if "attention_resolutions" in arguments:
+            problems += attention_resolution_problems(
+                arguments["attention_resolutions"], arguments["channel_mult"], key
+            )
+        return problems
+
+    @classmethod
+    def config_channels(cls, config: Mapping[str, Any], key: str) -> tuple[int, int]:
+        """(input channels, output channels) of this config: latent + condition in, the latent's out."""
+        arguments = constructor_arguments(cls, config)
+        return int(arguments["in_channels"]), int(arguments["out_channels"])
+
+    @classmethod
+    def config_size_multiple(cls, config: Mapping[str, Any], key: str) -> tuple[int, str]:
+        """What the latent's sides must be a multiple of for this config, and the setting that says so."""
+        channel_mult = list(constructor_arguments(cls, config)["channel_mult"])
+        multiple = input_multiple(channel_mult)
+        return multiple, (
+            f"{key}.channel_mult={channel_mult}: the UNet halves its input {len(channel_mult) - 1} times and "
+            "its skip connections align only when each halving is exact"
         )
 
     def set_attention_impl(self, impl: str) -> None:

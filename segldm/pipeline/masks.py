@@ -156,7 +156,8 @@ def fit_map(ids: np.ndarray, mode: str, resolution: int | tuple[int, int], multi
 
 
 def size_multiple(model: Any) -> tuple[int, str]:
-    """Mask sides must be multiples of first-stage factor x UNet downsampling (else skips do not align)."""
+    """Mask sides must be multiples of the first stage's factor x what the backbone's input sides must
+    be a multiple of (the UNet's downsampling: else its skips do not align); each module says its own."""
     first = int(getattr(model.first_stage_model, "downsample_factor", 1))
-    unet = 2 ** (len(getattr(model.model.diffusion_model, "channel_mult", (1,))) - 1)
-    return first * unet, f"first-stage factor {first} x UNet downsampling {unet}"
+    backbone = int(getattr(model.model.diffusion_model, "size_multiple", 1))
+    return first * backbone, f"first-stage factor {first} x backbone size multiple {backbone}"

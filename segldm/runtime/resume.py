@@ -46,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from segldm.config.run_folder import ResumeWarning, resumes_automatically
 from segldm.data.resumable import rank_and_world_size
 from segldm.runtime.checkpoint_io import is_resumable
+from segldm.runtime.checks import import_class
 from segldm.runtime.lightning_state import (
     log_missing_metrics,
     pending_step_metrics,
@@ -60,7 +61,6 @@ from segldm.training.guards import FiniteGradients
 log = logging.getLogger(__name__)
 
 MLFLOW_RUN_FILE = "mlflow_run.json"
-MODEL_KINDS = {"LatentDiffusion": "ldm", "VQAutoencoderModule": "autoencoder"}
 
 
 # ------------------------------------------------------------------------------------ what to resume
@@ -81,8 +81,14 @@ def checkpoint_dir(cfg: DictConfig) -> Path:
 
 
 def model_kind(cfg: DictConfig) -> str | None:
-    """The segldm checkpoint kind this config trains ('ldm', 'autoencoder'), None if unknown."""
-    return MODEL_KINDS.get(str(cfg.model.get("_target_", "")).rsplit(".", 1)[-1])
+    """The segldm checkpoint kind this config trains ('ldm', 'autoencoder': its class's
+    ``checkpoint_kind``), None if its class says none."""
+    target = cfg.model.get("_target_")
+    try:
+        cls = import_class(str(target)) if target else None
+    except Exception:  # Hydra's import errors; validate_config names the key
+        return None
+    return getattr(cls, "checkpoint_kind", None)
 
 
 def check_resumable(checkpoint: Mapping[str, Any], path: str | Path, expected_kind: str | None) -> None:

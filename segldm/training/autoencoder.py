@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -24,15 +24,20 @@ from segldm.training.guards import check_finite
 from segldm.training.lr_schedulers import effective_learning_rate, optimizer_config, report_learning_rate
 from segldm.training.optimizers import TAMING_ADAM, build_optimizer, optimizer_factory
 from segldm.training.options import (
+    AUTOENCODER_FLAT_OPTION_KEYS,
     AUTOENCODER_LEGACY_OPTIMIZER_KEYS,
+    AUTOENCODER_OPTION_GROUPS,
     AutoencoderOptimizationOptions,
     build_options,
+    group_problems,
     move_legacy_optimizer_keys,
 )
 
 
 class VQAutoencoderModule(L.LightningModule):
     """Trains the VQ-f4 first stage: L1 (+ optional L2) reconstruction plus the VQ codebook loss."""
+
+    checkpoint_kind: ClassVar[str] = "autoencoder"  # segldm.kind of its checkpoints; resuming checks it
 
     def __init__(
         self,
@@ -71,6 +76,22 @@ class VQAutoencoderModule(L.LightningModule):
         self.l2_weight = l2_weight
         self.lr_lambda = scheduler
         self.segldm_config: dict[str, Any] | None = None
+
+    @classmethod
+    def startup_problems(cls, config: Mapping[str, Any], key: str) -> list[str]:
+        """This config's option groups, and a ``loss`` left without its ``_target_`` (settings of one
+        loss kept after choosing another: the defaults list merges them)."""
+        problems = group_problems(
+            config, AUTOENCODER_OPTION_GROUPS, AUTOENCODER_FLAT_OPTION_KEYS, AUTOENCODER_LEGACY_OPTIMIZER_KEYS
+        )
+        loss = config.get("loss")
+        if isinstance(loss, Mapping) and "_target_" not in loss:
+            problems.append(
+                f"{key}.loss has settings ({', '.join(sorted(loss))}) but no _target_: values set for one loss "
+                f"were left over after another was chosen (model/loss=...); choose the loss in the preset's "
+                "defaults list or drop those keys"
+            )
+        return problems
 
     def get_input(self, batch: dict[str, Any]) -> torch.Tensor:
         return rearrange(batch[self.image_key], "b h w c -> b c h w").contiguous().float()
@@ -203,7 +224,7 @@ class VQAutoencoderModule(L.LightningModule):
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["segldm"] = {"kind": "autoencoder", "config": self.segldm_config}
+        checkpoint["segldm"] = {"kind": self.checkpoint_kind, "config": self.segldm_config}
 
 
 def codebook_usage(indices: torch.Tensor, n_embed: int, prefix: str) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -20,10 +20,11 @@ from einops import rearrange
 from torch import nn
 
 from segldm.condition import LabelCondition, as_condition
+from segldm.config.construction import constructor_arguments
+from segldm.diffusion.guidance import guidance_problem
 from segldm.diffusion.objectives import (
-    PARAMETERIZATIONS,
-    check_loss_weighting,
     loss_weights,
+    objective_problems,
     training_target,
     zero_terminal_snr_problems,
 )
@@ -52,18 +53,78 @@ from segldm.training.lr_schedulers import (
 )
 from segldm.training.optimizers import ADAMW, build_optimizer, optimizer_factory, settings
 from segldm.training.options import (
+    FLAT_OPTION_KEYS,
     LEGACY_OPTIMIZER_KEYS,
+    OPTION_GROUPS,
     DiffusionOptions,
     OptimizationOptions,
     PerformanceOptions,
     ValidationOptions,
     build_options,
+    group_problems,
     move_legacy_optimizer_keys,
 )
-from segldm.training.sampling import Sampling
+from segldm.training.sampling import Sampling, sampler_run_problems
 
 CONDITIONING_KEYS = ("concat",)
 LOSS_TYPES = ("l1", "l2")
+
+
+def conditioning_key_problem(conditioning_key: str) -> str | None:
+    """Why the UNet cannot be conditioned this way (only CompVis's mask concat is ported), or None."""
+    if conditioning_key in CONDITIONING_KEYS:
+        return None
+    return (
+        f"model.conditioning_key={conditioning_key!r} is not supported; expected one of {CONDITIONING_KEYS}"
+    )
+
+
+def diffusion_problems(diffusion: DiffusionOptions, sampler: str) -> list[str]:
+    """``model.diffusion``'s problems, one sentence each naming its key: condition dropout, loss,
+    objective and what a zero-terminal-SNR schedule needs of them and of ``sampler`` (the name in
+    ``model.sampler``). The constructor raises them; the start-up check lists them."""
+    problems = []
+    if not 0.0 <= float(diffusion.cond_drop_prob) < 1.0:
+        problems.append(
+            f"model.diffusion.cond_drop_prob={diffusion.cond_drop_prob} must be in [0, 1): the fraction of "
+            "training samples whose mask is replaced by the null condition (0: off, the seed's recipe; SDM "
+            "uses 0.2)"
+        )
+    if diffusion.loss_type not in LOSS_TYPES:
+        problems.append(
+            f"model.diffusion.loss_type={diffusion.loss_type!r} is not supported; use one of {list(LOSS_TYPES)}"
+        )
+    problems += objective_problems(
+        diffusion.parameterization, diffusion.loss_weighting, diffusion.min_snr_gamma
+    )
+    return problems + zero_terminal_snr_problems(
+        bool(diffusion.zero_terminal_snr), diffusion.parameterization, sampler
+    )
+
+
+def scale_factor_problem(scale_by_std: bool, scale_factor: float) -> str | None:
+    """scale_by_std sets the latent scale from the first batch, so a factor of its own contradicts it."""
+    if not scale_by_std or float(scale_factor) == 1.0:
+        return None
+    return (
+        f"model.scale_by_std=true and model.scale_factor={scale_factor}: scale_by_std sets the factor from the "
+        "first batch (CompVis asserts scale_factor == 1 with it); set model.scale_factor=1.0, or "
+        "model.scale_by_std=false to keep your factor"
+    )
+
+
+def pretrained_first_stage_problem(weights: str | None, required: bool) -> str | None:
+    """The LDM trains on a frozen, pretrained first stage: ``weights`` (where its weights come from,
+    the config's ``ckpt_path`` or the built module's ``loaded_from``) None is refused unless not
+    ``required`` (smoke tests)."""
+    if weights is not None or not required:
+        return None
+    return (
+        "model.first_stage.ckpt_path is null: the LDM trains on a frozen, pretrained first stage. Train one "
+        "with `python -m segldm.train model=autoencoder` (or `make train`, which does both stages) or use "
+        "CompVis's vq-f4 checkpoint, then pass model.first_stage.ckpt_path=<file>; set "
+        "model.require_pretrained_first_stage=false only for smoke tests"
+    )
 
 
 class DiffusionWrapper(nn.Module):
@@ -71,10 +132,9 @@ class DiffusionWrapper(nn.Module):
 
     def __init__(self, diffusion_model: nn.Module, conditioning_key: str = "concat") -> None:
         super().__init__()
-        if conditioning_key not in CONDITIONING_KEYS:
-            raise ValueError(
-                f"model.conditioning_key={conditioning_key!r} is not supported; expected one of {CONDITIONING_KEYS}"
-            )
+        problem = conditioning_key_problem(conditioning_key)
+        if problem:
+            raise ValueError(problem)
         self.diffusion_model = diffusion_model
         self.conditioning_key = conditioning_key
 
@@ -89,6 +149,8 @@ def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
 
 class LatentDiffusion(Sampling, L.LightningModule):
     """Mask-conditioned LDM: frozen VQ first stage, trainable SpatialRescaler, UNet on cat[z_t, c]."""
+
+    checkpoint_kind: ClassVar[str] = "ldm"  # segldm.kind of its checkpoints; resuming checks it
 
     def __init__(
         self,
@@ -124,34 +186,18 @@ class LatentDiffusion(Sampling, L.LightningModule):
         performance = build_options(PerformanceOptions, performance, "performance")
         validation = build_options(ValidationOptions, validation, "validation")
         sampler = SamplerSettings.from_config(sampler, "model.sampler")  # an unknown key is refused here
-        if not 0.0 <= float(diffusion.cond_drop_prob) < 1.0:
-            raise ValueError(
-                f"model.diffusion.cond_drop_prob={diffusion.cond_drop_prob} must be in [0, 1): the fraction of "
-                "training samples whose mask is replaced by the null condition (0: off, the seed's recipe; SDM "
-                "uses 0.2)"
+        problems = diffusion_problems(diffusion, sampler.name) + [
+            problem
+            for problem in (
+                scale_factor_problem(scale_by_std, scale_factor),
+                pretrained_first_stage_problem(
+                    getattr(first_stage, "loaded_from", None), require_pretrained_first_stage
+                ),
             )
-        check_loss_weighting(diffusion.loss_weighting, float(diffusion.min_snr_gamma))
-        problems = zero_terminal_snr_problems(
-            diffusion.zero_terminal_snr, diffusion.parameterization, sampler.name
-        )
+            if problem
+        ]
         if problems:
             raise ValueError("; ".join(problems))
-        if diffusion.loss_type not in LOSS_TYPES:
-            raise ValueError(
-                f"model.diffusion.loss_type={diffusion.loss_type!r} is not supported; expected one of {LOSS_TYPES}"
-            )
-        if diffusion.parameterization not in PARAMETERIZATIONS:
-            raise ValueError(
-                f"model.diffusion.parameterization={diffusion.parameterization!r} is not supported; expected one "
-                f"of {PARAMETERIZATIONS}"
-            )
-        if require_pretrained_first_stage and getattr(first_stage, "loaded_from", None) is None:
-            raise ValueError(
-                "model.first_stage.ckpt_path is not set: the LDM trains on a frozen, pretrained first stage. "
-                "Train one with `python -m segldm.train model=autoencoder` (or `make train`, which does both "
-                "stages) or use CompVis's vq-f4 checkpoint, then pass model.first_stage.ckpt_path=<file>. "
-                "Set model.require_pretrained_first_stage=false only for smoke tests."
-            )
         self.num_timesteps = int(diffusion.timesteps)
         self.diffusion_settings = dict(vars(diffusion))  # model.diffusion: diffusers: samplers rebuild it
         self.loss_type = diffusion.loss_type
@@ -209,11 +255,6 @@ class LatentDiffusion(Sampling, L.LightningModule):
         self.register_buffer("logvar", torch.zeros(self.num_timesteps), persistent=False)
 
         self.scale_by_std = scale_by_std
-        if scale_by_std and float(scale_factor) != 1.0:
-            raise ValueError(
-                f"model.scale_by_std=true with model.scale_factor={scale_factor}: scale_by_std sets the factor from "
-                "the first batch (CompVis asserts scale_factor == 1 with it); set one or the other"
-            )
         if scale_by_std:
             self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
         else:
@@ -238,6 +279,75 @@ class LatentDiffusion(Sampling, L.LightningModule):
         self.compile_options = compile_options(performance.compile)
         self.first_stage_compile_options = compile_options(performance.compile_first_stage)
         self.latent_cache: LatentCache | None = LatentCache() if performance.cache_latents else None
+
+    # ------------------------------------------------------------------ start-up checks
+    @classmethod
+    def startup_problems(cls, config: Mapping[str, Any], key: str) -> list[str]:
+        """What the constructor would refuse that this config (``model``) already shows, each problem
+        from the function the constructor raises it with, plus the sampler it samples with by default
+        (``model.sampler``: its name, step count and guidance scale)."""
+        arguments = constructor_arguments(cls, config)
+        problems = group_problems(config, OPTION_GROUPS, FLAT_OPTION_KEYS, LEGACY_OPTIMIZER_KEYS)
+        problems += [
+            problem
+            for problem in (
+                conditioning_key_problem(arguments["conditioning_key"]),
+                scale_factor_problem(bool(arguments["scale_by_std"]), float(arguments["scale_factor"])),
+                pretrained_first_stage_problem(
+                    dict(config.get("first_stage") or {}).get("ckpt_path"),
+                    bool(arguments["require_pretrained_first_stage"]),
+                ),
+            )
+            if problem
+        ]
+        try:
+            settings = SamplerSettings.from_config(config.get("sampler"), f"{key}.sampler")
+        except ValueError as err:  # an unknown key or value of model.sampler
+            problems.append(str(err))
+            settings = None
+        try:
+            diffusion = build_options(DiffusionOptions, config.get("diffusion"), "diffusion")
+        except ValueError:  # an unknown key: group_problems names it
+            return problems
+        sampler_name = settings.name if settings else dict(config.get("sampler") or {}).get("name")
+        problems += diffusion_problems(diffusion, str(sampler_name or SamplerSettings().name))
+        if settings is None:
+            return problems
+        return problems + cls.sampling_problems(
+            config,
+            key,
+            {f"{key}.sampler.steps": (f"{key}.sampler.name", settings.name, settings.steps)},
+            {f"{key}.sampler.guidance_scale": settings.guidance_scale},
+        )
+
+    @classmethod
+    def sampling_problems(
+        cls,
+        config: Mapping[str, Any],
+        key: str,
+        runs: Mapping[str, tuple[str, str | None, int]],
+        guidance_scales: Mapping[str, float | None],
+    ) -> list[str]:
+        """Sampling asked of a model with this config (its own defaults, sample grids, in-training
+        metrics): ``runs``, steps key -> (name key, sampler name or None: ``model.sampler``'s, steps),
+        each checked by its sampler against this schedule; ``guidance_scales``, key -> scale or None
+        (``model.sampler``'s), each >= 1 and > 1 only with condition dropout."""
+        try:
+            settings = SamplerSettings.from_config(config.get("sampler"), f"{key}.sampler")
+            diffusion = build_options(DiffusionOptions, config.get("diffusion"), "diffusion")
+        except ValueError:
+            return []  # startup_problems names the key
+        named = {
+            steps_key: (name_key, settings.name if name is None else name, steps)
+            for steps_key, (name_key, name, steps) in runs.items()
+        }
+        problems = sampler_run_problems(settings, diffusion.timesteps, vars(diffusion), named)
+        for scale_key, scale in guidance_scales.items():
+            scale = settings.guidance_scale if scale is None else scale
+            problem = guidance_problem(float(scale), scale_key, float(diffusion.cond_drop_prob))
+            if problem:
+                problems.append(problem)
+        return problems
 
     # ------------------------------------------------------------------ CompVis-named interface
     @contextmanager
@@ -527,7 +637,7 @@ class LatentDiffusion(Sampling, L.LightningModule):
         return settings(self.optimizer_factory)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["segldm"] = {"kind": "ldm", "config": self.segldm_config}
+        checkpoint["segldm"] = {"kind": self.checkpoint_kind, "config": self.segldm_config}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restarted_from_ckpt = True

@@ -162,10 +162,22 @@ def build_options(cls: type[Options], values: Mapping[str, Any] | Options | None
 
 
 def option_problems(model: Mapping[str, Any]) -> list[str]:
-    """Start-up check of a run's model config: a flat option (e.g. `+model.base_learning_rate=...`)
-    names its new place, an unknown key in a group names the keys the group has."""
+    """:func:`group_problems` of a model config whose module is told by its `_target_` (the legacy
+    layouts of checkpoints; a module's start-up check passes its own groups)."""
     keys = flat_option_keys(model)
-    legacy = legacy_optimizer_keys(model)
+    groups = AUTOENCODER_OPTION_GROUPS if keys is AUTOENCODER_FLAT_OPTION_KEYS else OPTION_GROUPS
+    return group_problems(model, groups, keys, legacy_optimizer_keys(model))
+
+
+def group_problems(
+    model: Mapping[str, Any],
+    groups: Mapping[str, type],
+    keys: Mapping[str, tuple[str, str]],
+    legacy: Mapping[str, str],
+) -> list[str]:
+    """Start-up check of a module's option groups: a flat option (e.g. `+model.base_learning_rate=...`)
+    names its new place (`keys`, `legacy`: the module's old names), an unknown key in a group names the
+    keys the group has, and the learning rate is positive."""
     problems = [
         f"model.{name} moved to model.{group}.{key} (docs/architecture.md): set model.{group}.{key} instead"
         for name, (group, key) in keys.items()
@@ -177,13 +189,15 @@ def option_problems(model: Mapping[str, Any]) -> list[str]:
         for name, new in legacy.items()
         if name in model or name in (model.get("optimization") or {})
     ]
-    classes = AUTOENCODER_OPTION_GROUPS if keys is AUTOENCODER_FLAT_OPTION_KEYS else OPTION_GROUPS
-    for group, cls in classes.items():
+    for group, cls in groups.items():
         if isinstance(model.get(group), Mapping):
             values = {k: v for k, v in model[group].items() if group != "optimization" or k not in legacy}
             problem = unknown_key_problem(cls, values, group)
             if problem:
                 problems.append(problem)
+    base_lr = dict(model.get("optimization") or {}).get("base_learning_rate")
+    if base_lr is not None and base_lr <= 0:
+        problems.append(f"model.optimization.base_learning_rate={base_lr} must be positive")
     return problems
 
 

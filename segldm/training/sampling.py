@@ -4,7 +4,7 @@ names while this concern lives in its own module."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -13,9 +13,45 @@ import torch.nn.functional as F
 
 from segldm.diffusion.compvis_ddim import DDIMSampler
 from segldm.diffusion.ddim import per_sample_randn
-from segldm.diffusion.guidance import check_guidance_scale, guided_eps
+from segldm.diffusion.guidance import guidance_problem, guided_eps
 from segldm.diffusion.objectives import eps_from_prediction, x0_from_prediction
-from segldm.diffusion.samplers import Sampler, zero_terminal_snr_samplers
+from segldm.diffusion.samplers import (
+    Sampler,
+    SamplerSettings,
+    sampler_name_problem,
+    zero_terminal_snr_samplers,
+)
+
+
+def sampler_run_problems(
+    settings: SamplerSettings,
+    timesteps: int,
+    schedule: Mapping[str, Any] | None,
+    runs: Mapping[str, tuple[str, str, int]],
+) -> list[str]:
+    """Each sampling run, ``steps key -> (name key, sampler name, steps)``, checked by the sampler that
+    runs it (DDIM: CompVis's +1 shift keeps t inside the schedule) with ``settings``' options; a bad
+    name or option is reported once however many runs share it. ``schedule``: ``model.diffusion``
+    (diffusers: samplers build their scheduler from it)."""
+    problems: list[str] = []
+
+    def add(problem: str) -> None:
+        if problem not in problems:
+            problems.append(problem)
+
+    for steps_key, (name_key, name, steps) in runs.items():
+        name_problem = sampler_name_problem(str(name))
+        if name_problem:
+            add(f"{name_key}={name!r} {name_problem}")
+        if int(steps) <= 0:
+            add(f"{steps_key}={steps} must be positive")
+        if name_problem or int(steps) <= 0:
+            continue
+        try:
+            settings.override(name=name, steps=int(steps)).build(schedule).check(int(timesteps), steps_key)
+        except (ValueError, ModuleNotFoundError) as err:
+            add(str(err))
+    return problems
 
 
 class Sampling:
@@ -116,14 +152,9 @@ class Sampling:
                 f"last timestep), which only {able} samples; use the {able} sampler"
             )
         scale = self.sampler_settings.guidance_scale if guidance_scale is None else guidance_scale
-        check_guidance_scale(float(scale), guidance_key)
-        if float(scale) != 1.0 and self.cond_drop_prob == 0 and not force_guidance:
-            raise ValueError(
-                f"{guidance_key}={scale}: this model was trained without condition dropout "
-                "(model.diffusion.cond_drop_prob=0), so it never learned the unconditional prediction guidance "
-                f"subtracts; train with model.diffusion.cond_drop_prob>0 (e.g. 0.1), use {guidance_key}=1, or insist "
-                "with force_guidance=true"
-            )
+        problem = guidance_problem(float(scale), guidance_key, self.cond_drop_prob, force_guidance)
+        if problem:
+            raise ValueError(problem)
 
     def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
         """The unconditional input guidance compares with (the condition's: zeros, what dropout trained on)."""
