@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import get_class
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from segldm.condition import LabelCondition, as_condition
@@ -137,7 +137,7 @@ class Component:
     """
 
     key: str
-    cls: type
+    cls: Any  # a class, or the function a ``_target_`` may name (it answers nothing)
     config: dict[str, Any]
 
     def ask(self, question: str, *args: Any) -> Any:
@@ -161,13 +161,13 @@ QUESTIONS = (
 FIRST_STAGE, COND_STAGE, BACKBONE = "model.first_stage", "model.cond_stage", "model.unet"
 
 
-def import_class(path: str) -> type:
-    """The class a ``_target_`` names (what instantiate will build), without Hydra's error log line:
-    the start-up error names the key instead."""
+def import_target(path: str) -> Any:
+    """The class (or function) a ``_target_`` names, what instantiate will call, without Hydra's error
+    log line: the start-up error names the key instead."""
     hydra_log = logging.getLogger("hydra.utils")
     disabled, hydra_log.disabled = hydra_log.disabled, True
     try:
-        return get_class(path)
+        return get_object(path)
     finally:
         hydra_log.disabled = disabled
 
@@ -184,7 +184,7 @@ def configured_components(cfg: DictConfig) -> tuple[dict[str, Component], list[s
         if not isinstance(node, DictConfig) or "_target_" not in node:
             continue
         try:
-            cls = import_class(str(node._target_))
+            cls = import_target(str(node._target_))
         except Exception as err:  # Hydra's import errors: ImportError, ValueError, AttributeError, ...
             reason = " ".join(str(err).split())
             problems.append(

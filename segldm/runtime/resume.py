@@ -46,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from segldm.config.run_folder import ResumeWarning, resumes_automatically
 from segldm.data.resumable import rank_and_world_size
 from segldm.runtime.checkpoint_io import is_resumable
-from segldm.runtime.checks import import_class
+from segldm.runtime.checks import import_target
 from segldm.runtime.lightning_state import (
     log_missing_metrics,
     pending_step_metrics,
@@ -85,7 +85,7 @@ def model_kind(cfg: DictConfig) -> str | None:
     ``checkpoint_kind``), None if its class says none."""
     target = cfg.model.get("_target_")
     try:
-        cls = import_class(str(target)) if target else None
+        cls = import_target(str(target)) if target else None
     except Exception:  # Hydra's import errors; validate_config names the key
         return None
     return getattr(cls, "checkpoint_kind", None)

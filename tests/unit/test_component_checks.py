@@ -231,6 +231,9 @@ def test_components_are_found_by_their_classes_not_their_names(tmp_path):
     with pytest.raises(ValueError, match="'startup_problem' is not a start-up question"):
         components["model"].ask("startup_problem")  # a typo is refused, not skipped
     assert Component("model.unet", BareBackbone, {}).ask("config_size_multiple") is None
+    cfg = _ldm(tmp_path, "+model.schedule_fn._target_=math.sqrt", "+model.schedule_fn._partial_=true")
+    components, problems = configured_components(cfg)  # a _target_ may name a function: it answers nothing
+    assert problems == [] and components["model.schedule_fn"].ask("startup_problems") is None
 
 
 def test_the_checkpoint_kind_is_the_model_class_s(tmp_path):
