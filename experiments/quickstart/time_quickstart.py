@@ -1,11 +1,14 @@
-"""Time `make train` as a new user runs it: a fresh clone of this repository, then the install and
-both quickstart stages, each timed on its own; repeated --runs times. Writes
-experiments/quickstart/results.json (every run appended) and results.md (the table).
+"""Time `make train` and the first `make eval` as a new user runs them: a fresh clone of this
+repository, then the install, both quickstart stages and the first evaluation of the LDM (which
+trains the segmenter and converts the Inception weights first), each timed on its own; repeated
+--runs times. The evaluation's FID, the first stage's rFID and the mIoU (N = 64, the default, with
+their bootstrap intervals) are read from its metrics.json. Writes experiments/quickstart/results.json
+(every run appended) and results.md (the table).
 
     python3 experiments/quickstart/time_quickstart.py [--runs 2] [--keep]
 
 The clone is made from the committed HEAD (uncommitted changes are not timed). Each stage's
-outputs (checkpoints, sample grids, train.log) are checked to exist after it.
+outputs (checkpoints, sample grids, metrics.json) are checked to exist after it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-BUDGET_S = 15 * 60
+BUDGET_S = 15 * 60  # make train, install included
+EVAL_BUDGET_S = 10 * 60  # the first make eval after it
+LDM_CKPT = "outputs/quickstart/ldm/checkpoints/last.ckpt"
 STEPS = (
     ("install", ["make", ".venv/.installed"], []),
     (
@@ -37,9 +42,11 @@ STEPS = (
     (
         "LDM",
         ["make", "train-ldm"],
-        ["outputs/quickstart/ldm/checkpoints/last.ckpt", "outputs/quickstart/ldm/samples"],
+        [LDM_CKPT, "outputs/quickstart/ldm/samples"],
     ),
+    ("first eval", ["make", "eval", f"CKPT={LDM_CKPT}"], ["outputs/segmenters/synthetic/segmenter.ckpt"]),
 )
+TRAIN_STEPS = ("install", "first stage", "LDM")
 
 
 def cpu_model() -> str:
@@ -84,7 +91,8 @@ def one_run(keep: bool) -> dict:
             )
             if proc.returncode != 0:
                 break
-    entry["total_s"] = round(sum(s["seconds"] for s in entry["steps"].values()), 1)
+    entry["total_s"] = round(sum(s["seconds"] for n, s in entry["steps"].items() if n in TRAIN_STEPS), 1)
+    entry["quality"] = eval_quality(clone)
     entry["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     entry["ok"] = all(s["returncode"] == 0 and not s["missing"] for s in entry["steps"].values()) and len(
         entry["steps"]
@@ -97,6 +105,45 @@ def one_run(keep: bool) -> dict:
     return entry
 
 
+def eval_quality(clone: Path) -> dict | None:
+    """FID, rFID and mIoU (with intervals) of the first evaluation, from its metrics.json."""
+    found = sorted((clone / "outputs" / "eval").glob("*/metrics.json"))
+    if not found:
+        return None
+    metrics = json.loads(found[-1].read_text())
+    bootstrap = metrics.get("bootstrap") or {}
+
+    def interval(name: str) -> list[float] | None:
+        bounds = bootstrap.get(name)
+        return list(bounds) if bounds else None
+
+    return {
+        "n": metrics.get("num_samples"),
+        "fid": metrics.get("fid"),
+        "fid_interval": interval("fid"),
+        "rfid": metrics.get("first_stage_rfid"),
+        "miou": metrics.get("miou"),
+        "miou_interval": interval("miou"),
+        "miou_real": metrics.get("miou_real"),
+    }
+
+
+def quality_cell(quality: dict | None) -> str:
+    if not quality:
+        return "–"
+
+    def with_interval(name: str, digits: int) -> str:
+        value, bounds = quality.get(name), quality.get(f"{name}_interval")
+        text = "–" if value is None else f"{value:.{digits}f}"
+        return text + (f" [{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]" if bounds else "")
+
+    rfid = quality.get("rfid")
+    return (
+        f"FID {with_interval('fid', 1)}, rFID {'–' if rfid is None else f'{rfid:.1f}'}, "
+        f"mIoU {with_interval('miou', 3)} (N = {quality.get('n')})"
+    )
+
+
 def write(entries: list[dict]) -> None:
     (HERE / "results.json").write_text(json.dumps(entries, indent=1) + "\n")
     lines = [
@@ -104,10 +151,14 @@ def write(entries: list[dict]) -> None:
         "",
         "Each row: `git clone` of the committed HEAD, then `make .venv/.installed` (venv + install), "
         "`make train-autoencoder` and `make train-ldm`, each timed on its own; both stages' checkpoints "
-        f"and sample grids checked to exist. Budget: {BUDGET_S // 60} minutes in all.",
+        f"and sample grids checked to exist. Budget: {BUDGET_S // 60} minutes in all. Then the first "
+        f"`make eval CKPT={LDM_CKPT}` (budget {EVAL_BUDGET_S // 60} minutes: it trains the segmenter and "
+        "converts the Inception weights before evaluating) and what it measured (bootstrap 95 % "
+        "intervals in brackets).",
         "",
-        "| date | commit | CPU (cores) | install | first stage | LDM | total | within budget | load before / after |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| date | commit | CPU (cores) | install | first stage | LDM | total | within budget "
+        "| first eval | within budget | first eval measured | load before / after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in entries:
         s = e["steps"]
@@ -115,10 +166,20 @@ def write(entries: list[dict]) -> None:
         def cell(name: str, steps: dict = s) -> str:
             return f"{steps[name]['seconds'] / 60:.1f} min" if name in steps else "–"
 
-        ok = e["ok"] and e["total_s"] <= BUDGET_S
+        ok = all(s[n]["returncode"] == 0 and not s[n]["missing"] for n in TRAIN_STEPS if n in s) and all(
+            n in s for n in TRAIN_STEPS
+        )
+        ok = ok and e["total_s"] <= BUDGET_S
+        first_eval = s.get("first eval")
+        eval_ok = (
+            "–"
+            if first_eval is None
+            else ("yes" if first_eval["returncode"] == 0 and first_eval["seconds"] <= EVAL_BUDGET_S else "NO")
+        )
         lines.append(
             f"| {e['date']} | `{e['commit'][:8]}` | {e['cpu']} ({e['cores']}) | {cell('install')} | "
             f"{cell('first stage')} | {cell('LDM')} | {e['total_s'] / 60:.1f} min | {'yes' if ok else 'NO'} | "
+            f"{cell('first eval')} | {eval_ok} | {quality_cell(e.get('quality'))} | "
             f"{e['load_average_before'][0]} / {e['load_average_after'][0]} |"
         )
     (HERE / "results.md").write_text("\n".join(lines) + "\n")

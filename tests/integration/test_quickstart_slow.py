@@ -16,7 +16,7 @@ from tests.conftest import run_train
 @pytest.mark.timeout(2700)  # two shortened trainings, ~12 min on 2 cores
 def test_quickstart_generates_images_whose_regions_follow_the_masks(tmp_path):
     run_train(
-        ["experiment=quickstart_autoencoder", "trainer.max_steps=400", "scheduler.max_steps=400"],
+        ["experiment=quickstart_autoencoder", "trainer.max_steps=700", "scheduler.max_steps=700"],
         tmp_path,
         1200,
         threads=2,

@@ -266,7 +266,9 @@ def test_taming_config_instantiates_the_training_module_with_two_optimizers(tmp_
 def test_quickstart_first_stage_trains_with_the_gan_and_lpips_only_when_weights_exist(
     tmp_path, no_torchvision_cache, vgg16_file
 ):
-    cfg = compose_train(["experiment=quickstart_autoencoder", f"paths.output_root={tmp_path}"])
+    cfg = compose_train(
+        ["experiment=quickstart_autoencoder", "model/loss=taming_quickstart", f"paths.output_root={tmp_path}"]
+    )
     validate_config(cfg)  # no VGG16 anywhere: still valid (perceptual_required: false)
     assert cfg.model.loss.disc_start == cfg.trainer.max_steps // 2
     with pytest.warns(UserWarning, match="training without the perceptual term"):
@@ -274,6 +276,16 @@ def test_quickstart_first_stage_trains_with_the_gan_and_lpips_only_when_weights_
     assert loss.perceptual_loss is None and loss.perceptual_weight == 0.0
     cfg.model.loss.vgg16_path = str(vgg16_file)
     assert instantiate(cfg.model.loss).perceptual_loss is not None
+
+
+def test_the_quickstart_first_stage_trains_without_the_gan_by_default(tmp_path):
+    cfg = compose_train(["experiment=quickstart_autoencoder", f"paths.output_root={tmp_path}"])
+    validate_config(cfg)
+    module = instantiate(cfg.model)
+    assert module.loss is None and module.automatic_optimization and module.l2_weight == 1.0
+    assert list(cfg.model.first_stage.ddconfig.ch_mult) == [1, 1, 2]
+    ldm = compose_train(["experiment=quickstart", f"paths.output_root={tmp_path}"])
+    assert ldm.model.first_stage.ddconfig == cfg.model.first_stage.ddconfig  # the LDM loads what stage 1 trains
 
 
 def test_a_vq_checkpoint_with_another_codebook_size_is_refused_naming_file_and_key(tmp_path):
