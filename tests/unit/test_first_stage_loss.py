@@ -284,8 +284,9 @@ def test_the_quickstart_first_stage_trains_without_the_gan_by_default(tmp_path):
     module = instantiate(cfg.model)
     assert module.loss is None and module.automatic_optimization and module.l2_weight == 1.0
     assert list(cfg.model.first_stage.ddconfig.ch_mult) == [1, 1, 2]
+    # the LDM loads what stage 1 trains
     ldm = compose_train(["experiment=quickstart", f"paths.output_root={tmp_path}"])
-    assert ldm.model.first_stage.ddconfig == cfg.model.first_stage.ddconfig  # the LDM loads what stage 1 trains
+    assert ldm.model.first_stage.ddconfig == cfg.model.first_stage.ddconfig
 
 
 def test_a_vq_checkpoint_with_another_codebook_size_is_refused_naming_file_and_key(tmp_path):
