@@ -11,7 +11,9 @@ code, not the path of the config) and resumes when it returns.
 - stops: calls from one segldm module into another;
 - climbs: stops whose callee sits in a higher layer than its caller (the import-linter layers of
   pyproject.toml: entry points > evaluation, sweeps > compat > runtime > training, tracking >
-  pipeline > condition > models, diffusion, metrics, data > storage, config > errors).
+  pipeline > condition > models, diffusion, metrics, data > storage, config > errors), split into
+  climbs by import (the caller's module names the callee's) and callbacks (a lower module calling
+  a function or class it was handed, e.g. a writer callback or a class built on the meta device).
 
     .venv/bin/python experiments/architecture/trace_train.py [--out DIR] [--json FILE]
 
@@ -30,7 +32,7 @@ import tempfile
 import tomllib
 from collections import Counter
 from pathlib import Path
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import Any
 
 import segldm.train as entry  # the package first on the path: this checkout, or PYTHONPATH's
@@ -108,22 +110,35 @@ class Tracer:
             self.stops[(caller, name)] += 1
 
 
+def imports(caller: str, callee: str) -> bool:
+    """Whether module ``caller`` holds a name from module ``callee`` (or the module itself): a call
+    up a layer without one is a callback, a function or class the caller was handed."""
+    namespace = vars(sys.modules.get(caller, ModuleType(caller)))
+    return any(
+        (isinstance(value, ModuleType) and value.__name__ == callee)
+        or getattr(value, "__module__", None) == callee
+        for value in namespace.values()
+    )
+
+
 def summary(tracer: Tracer) -> dict[str, Any]:
     table = layers()
     climbs = {
-        f"{a} -> {b}": n
+        (a, b): n
         for (a, b), n in tracer.stops.items()
         if layer_of(a, table) is not None
         and layer_of(b, table) is not None
         and layer_of(b, table) < layer_of(a, table)
     }
+    by_import = {f"{a} -> {b}": n for (a, b), n in climbs.items() if imports(a, b)}
+    callbacks = {f"{a} -> {b}": n for (a, b), n in climbs.items() if not imports(a, b)}
     return {
         "modules_entered": len(tracer.modules),
         "modules": sorted(tracer.modules),
         "distinct_stops": len(tracer.stops),
         "stops": sum(tracer.stops.values()),
-        "distinct_climbs": len(climbs),
-        "climbs": climbs,
+        "climbs_by_import": by_import,
+        "climbs_through_callbacks": callbacks,
     }
 
 
@@ -140,6 +155,7 @@ def main() -> None:
     subprocess.run(
         [sys.executable, "-m", "segldm.train", "experiment=quickstart_autoencoder", *common],
         check=True,
+        cwd=Path(entry.__file__).parents[1],  # `-m` puts the working folder first on the path
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
