@@ -15,22 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from time_quickstart import cpu_model  # this folder (the script's own) is first on the path
+
+from segldm.metrics.bootstrap import interval_text
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def evaluate(ckpt: Path, samples: int, lock: str | None) -> dict:
@@ -63,10 +59,7 @@ def evaluate(ckpt: Path, samples: int, lock: str | None) -> dict:
 
 
 def with_interval(value: float | None, bounds: list[float] | None, digits: int) -> str:
-    if value is None:
-        return "–"
-    text = f"{value:.{digits}f}"
-    return text + (f" [{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]" if bounds else "")
+    return interval_text(value, {"value": bounds}, "value", digits)
 
 
 def write(rows: list[dict]) -> None:
