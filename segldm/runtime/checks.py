@@ -1,7 +1,7 @@
 """Start-up validation of a composed config, before any data is read or any model is built.
 
 Each configured component checks its own config: this module imports the class each `_target_`
-names (``data``, ``model`` and the model's parts, ``model.<part>``) and asks it
+names (``data``, ``model`` and the model's parts, ``model.<part>``, ``scheduler``) and asks it
 (:class:`Component`). What stays here spans components: the image size against the first stage's
 downsampling and the backbone's size multiple, the condition's labels and the latent's channels
 against the cond stage's and the backbone's, the sampling callbacks against the model's sampler,
@@ -173,9 +173,9 @@ def import_target(path: str) -> Any:
 
 
 def configured_components(cfg: DictConfig) -> tuple[dict[str, Component], list[str]]:
-    """``data``, ``model`` and each of the model's parts that names a ``_target_``, by key; a
+    """``data``, ``model``, ``scheduler`` and each of the model's parts that names a ``_target_``, by key; a
     ``_target_`` that cannot be imported is a problem."""
-    nodes = {"data": cfg.get("data"), "model": cfg.get("model")}
+    nodes = {"data": cfg.get("data"), "model": cfg.get("model"), "scheduler": cfg.get("scheduler")}
     model = cfg.get("model")
     if isinstance(model, DictConfig):
         nodes.update({f"model.{name}": node for name, node in model.items() if isinstance(node, DictConfig)})

@@ -20,7 +20,31 @@ def _as_list(value: float | int | Sequence[float]) -> list[float]:
     return list(value)
 
 
-class LambdaLinearScheduler:
+def _numbers(scheduler: str, **values: Any) -> None:
+    """Refuse a non-number, e.g. LambdaLinearScheduler's one-per-cycle list left in the node by an override."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"scheduler.{name}={value!r} must be one number for {scheduler} "
+                "(lists, one entry per cycle, are LambdaLinearScheduler's)"
+            )
+
+
+class ScheduleChecks:
+    """The start-up question every scheduler answers: can its config be built? (runtime/checks.py)"""
+
+    @classmethod
+    def startup_problems(cls, config: dict[str, Any], key: str) -> list[str]:
+        arguments = {name: value for name, value in config.items() if not name.startswith("_")}
+        try:
+            schedule = cls(**arguments)
+            schedule(0)
+        except (TypeError, ValueError) as err:
+            return [f"{key} ({cls.__name__}): {err}"]
+        return []
+
+
+class LambdaLinearScheduler(ScheduleChecks):
     """CompVis's LambdaLinearScheduler: per cycle, linear warm-up f_start -> f_max, then linear f_max -> f_min.
 
     A step belongs to the first cycle whose cumulative end it has not passed (`step <= cum[i+1]`).
@@ -75,10 +99,13 @@ class LambdaLinearScheduler:
         return self.schedule(n)
 
 
-class CosineScheduler:
+class CosineScheduler(ScheduleChecks):
     """Linear warm-up from f_start to 1 over warm_up_steps, then cosine decay to f_min at max_steps."""
 
     def __init__(self, warm_up_steps: int, max_steps: int, f_start: float = 0.0, f_min: float = 0.0) -> None:
+        _numbers(
+            "CosineScheduler", warm_up_steps=warm_up_steps, max_steps=max_steps, f_start=f_start, f_min=f_min
+        )
         if warm_up_steps < 0 or max_steps <= 0:
             raise ValueError(
                 f"scheduler.warm_up_steps must be >= 0 and scheduler.max_steps > 0, "
@@ -97,10 +124,11 @@ class CosineScheduler:
         return self.f_min + (1.0 - self.f_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class ConstantScheduler:
+class ConstantScheduler(ScheduleChecks):
     """Constant multiplier 1, after an optional linear warm-up from f_start."""
 
     def __init__(self, warm_up_steps: int = 0, f_start: float = 1.0) -> None:
+        _numbers("ConstantScheduler", warm_up_steps=warm_up_steps, f_start=f_start)
         if warm_up_steps < 0:
             raise ValueError(f"scheduler.warm_up_steps must be >= 0, got {warm_up_steps}")
         self.warm_up_steps = warm_up_steps

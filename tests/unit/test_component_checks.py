@@ -53,6 +53,15 @@ LDM_CASES = [
         "model.first_stage: autoencoder: every channel count must be a positive multiple of 32",
     ),
     (["model.cond_stage.method=cubic"], "model.cond_stage: SpatialRescaler: method must be one of"),
+    (  # the scheduler's constructor: a one-per-cycle list left in another scheduler's node
+        ["scheduler=cosine", "scheduler.f_start=[0.01]"],
+        "scheduler (CosineScheduler): scheduler.f_start=[0.01] must be one number",
+    ),
+    (
+        ["scheduler=cosine", "trainer.max_steps=-1"],
+        "scheduler.max_steps > 0, got warm_up_steps=1000, max_steps=-1",
+    ),
+    (["scheduler=constant", "scheduler.warm_up_steps=-5"], "scheduler.warm_up_steps must be >= 0, got -5"),
     (
         ["model.unet._target_=segldm.models.unet.NoSuchUNet"],
         "model.unet._target_=segldm.models.unet.NoSuchUNet",
