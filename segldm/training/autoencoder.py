@@ -24,10 +24,10 @@ from segldm.training.guards import check_finite
 from segldm.training.lr_schedulers import effective_learning_rate, optimizer_config, report_learning_rate
 from segldm.training.optimizers import TAMING_ADAM, build_optimizer, optimizer_factory
 from segldm.training.options import (
-    AUTOENCODER_FLAT_OPTION_KEYS,
     AUTOENCODER_LEGACY_OPTIMIZER_KEYS,
-    AUTOENCODER_OPTION_GROUPS,
+    AUTOENCODER_OPTIONS,
     AutoencoderOptimizationOptions,
+    OptionLayout,
     build_options,
     group_problems,
     move_legacy_optimizer_keys,
@@ -38,6 +38,7 @@ class VQAutoencoderModule(L.LightningModule):
     """Trains the VQ-f4 first stage: L1 (+ optional L2) reconstruction plus the VQ codebook loss."""
 
     checkpoint_kind: ClassVar[str] = "autoencoder"  # segldm.kind of its checkpoints; resuming checks it
+    option_layout: ClassVar[OptionLayout] = AUTOENCODER_OPTIONS  # its groups and older flat keys
 
     def __init__(
         self,
@@ -81,9 +82,7 @@ class VQAutoencoderModule(L.LightningModule):
     def startup_problems(cls, config: Mapping[str, Any], key: str) -> list[str]:
         """This config's option groups, and a ``loss`` left without its ``_target_`` (settings of one
         loss kept after choosing another: the defaults list merges them)."""
-        problems = group_problems(
-            config, AUTOENCODER_OPTION_GROUPS, AUTOENCODER_FLAT_OPTION_KEYS, AUTOENCODER_LEGACY_OPTIMIZER_KEYS
-        )
+        problems = group_problems(config, cls.option_layout)
         loss = config.get("loss")
         if isinstance(loss, Mapping) and "_target_" not in loss:
             problems.append(

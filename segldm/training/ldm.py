@@ -53,11 +53,11 @@ from segldm.training.lr_schedulers import (
 )
 from segldm.training.optimizers import ADAMW, build_optimizer, optimizer_factory, settings
 from segldm.training.options import (
-    FLAT_OPTION_KEYS,
+    LDM_OPTIONS,
     LEGACY_OPTIMIZER_KEYS,
-    OPTION_GROUPS,
     DiffusionOptions,
     OptimizationOptions,
+    OptionLayout,
     PerformanceOptions,
     ValidationOptions,
     build_options,
@@ -151,6 +151,7 @@ class LatentDiffusion(Sampling, L.LightningModule):
     """Mask-conditioned LDM: frozen VQ first stage, trainable SpatialRescaler, UNet on cat[z_t, c]."""
 
     checkpoint_kind: ClassVar[str] = "ldm"  # segldm.kind of its checkpoints; resuming checks it
+    option_layout: ClassVar[OptionLayout] = LDM_OPTIONS  # its groups and older flat keys
 
     def __init__(
         self,
@@ -287,7 +288,7 @@ class LatentDiffusion(Sampling, L.LightningModule):
         from the function the constructor raises it with, plus the sampler it samples with by default
         (``model.sampler``: its name, step count and guidance scale)."""
         arguments = constructor_arguments(cls, config)
-        problems = group_problems(config, OPTION_GROUPS, FLAT_OPTION_KEYS, LEGACY_OPTIMIZER_KEYS)
+        problems = group_problems(config, cls.option_layout)
         problems += [
             problem
             for problem in (

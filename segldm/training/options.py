@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from hydra.utils import get_object
+
 from segldm.training.optimizers import ADAMW, TAMING_ADAM
 
 
@@ -109,13 +111,6 @@ AUTOENCODER_FLAT_OPTION_KEYS: dict[str, tuple[str, str]] = {
 }
 
 
-def legacy_optimizer_keys(model: Mapping[str, Any]) -> dict[str, str]:
-    """The pre-config optimiser keys of the module a model config builds (by its `_target_`)."""
-    if str(model.get("_target_", "")).endswith("VQAutoencoderModule"):
-        return AUTOENCODER_LEGACY_OPTIMIZER_KEYS
-    return LEGACY_OPTIMIZER_KEYS
-
-
 def move_legacy_optimizer_keys(optimization: Mapping[str, Any], legacy: Mapping[str, str]) -> dict[str, Any]:
     """`model.optimization` with its pre-config optimiser keys (`weight_decay`, `adam_betas`,
     `fused_optimizer`) moved into `optimizer` (`fused_optimizer: true` -> `fused: null`, auto: the
@@ -133,11 +128,30 @@ def move_legacy_optimizer_keys(optimization: Mapping[str, Any], legacy: Mapping[
     return out
 
 
-def flat_option_keys(model: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
-    """The flat-to-grouped map for the module a model config builds (by its `_target_`)."""
-    if str(model.get("_target_", "")).endswith("VQAutoencoderModule"):
-        return AUTOENCODER_FLAT_OPTION_KEYS
-    return FLAT_OPTION_KEYS
+@dataclass(frozen=True)
+class OptionLayout:
+    """A module's option groups, its flat (pre-group) keys and its optimiser's old keys: the module
+    class declares which (``option_layout``), so old configs are read without naming classes here."""
+
+    groups: Mapping[str, type]
+    flat_keys: Mapping[str, tuple[str, str]]
+    legacy_optimizer_keys: Mapping[str, str]
+
+
+LDM_OPTIONS = OptionLayout(OPTION_GROUPS, FLAT_OPTION_KEYS, LEGACY_OPTIMIZER_KEYS)
+AUTOENCODER_OPTIONS = OptionLayout(
+    AUTOENCODER_OPTION_GROUPS, AUTOENCODER_FLAT_OPTION_KEYS, AUTOENCODER_LEGACY_OPTIMIZER_KEYS
+)
+
+
+def option_layout(model: Mapping[str, Any]) -> OptionLayout:
+    """The layout the class a model config's ``_target_`` builds declares (``option_layout``); the LDM's
+    for a config without one, or whose class cannot be imported (the start-up check names that)."""
+    try:
+        cls = get_object(str(model["_target_"]))
+    except Exception:  # Hydra's import errors: ImportError, ValueError, AttributeError, KeyError
+        return LDM_OPTIONS
+    return getattr(cls, "option_layout", LDM_OPTIONS)
 
 
 Options = TypeVar("Options")
@@ -162,22 +176,15 @@ def build_options(cls: type[Options], values: Mapping[str, Any] | Options | None
 
 
 def option_problems(model: Mapping[str, Any]) -> list[str]:
-    """:func:`group_problems` of a model config whose module is told by its `_target_` (the legacy
-    layouts of checkpoints; a module's start-up check passes its own groups)."""
-    keys = flat_option_keys(model)
-    groups = AUTOENCODER_OPTION_GROUPS if keys is AUTOENCODER_FLAT_OPTION_KEYS else OPTION_GROUPS
-    return group_problems(model, groups, keys, legacy_optimizer_keys(model))
+    """:func:`group_problems` of a model config in the layout its ``_target_``'s class declares."""
+    return group_problems(model, option_layout(model))
 
 
-def group_problems(
-    model: Mapping[str, Any],
-    groups: Mapping[str, type],
-    keys: Mapping[str, tuple[str, str]],
-    legacy: Mapping[str, str],
-) -> list[str]:
+def group_problems(model: Mapping[str, Any], layout: OptionLayout) -> list[str]:
     """Start-up check of a module's option groups: a flat option (e.g. `+model.base_learning_rate=...`)
-    names its new place (`keys`, `legacy`: the module's old names), an unknown key in a group names the
-    keys the group has, and the learning rate is positive."""
+    names its new place (the layout's old names), an unknown key in a group names the keys the group
+    has, and the learning rate is positive."""
+    groups, keys, legacy = layout.groups, layout.flat_keys, layout.legacy_optimizer_keys
     problems = [
         f"model.{name} moved to model.{group}.{key} (docs/architecture.md): set model.{group}.{key} instead"
         for name, (group, key) in keys.items()
@@ -206,12 +213,13 @@ def group_flat_options(model: Mapping[str, Any]) -> dict[str, Any]:
     grouped one; a value already in its group wins over a flat one; the optimiser's old keys move
     into `optimization.optimizer`. Idempotent."""
     out = copy.deepcopy(dict(model))
-    for name, (group, key) in flat_option_keys(model).items():
+    layout = option_layout(model)
+    for name, (group, key) in layout.flat_keys.items():
         if name in out:
             value = out.pop(name)
             out[group] = {**{key: value}, **dict(out.get(group) or {})}
     if isinstance(out.get("optimization"), Mapping):
-        out["optimization"] = move_legacy_optimizer_keys(out["optimization"], legacy_optimizer_keys(out))
+        out["optimization"] = move_legacy_optimizer_keys(out["optimization"], layout.legacy_optimizer_keys)
     return out
 
 

@@ -10,7 +10,10 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from segldm.compat.compvis.export import builds_an_ldm
 from segldm.errors import StartupError
+from segldm.training.autoencoder import VQAutoencoderModule
+from segldm.training.ldm import LatentDiffusion
 from segldm.training.optimizers import ADAMW, TAMING_ADAM, build_optimizer, fused_available, optimizer_factory
 from segldm.training.options import group_flat_options, option_problems
 from tests.conftest import TINY_DATA, TINY_FIRST_STAGE, TINY_UNET, compose_train
@@ -83,6 +86,25 @@ def test_old_option_layouts_move_into_the_optimizer_node():
     )
     assert ae["optimization"] == {"optimizer": {"betas": [0.5, 0.9]}}
     assert any("model.optimization.optimizer.weight_decay" in p for p in option_problems(grouped))
+
+
+class RenamedFirstStage(VQAutoencoderModule):
+    """A user's subclass under another name: its old keys are still the first stage's."""
+
+
+class RenamedLDM(LatentDiffusion):
+    """A user's LDM subclass: still exported as an LDM."""
+
+
+def test_the_option_layout_is_the_class_s_not_its_name():
+    here = "tests.unit.test_optimizers"
+    ae = group_flat_options({"_target_": f"{here}.RenamedFirstStage", "adam_betas": [0.5, 0.9]})
+    assert ae["optimization"] == {"optimizer": {"betas": [0.5, 0.9]}}  # the first stage's keys, not the LDM's
+    ldm = group_flat_options({"_target_": f"{here}.RenamedLDM", "weight_decay": 0.02})
+    assert ldm["optimization"] == {"optimizer": {"weight_decay": 0.02}}
+    assert builds_an_ldm({"_target_": f"{here}.RenamedLDM"})
+    assert not builds_an_ldm({"_target_": f"{here}.RenamedFirstStage"})
+    assert not builds_an_ldm({"_target_": "no.such.LatentDiffusion"})  # a name alone is not the class
 
 
 def test_the_autoencoder_keeps_taming_adam_and_torch_kernel_choice():

@@ -8,6 +8,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from hydra.utils import get_object
+
 from segldm.compat.compvis.config import _class_name, translate_config
 from segldm.compat.compvis.spec import (
     COMPVIS_TARGETS,
@@ -18,6 +20,7 @@ from segldm.compat.compvis.spec import (
     CompVisWarning,
 )
 from segldm.config.locations import config_dir
+from segldm.training.ldm import LatentDiffusion
 from segldm.training.options import flatten_options
 
 
@@ -38,6 +41,15 @@ def config_diff(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> dict[str,
     return out
 
 
+def builds_an_ldm(model: Mapping[str, Any]) -> bool:
+    """Whether a model config's ``_target_`` is LatentDiffusion or a subclass of it (by the class, not its name)."""
+    try:
+        cls = get_object(str(model.get("_target_")))
+    except Exception:  # Hydra's import errors: ImportError, ValueError, AttributeError
+        return False
+    return isinstance(cls, type) and issubclass(cls, LatentDiffusion)
+
+
 def compvis_config_from_segldm(config: Mapping[str, Any]) -> dict[str, Any]:
     """A segldm run config (``model``, ``data``, ``scheduler``) -> the CompVis config of the same model.
 
@@ -47,7 +59,7 @@ def compvis_config_from_segldm(config: Mapping[str, Any]) -> dict[str, Any]:
     export -> convert gives the same segldm config.
     """
     model = config.get("model") or {}
-    if not str(model.get("_target_", "")).endswith("LatentDiffusion"):
+    if not builds_an_ldm(model):
         raise CompVisConfigError(
             f"only LDM configs can be exported (model._target_={model.get('_target_')!r}); first-stage "
             "checkpoints have no CompVis LatentDiffusion equivalent"
