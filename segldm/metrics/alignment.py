@@ -19,6 +19,7 @@ from segldm.config.progress import tqdm  # plain lines when piped (not \r bars)
 from segldm.metrics.bootstrap import miou_from_counts
 from segldm.metrics.metric import EvalSet, Metric, MetricContext, MetricResult, value_text
 from segldm.metrics.miou import SegmentationScores
+from segldm.metrics.reconstruction import first_stage_reconstructions
 from segldm.metrics.segmenters import Segmenter, class_names_of, scored_targets, segment_scores
 
 
@@ -31,11 +32,21 @@ class SegmentationAlignment(Metric):
         "pixel_accuracy": "maximize",
         "miou_real": "maximize",
         "pixel_accuracy_real": "maximize",
+        "first_stage_miou": "maximize",
     }
 
-    def __init__(self, segmenter: Any, score_real: bool = True, progress: bool = True) -> None:
+    def __init__(
+        self,
+        segmenter: Any,
+        score_real: bool = True,
+        progress: bool = True,
+        first_stage_miou: bool = False,
+        reconstruct_batch_size: int = 8,
+    ) -> None:
         self.segmenter_config = segmenter
         self.score_real = bool(score_real)
+        self.first_stage_miou = bool(first_stage_miou)
+        self.reconstruct_batch_size = int(reconstruct_batch_size)
         self.progress = bool(progress)
         self.segmenter: Segmenter | None = None
         self.context = MetricContext()
@@ -50,12 +61,16 @@ class SegmentationAlignment(Metric):
         self.context = context
         scored_targets(self.segmenter, context.n_labels, context.ignore_label)  # refuses a misfit now
 
-    def score(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], desc: str) -> SegmentationScores:
+    def score(
+        self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], desc: str
+    ) -> SegmentationScores:
         assert self.segmenter is not None
         c = self.context
         names = class_names_of(self.segmenter, c.n_labels, c.ignore_label, c.class_names)
         with tqdm(total=len(images), desc=desc, unit="img", disable=not self.progress) as bar:
-            return segment_scores(self.segmenter, images, labels, c.n_labels, c.ignore_label, names, progress=bar)
+            return segment_scores(
+                self.segmenter, images, labels, c.n_labels, c.ignore_label, names, progress=bar
+            )
 
     def compute(self, images: EvalSet) -> MetricResult:
         generated = self.score(images.generated, images.labels, "segmenting generated")
@@ -64,6 +79,15 @@ class SegmentationAlignment(Metric):
         if self.score_real and images.real is not None:
             real = self.score(images.real, images.labels, "segmenting real")
             values |= {"miou_real": real.miou, "pixel_accuracy_real": real.pixel_accuracy}
+        reconstructed = (
+            first_stage_reconstructions(images, self.reconstruct_batch_size)
+            if self.first_stage_miou
+            else None
+        )
+        if reconstructed is not None:  # the LDM's ceiling: what its first stage can draw of these masks
+            values["first_stage_miou"] = self.score(
+                reconstructed, images.labels, "segmenting reconstructions"
+            ).miou
         details = {"per_class": self.per_class_rows(generated, real, images.labels)}
         counts = generated.per_image
 
@@ -78,7 +102,9 @@ class SegmentationAlignment(Metric):
         """Per segmenter class: IoU on generated and real images (None where absent), mask pixel share."""
         assert self.segmenter is not None
         c = self.context
-        targets: Callable[[np.ndarray], np.ndarray] = scored_targets(self.segmenter, c.n_labels, c.ignore_label)
+        targets: Callable[[np.ndarray], np.ndarray] = scored_targets(
+            self.segmenter, c.n_labels, c.ignore_label
+        )
         n = self.segmenter.n_classes
         counts = np.zeros(n, dtype=np.int64)
         for mask in labels:
@@ -106,7 +132,16 @@ class SegmentationAlignment(Metric):
     ) -> list[tuple[str, str, str]]:
         v = result.values
         return [
-            ("mIoU", value_text(v.get("miou"), intervals.get("miou"), 4), f"real images: {value_text(v.get('miou_real'), None, 4)}"),
+            (
+                "mIoU",
+                value_text(v.get("miou"), intervals.get("miou"), 4),
+                f"real images: {value_text(v.get('miou_real'), None, 4)}"
+                + (
+                    f"; its first stage's reconstructions of them: {value_text(v['first_stage_miou'], None, 4)}"
+                    if v.get("first_stage_miou") is not None
+                    else ""
+                ),
+            ),
             (
                 "pixel accuracy",
                 value_text(v.get("pixel_accuracy"), None, 4),

@@ -30,7 +30,7 @@ from segldm.metrics.fid import (
     resolve_inception_weights,
 )
 from segldm.metrics.metric import EvalSet, Metric, MetricContext, MetricResult, value_text
-from segldm.metrics.reconstruction import reconstruct
+from segldm.metrics.reconstruction import first_stage_reconstructions
 
 IMPLEMENTATIONS = ("torch-fidelity", "pytorch-fid")
 
@@ -154,16 +154,8 @@ class InceptionMetrics(Metric):
                 pr = precision_recall(fake, real, self.prc_neighborhood)
                 values |= {"precision": pr["precision"], "recall": pr["recall"]}
         values["real_halves_fid"] = real_halves_fid(real) if len(real) >= 4 else None
-        model = images.model
-        if self.first_stage_rfid and model is not None and hasattr(model, "first_stage_model"):
-            device = next(model.parameters()).device
-            reconstructed = reconstruct(
-                model.first_stage_model,
-                images.real,
-                self.reconstruct_batch_size,
-                device,
-                desc="first-stage reconstructions",
-            )
+        reconstructed = first_stage_reconstructions(images, self.reconstruct_batch_size) if self.first_stage_rfid else None
+        if reconstructed is not None:
             values["first_stage_rfid"] = float(
                 self.distance(self.features(reconstructed, "reconstructed"), real)["fid"]
             )

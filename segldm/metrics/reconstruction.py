@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from segldm.config.progress import tqdm  # plain lines when piped (not \r bars)
+from segldm.metrics.metric import EvalSet
 
 
 def to_model_input(images: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -49,6 +50,24 @@ def reconstruct(
                     out[i] = image
                 progress.update(len(chunk))
     return out
+
+
+def first_stage_reconstructions(images: EvalSet, batch_size: int) -> list[np.ndarray] | None:
+    """The evaluated LDM's first stage's reconstructions of the real images, made once per evaluation
+    for every metric that reads them (the ceilings: rFID, the reconstructions' mIoU); None without an
+    LDM or real images."""
+    model = images.model
+    if images.real is None or model is None or not hasattr(model, "first_stage_model"):
+        return None
+    real = images.real
+
+    def make() -> list[np.ndarray]:
+        device = next(model.parameters()).device
+        return reconstruct(
+            model.first_stage_model, real, batch_size, device, desc="first-stage reconstructions"
+        )
+
+    return images.shared_value("first_stage_reconstructions", make)
 
 
 def l1_error(real: Sequence[np.ndarray], other: Sequence[np.ndarray]) -> float:

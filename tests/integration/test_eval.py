@@ -50,7 +50,12 @@ def run(
     `timeout` only stops a hung process (CI machines differ several-fold in speed)."""
     env = {**os.environ, "SEGLDM_ROOT": str(root), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
         pytest.fail(
@@ -158,7 +163,7 @@ def test_eval_end_to_end(root: Path, ldm_ckpt: Path, inception: Path, segmenter_
     for key in ("fid", "kid_mean", "miou", "pixel_accuracy", "miou_real", "pixel_accuracy_real"):
         assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
     assert metrics["num_samples"] == 3 and metrics["global_step"] == 3
-    assert_metrics_are_of_the_generated_images(out, metrics, inception, segmenter_run["ckpt"])
+    assert_metrics_are_of_the_generated_images(out, metrics, inception, segmenter_run["ckpt"], ldm_ckpt)
     # 3 samples, kid_subset_size 1000: one KID over all 3, no std, and the user was told before sampling
     assert metrics["sampler"]["steps"] == 2 and metrics["sampler"]["unet_evaluations_per_image"] == 2
     assert metrics["kid_subset_size"] == 3 and metrics["kid_std"] is None
@@ -204,7 +209,9 @@ def test_eval_end_to_end(root: Path, ldm_ckpt: Path, inception: Path, segmenter_
     assert metrics["protocol_card"]["metrics"]["toy"]["implementation"] == "tests/toy_metric.py"
     assert "| redness |" in report and "redness" in proc.stdout
     assert runs[0].data.metrics["redness"] == pytest.approx(metrics["redness"])
-    assert client.get_run(training.info.run_id).data.metrics["eval/redness"] == pytest.approx(metrics["redness"])
+    assert client.get_run(training.info.run_id).data.metrics["eval/redness"] == pytest.approx(
+        metrics["redness"]
+    )
     # the protocol card: no protocol here, every metric's implementation and weights named, in MLflow too
     card = metrics["protocol_card"]
     assert card["protocol"] is None and card["num_samples"] == 3 and card["seed_range"] == [0, 2]
@@ -215,14 +222,17 @@ def test_eval_end_to_end(root: Path, ldm_ckpt: Path, inception: Path, segmenter_
 
 
 def assert_metrics_are_of_the_generated_images(
-    out: Path, metrics: dict, inception: Path, segmenter_ckpt: Path
+    out: Path, metrics: dict, inception: Path, segmenter_ckpt: Path, ldm_ckpt: Path
 ) -> None:
     """FID and mIoU recomputed here from the PNGs eval wrote: FID is generated vs real (real vs real
     would be ~0), mIoU is the segmenter's on generated/ and mIoU_real on real/ (swapped or both real,
-    the values would not match: this segmenter scores the two sets differently)."""
+    the values would not match: this segmenter scores the two sets differently), first_stage_miou
+    the segmenter's on the LDM's first-stage reconstructions of real/."""
     from segldm.metrics.fid import InceptionFeatures, InceptionWeights, fid_kid, read_folder_images
+    from segldm.metrics.reconstruction import reconstruct
     from segldm.metrics.segmenters import segment_scores
     from segldm.metrics.segmenters.trained import TrainedSegmenter
+    from segldm.runtime.loading import load_ldm
 
     generated, real = read_folder_images(out / "generated"), read_folder_images(out / "real")
     for fake_image, real_image in zip(generated, real, strict=True):
@@ -238,13 +248,21 @@ def assert_metrics_are_of_the_generated_images(
 
     segmenter = TrainedSegmenter(segmenter_ckpt)
     labels = [p.labels for p in pairs]
-    on_generated = segment_scores(segmenter, generated, labels, datamodule.n_labels, datamodule.ignore_label).miou
+    on_generated = segment_scores(
+        segmenter, generated, labels, datamodule.n_labels, datamodule.ignore_label
+    ).miou
     on_real = segment_scores(segmenter, real, labels, datamodule.n_labels, datamodule.ignore_label).miou
     assert on_generated != on_real, (
         "the two image sets score alike here: the check below cannot tell them apart"
     )
     assert metrics["miou"] == pytest.approx(on_generated, rel=1e-9, abs=1e-12)
     assert metrics["miou_real"] == pytest.approx(on_real, rel=1e-9, abs=1e-12)
+    first_stage = load_ldm(ldm_ckpt).first_stage_model
+    reconstructed = reconstruct(first_stage, real, metrics["sampler"]["batch_size"], torch.device("cpu"))
+    on_reconstructed = segment_scores(
+        segmenter, reconstructed, labels, datamodule.n_labels, datamodule.ignore_label
+    )
+    assert metrics["first_stage_miou"] == pytest.approx(on_reconstructed.miou, rel=1e-9, abs=1e-12)
 
 
 def test_generated_images_do_not_depend_on_batch_size_or_num_samples(root: Path, ldm_ckpt: Path) -> None:
