@@ -125,6 +125,7 @@ def eval_quality(clone: Path) -> dict | None:
         "miou": metrics.get("miou"),
         "miou_interval": interval("miou"),
         "miou_real": metrics.get("miou_real"),
+        "first_stage_miou": metrics.get("first_stage_miou"),
     }
 
 
@@ -137,10 +138,12 @@ def quality_cell(quality: dict | None) -> str:
         text = "–" if value is None else f"{value:.{digits}f}"
         return text + (f" [{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]" if bounds else "")
 
-    rfid = quality.get("rfid")
+    rfid, ceiling = quality.get("rfid"), quality.get("first_stage_miou")
     return (
         f"FID {with_interval('fid', 1)}, rFID {'–' if rfid is None else f'{rfid:.1f}'}, "
-        f"mIoU {with_interval('miou', 3)} (N = {quality.get('n')})"
+        f"mIoU {with_interval('miou', 3)}"
+        + ("" if ceiling is None else f" (first-stage ceiling {ceiling:.3f})")
+        + f" (N = {quality.get('n')})"
     )
 
 
