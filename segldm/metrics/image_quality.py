@@ -154,7 +154,9 @@ class InceptionMetrics(Metric):
                 pr = precision_recall(fake, real, self.prc_neighborhood)
                 values |= {"precision": pr["precision"], "recall": pr["recall"]}
         values["real_halves_fid"] = real_halves_fid(real) if len(real) >= 4 else None
-        reconstructed = first_stage_reconstructions(images, self.reconstruct_batch_size) if self.first_stage_rfid else None
+        reconstructed = (
+            first_stage_reconstructions(images, self.reconstruct_batch_size) if self.first_stage_rfid else None
+        )
         if reconstructed is not None:
             values["first_stage_rfid"] = float(
                 self.distance(self.features(reconstructed, "reconstructed"), real)["fid"]

@@ -24,7 +24,6 @@ from segldm.training.guards import check_finite
 from segldm.training.lr_schedulers import effective_learning_rate, optimizer_config, report_learning_rate
 from segldm.training.optimizers import TAMING_ADAM, build_optimizer, optimizer_factory
 from segldm.training.options import (
-    AUTOENCODER_LEGACY_OPTIMIZER_KEYS,
     AUTOENCODER_OPTIONS,
     AutoencoderOptimizationOptions,
     OptionLayout,
@@ -63,7 +62,7 @@ class VQAutoencoderModule(L.LightningModule):
                 load_loss_weights(loss, first_stage.loaded_from)
         self.image_key = image_key
         if isinstance(optimization, Mapping):  # checkpoints from before the optimiser was config
-            optimization = move_legacy_optimizer_keys(optimization, AUTOENCODER_LEGACY_OPTIMIZER_KEYS)
+            optimization = move_legacy_optimizer_keys(optimization, self.option_layout.legacy_optimizer_keys)
         optimization = build_options(AutoencoderOptimizationOptions, optimization, "optimization")
         self.base_learning_rate = optimization.base_learning_rate
         self.learning_rate = optimization.base_learning_rate

@@ -54,7 +54,6 @@ from segldm.training.lr_schedulers import (
 from segldm.training.optimizers import ADAMW, build_optimizer, optimizer_factory, settings
 from segldm.training.options import (
     LDM_OPTIONS,
-    LEGACY_OPTIMIZER_KEYS,
     DiffusionOptions,
     OptimizationOptions,
     OptionLayout,
@@ -182,7 +181,7 @@ class LatentDiffusion(Sampling, L.LightningModule):
         super().__init__()
         diffusion = build_options(DiffusionOptions, diffusion, "diffusion")
         if isinstance(optimization, Mapping):  # checkpoints from before the optimiser was config
-            optimization = move_legacy_optimizer_keys(optimization, LEGACY_OPTIMIZER_KEYS)
+            optimization = move_legacy_optimizer_keys(optimization, self.option_layout.legacy_optimizer_keys)
         optimization = build_options(OptimizationOptions, optimization, "optimization")
         performance = build_options(PerformanceOptions, performance, "performance")
         validation = build_options(ValidationOptions, validation, "validation")
